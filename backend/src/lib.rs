@@ -1,0 +1,2 @@
+//! The xenvirtio device side (filled by the backend issue).
+#![deny(missing_docs)]

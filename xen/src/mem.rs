@@ -1,0 +1,403 @@
+//! Memory that another domain can change at any time.
+//!
+//! This module owns [`SharedMem`], the one primitive through which xenvirtio touches pages it
+//! shares with a peer domain: grant mappings, foreign mappings, pages granted out, and the
+//! loopback platform's pages. It never hands out a Rust reference (`&[u8]`, `&mut [u8]`) into
+//! such memory, because the peer may write it concurrently and a reference would promise the
+//! compiler that it cannot. Every access is a bounds-checked copy into or out of local memory, or
+//! an atomic load or store, so a value read from the peer is fetched exactly once and then
+//! validated in private memory (the double-fetch class of XSA-155 cannot arise).
+
+use std::fs::File;
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+
+/// An access outside a [`SharedMem`] window, or a write to a read-only one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MemError {
+    /// The range `[offset, offset + len)` does not fit in the window.
+    #[error("access of {len} bytes at offset {offset} is outside a window of {size} bytes")]
+    OutOfBounds {
+        /// First byte of the access.
+        offset: usize,
+        /// Length of the access.
+        len: usize,
+        /// Size of the window.
+        size: usize,
+    },
+    /// The window is mapped read-only.
+    #[error("write of {len} bytes at offset {offset} into read-only memory")]
+    ReadOnly {
+        /// First byte of the write.
+        offset: usize,
+        /// Length of the write.
+        len: usize,
+    },
+    /// An atomic access at an offset that is not naturally aligned.
+    #[error("{width}-byte atomic access at unaligned offset {offset}")]
+    Unaligned {
+        /// Offset of the access.
+        offset: usize,
+        /// Width of the access in bytes.
+        width: usize,
+    },
+}
+
+/// A window of `len` bytes of memory shared with another domain, valid for the lifetime `'a` of
+/// the mapping it was taken from.
+///
+/// `SharedMem` is `Copy`: it is a view, and the mapping that owns the pages decides how long they
+/// stay mapped. A read-only window refuses writes with [`MemError::ReadOnly`] before touching
+/// memory, so a write never reaches a `PROT_READ` mapping and never faults.
+#[derive(Clone, Copy)]
+pub struct SharedMem<'a> {
+    ptr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+    _mapping: PhantomData<&'a ()>,
+}
+
+// SAFETY: a SharedMem is a pointer and a length into memory that is shared with other domains
+// by design; every access through it is a copy or an atomic operation, never a reference, so
+// using it from several threads adds nothing that the peer domain cannot already do.
+unsafe impl Send for SharedMem<'_> {}
+// SAFETY: as for Send: all accesses are copies or atomics, with no interior references.
+unsafe impl Sync for SharedMem<'_> {}
+
+impl std::fmt::Debug for SharedMem<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedMem")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+impl<'a> SharedMem<'a> {
+    /// Wraps `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// For the whole lifetime `'a`, the `len` bytes at `ptr` must stay mapped and readable, and
+    /// writable too if `writable` is true. They may be changed concurrently by another domain or
+    /// process, but never through a Rust reference held by this process.
+    pub unsafe fn from_raw_parts(ptr: NonNull<u8>, len: usize, writable: bool) -> Self {
+        Self { ptr, len, writable, _mapping: PhantomData }
+    }
+
+    /// Number of bytes in the window.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the window is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether writes are allowed.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The same window with writes refused.
+    pub fn read_only(self) -> Self {
+        Self { writable: false, ..self }
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), MemError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(MemError::OutOfBounds { offset, len, size: self.len }),
+        }
+    }
+
+    fn check_write(&self, offset: usize, len: usize) -> Result<(), MemError> {
+        self.check(offset, len)?;
+        if self.writable { Ok(()) } else { Err(MemError::ReadOnly { offset, len }) }
+    }
+
+    fn check_atomic(&self, offset: usize, width: usize) -> Result<*mut u8, MemError> {
+        self.check(offset, width)?;
+        // SAFETY: offset + width <= len was checked above, so the result stays in the window.
+        let p = unsafe { self.ptr.as_ptr().add(offset) };
+        if (p as usize) % width != 0 {
+            return Err(MemError::Unaligned { offset, width });
+        }
+        Ok(p)
+    }
+
+    /// The sub-window `[offset, offset + len)`.
+    pub fn slice(&self, offset: usize, len: usize) -> Result<SharedMem<'a>, MemError> {
+        self.check(offset, len)?;
+        // SAFETY: the range was checked to lie inside this window, which is valid for 'a.
+        let ptr = unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(offset)) };
+        Ok(SharedMem { ptr, len, writable: self.writable, _mapping: PhantomData })
+    }
+
+    /// Copies `dst.len()` bytes starting at `offset` into `dst`.
+    pub fn read(&self, offset: usize, dst: &mut [u8]) -> Result<(), MemError> {
+        self.check(offset, dst.len())?;
+        // SAFETY: the source range is inside the window (checked), which is mapped readable for
+        // 'a; dst is private memory of this process and cannot overlap a mapping of shared
+        // pages. The copy reads each source byte once.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len())
+        };
+        Ok(())
+    }
+
+    /// Reads an `N`-byte array at `offset` (one fetch, then parsed privately).
+    pub fn read_array<const N: usize>(&self, offset: usize) -> Result<[u8; N], MemError> {
+        let mut out = [0u8; N];
+        self.read(offset, &mut out)?;
+        Ok(out)
+    }
+
+    /// Copies `src` into the window at `offset`.
+    pub fn write(&self, offset: usize, src: &[u8]) -> Result<(), MemError> {
+        self.check_write(offset, src.len())?;
+        // SAFETY: the destination range is inside a writable window (checked), mapped writable
+        // for 'a; src is private memory and cannot overlap it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
+        };
+        Ok(())
+    }
+
+    /// Sets `len` bytes at `offset` to `byte`.
+    pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), MemError> {
+        self.check_write(offset, len)?;
+        // SAFETY: the range is inside a writable window (checked).
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(offset), byte, len) };
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `src` at `src_offset` to this window at `offset`.
+    pub fn copy_from(
+        &self,
+        offset: usize,
+        src: &SharedMem<'_>,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<(), MemError> {
+        self.check_write(offset, len)?;
+        src.check(src_offset, len)?;
+        // SAFETY: both ranges were checked against their windows; `copy` (memmove) is used
+        // because the two windows may view the same pages.
+        unsafe {
+            std::ptr::copy(src.ptr.as_ptr().add(src_offset), self.ptr.as_ptr().add(offset), len)
+        };
+        Ok(())
+    }
+
+    /// Atomically loads the little-endian `u16` at `offset`.
+    pub fn load_u16(&self, offset: usize, order: Ordering) -> Result<u16, MemError> {
+        let p = self.check_atomic(offset, 2)?;
+        // SAFETY: p is 2-byte aligned and inside the window (checked); shared memory is only
+        // ever accessed atomically or by copies, and AtomicU16 has the layout of u16.
+        let v = unsafe { AtomicU16::from_ptr(p.cast::<u16>()) }.load(order);
+        Ok(u16::from_le(v))
+    }
+
+    /// Atomically stores `value` as a little-endian `u16` at `offset`.
+    pub fn store_u16(&self, offset: usize, value: u16, order: Ordering) -> Result<(), MemError> {
+        self.check_write(offset, 2)?;
+        let p = self.check_atomic(offset, 2)?;
+        // SAFETY: as for load_u16, and the window is writable (checked).
+        unsafe { AtomicU16::from_ptr(p.cast::<u16>()) }.store(value.to_le(), order);
+        Ok(())
+    }
+
+    /// Atomically loads the little-endian `u32` at `offset`.
+    pub fn load_u32(&self, offset: usize, order: Ordering) -> Result<u32, MemError> {
+        let p = self.check_atomic(offset, 4)?;
+        // SAFETY: p is 4-byte aligned and inside the window (checked).
+        let v = unsafe { AtomicU32::from_ptr(p.cast::<u32>()) }.load(order);
+        Ok(u32::from_le(v))
+    }
+
+    /// Atomically stores `value` as a little-endian `u32` at `offset`.
+    pub fn store_u32(&self, offset: usize, value: u32, order: Ordering) -> Result<(), MemError> {
+        self.check_write(offset, 4)?;
+        let p = self.check_atomic(offset, 4)?;
+        // SAFETY: p is 4-byte aligned, inside the window and writable (checked).
+        unsafe { AtomicU32::from_ptr(p.cast::<u32>()) }.store(value.to_le(), order);
+        Ok(())
+    }
+
+    /// Reads up to `len` bytes of `file` at `file_offset` straight into the window at `offset`
+    /// (`pread(2)`, no intermediate copy). Returns the number of bytes read.
+    pub fn read_from_file_at(
+        &self,
+        offset: usize,
+        len: usize,
+        file: &File,
+        file_offset: u64,
+    ) -> io::Result<usize> {
+        self.check_write(offset, len).map_err(io::Error::other)?;
+        let pos = libc::off_t::try_from(file_offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        loop {
+            // SAFETY: the kernel writes at most `len` bytes into a range checked to be inside a
+            // writable window that stays mapped for 'a.
+            let n = unsafe {
+                libc::pread(
+                    file.as_raw_fd(),
+                    self.ptr.as_ptr().add(offset).cast(),
+                    len,
+                    pos,
+                )
+            };
+            if n >= 0 {
+                return Ok(n.unsigned_abs());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Writes `len` bytes of the window at `offset` straight to `file` at `file_offset`
+    /// (`pwrite(2)`, no intermediate copy). Returns the number of bytes written.
+    pub fn write_to_file_at(
+        &self,
+        offset: usize,
+        len: usize,
+        file: &File,
+        file_offset: u64,
+    ) -> io::Result<usize> {
+        self.check(offset, len).map_err(io::Error::other)?;
+        let pos = libc::off_t::try_from(file_offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        loop {
+            // SAFETY: the kernel reads at most `len` bytes from a range checked to be inside a
+            // readable window that stays mapped for 'a.
+            let n = unsafe {
+                libc::pwrite(file.as_raw_fd(), self.ptr.as_ptr().add(offset).cast(), len, pos)
+            };
+            if n >= 0 {
+                return Ok(n.unsigned_abs());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Page-aligned private memory that can stand in for a shared mapping in tests and for bounce
+/// staging: it owns its pages and hands out [`SharedMem`] windows onto them.
+#[derive(Debug)]
+pub struct PageBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: PageBuf owns its allocation; all access goes through SharedMem copies and atomics.
+unsafe impl Send for PageBuf {}
+// SAFETY: as for Send.
+unsafe impl Sync for PageBuf {}
+
+/// The page size of every Xen grant and of the xenvirtio protocol.
+pub const PAGE_SIZE: usize = 4096;
+
+impl PageBuf {
+    /// Allocates `pages` zeroed pages.
+    pub fn new(pages: usize) -> Self {
+        let len = pages.max(1) * PAGE_SIZE;
+        let layout = std::alloc::Layout::from_size_align(len, PAGE_SIZE)
+            .expect("a page multiple with page alignment is a valid layout");
+        // SAFETY: layout has non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
+        Self { ptr, len: pages * PAGE_SIZE }
+    }
+
+    /// A writable window onto the whole buffer.
+    pub fn mem(&self) -> SharedMem<'_> {
+        // SAFETY: the allocation lives as long as &self and is only accessed through SharedMem.
+        unsafe { SharedMem::from_raw_parts(self.ptr, self.len, true) }
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len.max(PAGE_SIZE), PAGE_SIZE)
+            .expect("same layout as at allocation");
+        // SAFETY: ptr was allocated in `new` with this layout and is freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_and_read_only_are_enforced() {
+        let buf = PageBuf::new(1);
+        let m = buf.mem();
+        m.write(4090, b"abcdef").unwrap();
+        assert_eq!(m.read_array::<6>(4090).unwrap(), *b"abcdef");
+        assert_eq!(
+            m.write(4091, b"abcdef"),
+            Err(MemError::OutOfBounds { offset: 4091, len: 6, size: 4096 })
+        );
+        assert!(matches!(m.read(usize::MAX, &mut [0u8; 2]), Err(MemError::OutOfBounds { .. })));
+        let ro = m.read_only();
+        assert_eq!(ro.write(0, b"x"), Err(MemError::ReadOnly { offset: 0, len: 1 }));
+        assert_eq!(ro.store_u16(0, 1, Ordering::Release), Err(MemError::ReadOnly { offset: 0, len: 2 }));
+        assert_eq!(ro.read_array::<1>(4090).unwrap(), *b"a");
+    }
+
+    #[test]
+    fn atomics_are_little_endian_and_aligned() {
+        let buf = PageBuf::new(1);
+        let m = buf.mem();
+        m.store_u16(2, 0x1234, Ordering::Release).unwrap();
+        assert_eq!(m.read_array::<2>(2).unwrap(), [0x34, 0x12]);
+        assert_eq!(m.load_u16(2, Ordering::Acquire).unwrap(), 0x1234);
+        assert_eq!(m.load_u32(2, Ordering::Acquire), Err(MemError::Unaligned { offset: 2, width: 4 }));
+        let sub = m.slice(2, 2).unwrap();
+        assert_eq!(sub.load_u16(0, Ordering::Relaxed).unwrap(), 0x1234);
+        assert!(m.slice(4095, 2).is_err());
+    }
+
+    #[test]
+    fn file_io_goes_straight_to_the_window() {
+        use std::io::Write;
+        let mut f = tempfile_in_tmp();
+        f.write_all(b"0123456789").unwrap();
+        let buf = PageBuf::new(1);
+        let m = buf.mem();
+        assert_eq!(m.read_from_file_at(100, 4, &f, 3).unwrap(), 4);
+        assert_eq!(m.read_array::<4>(100).unwrap(), *b"3456");
+        m.write(0, b"ZZ").unwrap();
+        assert_eq!(m.write_to_file_at(0, 2, &f, 8).unwrap(), 2);
+        let mut back = [0u8; 10];
+        let n = m.read_from_file_at(200, 10, &f, 0).unwrap();
+        assert_eq!(n, 10);
+        m.read(200, &mut back).unwrap();
+        assert_eq!(&back, b"01234567ZZ");
+        assert!(m.read_only().read_from_file_at(0, 1, &f, 0).is_err());
+    }
+
+    fn tempfile_in_tmp() -> File {
+        let path = std::env::temp_dir().join(format!("xenvirtio-mem-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+}

@@ -1,0 +1,192 @@
+//! The boundary between xenvirtio's device code and the Xen devices of the kernel.
+//!
+//! Frontend and backend code is generic over [`Platform`]: the real implementation opens
+//! `/dev/xen/{gntalloc,gntdev,evtchn,privcmd}` ([`crate::linux`]), and the loopback platform
+//! ([`crate::loopback`]) implements the same traits in one process with several "domains" for
+//! unit tests, the no-Xen try-out and benchmarks. Nothing outside this crate issues an ioctl or
+//! an mmap of a Xen device.
+//!
+//! Every handle is RAII: dropping a grant revokes it, dropping a mapping unmaps it, dropping a
+//! port unbinds it. Memory is only ever reached through [`SharedMem`].
+
+use std::os::fd::AsRawFd;
+
+use crate::XenError;
+use crate::mem::SharedMem;
+
+/// A Xen domain id.
+pub type DomId = u16;
+/// A grant reference in the granting domain's grant table.
+pub type GrantRef = u32;
+/// A local event-channel port.
+pub type Port = u32;
+/// A guest frame number: the guest-physical address shifted right by 12.
+pub type Gfn = u64;
+
+/// The access a grant or a mapping allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// The peer may only read.
+    ReadOnly,
+    /// The peer may read and write.
+    ReadWrite,
+}
+
+impl Access {
+    /// Whether writes are allowed.
+    pub fn writable(self) -> bool {
+        self == Access::ReadWrite
+    }
+}
+
+/// What the kernel does when the peer's mapping of a page goes away (a crash or an unmap):
+/// the `*_SET_UNMAP_NOTIFY` ioctls of gntalloc and gntdev.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UnmapNotify {
+    /// Byte offset, from the start of the grant or mapping, of a byte to clear to zero.
+    pub clear_byte: Option<usize>,
+    /// Local event-channel port to notify.
+    pub event: Option<Port>,
+}
+
+/// Pages of this domain granted to a peer (gntalloc). Dropping the value revokes the grants;
+/// a page the peer still maps is freed by the kernel only once the peer unmaps it.
+pub trait GrantedPages: Send {
+    /// The grant references, one per page, in page order.
+    fn refs(&self) -> &[GrantRef];
+    /// This domain's own (always writable) view of the pages.
+    fn mem(&self) -> SharedMem<'_>;
+    /// Arms an unmap notification.
+    fn set_unmap_notify(&mut self, notify: UnmapNotify) -> Result<(), XenError>;
+}
+
+/// Allocates grants of this domain's pages to peers.
+pub trait GrantAllocator: Send + Sync {
+    /// The grants handed out.
+    type Grant: GrantedPages;
+    /// Allocates `pages` zeroed pages and grants them to `peer` with `access`.
+    fn grant(&self, peer: DomId, pages: usize, access: Access) -> Result<Self::Grant, XenError>;
+}
+
+/// A peer's pages mapped into this process (gntdev or privcmd). Dropping it unmaps them.
+pub trait MappedPages: Send {
+    /// The mapped pages, contiguous, read-only unless mapped [`Access::ReadWrite`].
+    fn mem(&self) -> SharedMem<'_>;
+    /// Number of pages mapped.
+    fn pages(&self) -> usize {
+        self.mem().len() / crate::mem::PAGE_SIZE
+    }
+}
+
+/// One segment of a grant copy: `len` bytes between a peer's granted page and local memory.
+#[derive(Debug)]
+pub enum GrantCopy<'a> {
+    /// Copy from the peer's page into `dst`.
+    FromGrant {
+        /// Granting domain.
+        peer: DomId,
+        /// Grant reference.
+        gref: GrantRef,
+        /// Byte offset inside the granted page.
+        offset: u16,
+        /// Destination; its length is the segment length.
+        dst: &'a mut [u8],
+    },
+    /// Copy `src` into the peer's page.
+    ToGrant {
+        /// Granting domain.
+        peer: DomId,
+        /// Grant reference.
+        gref: GrantRef,
+        /// Byte offset inside the granted page.
+        offset: u16,
+        /// Source; its length is the segment length.
+        src: &'a [u8],
+    },
+}
+
+/// Maps grants of peer domains (gntdev).
+pub trait GrantMapper: Send + Sync {
+    /// The mappings handed out.
+    type Mapping: MappedPages;
+    /// Maps `refs`, all granted by `peer`, contiguously and in one batch. With
+    /// [`Access::ReadOnly`] the pages are mapped `PROT_READ` and cannot be written.
+    fn map(&self, peer: DomId, refs: &[GrantRef], access: Access)
+    -> Result<Self::Mapping, XenError>;
+    /// Performs grant copies in batches. A segment must not cross its page. The outer error is
+    /// the ioctl's; the inner ones are each segment's Xen status.
+    fn copy(&self, segments: &mut [GrantCopy<'_>]) -> Result<Vec<Result<(), XenError>>, XenError>;
+}
+
+/// Event channels of one process handle (one open of `/dev/xen/evtchn`).
+///
+/// The file descriptor becomes readable when a bound port is pending: register it with a mio
+/// `Poll` through `mio::unix::SourceFd`. A port delivered by [`EventChannels::pending`] stays
+/// masked until [`EventChannels::unmask`] (the evtchn `read()`/`write()` protocol).
+pub trait EventChannels: Send + Sync + AsRawFd {
+    /// Allocates a port that `remote` may bind to.
+    fn bind_unbound(&self, remote: DomId) -> Result<Port, XenError>;
+    /// Binds to `remote_port` of `remote`; returns the local port.
+    fn bind_interdomain(&self, remote: DomId, remote_port: Port) -> Result<Port, XenError>;
+    /// Unbinds a local port.
+    fn unbind(&self, port: Port) -> Result<(), XenError>;
+    /// Signals the other end of `port`.
+    fn notify(&self, port: Port) -> Result<(), XenError>;
+    /// Drains the pending ports without blocking; each is left masked.
+    fn pending(&self) -> Result<Vec<Port>, XenError>;
+    /// Unmasks ports delivered by [`EventChannels::pending`].
+    fn unmask(&self, ports: &[Port]) -> Result<(), XenError>;
+}
+
+/// Maps any page of a peer by its guest frame number (privcmd). Only Dom0 may do this.
+pub trait ForeignMapper: Send + Sync {
+    /// The mappings handed out.
+    type Mapping: MappedPages;
+    /// Maps `gfns` of `dom` contiguously. Fails if any page fails; the error names the first
+    /// failing index.
+    fn map(&self, dom: DomId, gfns: &[Gfn], access: Access) -> Result<Self::Mapping, XenError>;
+}
+
+/// Memory of this domain whose guest frame numbers are known and stable: what the `direct`
+/// DMA strategy hands to the backend as raw guest-physical addresses.
+pub trait PinnedPages: Send {
+    /// This domain's view of the memory.
+    fn mem(&self) -> SharedMem<'_>;
+    /// The frame number of each 4 KiB page, in order.
+    fn gfns(&self) -> &[Gfn];
+}
+
+/// Allocates [`PinnedPages`].
+pub trait PinnedAllocator: Send + Sync {
+    /// The memory handed out.
+    type Pinned: PinnedPages;
+    /// Allocates `pages` 4 KiB pages of pinned memory.
+    fn alloc_pinned(&self, pages: usize) -> Result<Self::Pinned, XenError>;
+}
+
+/// One way of reaching the Xen devices, for one domain.
+pub trait Platform: Send + Sync + 'static {
+    /// Grants out.
+    type GrantAlloc: GrantAllocator;
+    /// Grants in.
+    type GrantMap: GrantMapper;
+    /// Event channels.
+    type Events: EventChannels;
+    /// Foreign mapping.
+    type Foreign: ForeignMapper;
+    /// Pinned memory for `direct`.
+    type Pinned: PinnedAllocator;
+
+    /// The domain this platform acts as.
+    fn domid(&self) -> DomId;
+    /// Opens a grant allocator.
+    fn grant_allocator(&self) -> Result<Self::GrantAlloc, XenError>;
+    /// Opens a grant mapper.
+    fn grant_mapper(&self) -> Result<Self::GrantMap, XenError>;
+    /// Opens an event-channel handle.
+    fn event_channels(&self) -> Result<Self::Events, XenError>;
+    /// Opens a foreign mapper.
+    fn foreign_mapper(&self) -> Result<Self::Foreign, XenError>;
+    /// Opens a pinned-memory allocator.
+    fn pinned_allocator(&self) -> Result<Self::Pinned, XenError>;
+}

@@ -1,0 +1,2 @@
+//! Xenstore client and the xenbus layer.
+#![deny(missing_docs)]

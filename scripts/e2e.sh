@@ -244,7 +244,8 @@ collect() {
   for d in $(domains "$a"); do
     if ! grep -q "^@@CHECK $a $d boot " "$raw"; then
       host_check_for "$a" "$d" boot FAIL "no boot report from $d on the serial log; log: $log"
-      [ "$d" != dom0 ] || show_tail "$log"
+      # the tail was shown already when QEMU failed
+      [ "$d" != dom0 ] || [ "$qrc" != 0 ] || show_tail "$log"
     fi
   done
 

@@ -168,7 +168,8 @@ xv_domid() {
 }
 
 # xv_domu_create NAME: `xl create /etc/xen/NAME.cfg` with the mode of this run, and start
-# forwarding its console to ours. The config's @XVMODE@ is replaced by this run's mode.
+# forwarding its console to ours. The config's @XVMODE@ is replaced by this run's mode. On
+# failure, xl's output goes to the console and one line about it to stdout.
 xv_domu_create() {
   local _cfg _out _rc
   _cfg=$XV_RUN/$1.cfg
@@ -176,7 +177,11 @@ xv_domu_create() {
   echo "$1" >>"$XV_RUN/fwd.names"
   _out=$(xl create "$_cfg" 2>&1)
   _rc=$?
-  [ $_rc = 0 ] || echo "xl create $1 failed (rc=$_rc): $_out"
+  if [ $_rc != 0 ]; then
+    # the whole story goes to the serial log; the caller's detail gets the first errors
+    echo "$_out" | sed "s/^/[xl create $1] /" >/dev/console 2>/dev/null
+    echo "xl create $1 failed (rc=$_rc): $(echo "$_out" | grep -i -m 3 'error\|fail' | xv_oneline)"
+  fi
   return $_rc
 }
 
@@ -206,8 +211,9 @@ xv_domu_wait_boot() {
     [ "$(xv_uptime)" -lt "$_end" ] || break
     sleep 1
   done
-  xv_check_for "$_n" boot FAIL "no boot report after $(($(xv_uptime) - _end + $2))s; xl state=$_s;" \
-    "console tail: $(tail -n 5 "$_log" 2>/dev/null | xv_oneline)"
+  _l=$(grep -a -m 1 -E 'Kernel panic|Oops|BUG:|Segmentation fault' "$_log" 2>/dev/null)
+  xv_check_for "$_n" boot FAIL "no boot report after waiting $(($(xv_uptime) - _end + $2))s; xl state=$_s;" \
+    "${_l:+first sign of trouble: $_l;} console tail: $(tail -n 3 "$_log" 2>/dev/null | xv_oneline)"
   return 1
 }
 

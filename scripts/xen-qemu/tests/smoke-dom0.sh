@@ -34,7 +34,7 @@ for t in $XV_DOMUS; do
   if out=$(xv_domu_create "$n"); then
     created="$created $n"
   else
-    xv_check_for "$n" boot FAIL "xl create failed: $(echo "$out" | tail -n 3 | xv_oneline)"
+    xv_check_for "$n" boot FAIL "$out"
   fi
 done
 

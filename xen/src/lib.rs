@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod linux;
 pub mod mem;
 mod mmap;
 pub mod platform;

@@ -19,6 +19,7 @@ pub mod linux;
 pub mod mem;
 mod mmap;
 pub mod platform;
+pub mod role;
 mod sys;
 
 pub use error::{GrantStatus, Refusal, XenError};

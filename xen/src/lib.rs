@@ -16,6 +16,7 @@
 
 mod error;
 pub mod linux;
+pub mod loopback;
 pub mod mem;
 mod mmap;
 pub mod platform;

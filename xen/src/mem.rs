@@ -103,6 +103,12 @@ impl<'a> SharedMem<'a> {
         self.len == 0
     }
 
+    /// The address of the first byte, for tests that inspect `/proc/self/maps`.
+    #[cfg(test)]
+    pub(crate) fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
     /// Whether writes are allowed.
     pub fn is_writable(&self) -> bool {
         self.writable

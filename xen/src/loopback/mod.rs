@@ -16,13 +16,13 @@
 //! mapping have let go of it, like Xen's page references.
 //!
 //! **Checks, as Xen makes them.** Mapping or copying a grant fails with
-//! [`XenError::GrantRefused`] when the ref never existed ([`Refusal::NoSuchGrant`]), was revoked
-//! ([`Refusal::Revoked`]), is granted to another domain ([`Refusal::NotGrantedTo`]), is
-//! read-only and asked for read-write ([`Refusal::ReadOnlyGrant`]), or when the granting domain
+//! [`XenError::GrantRefused`] when the ref never existed ([`Refusal::NoSuchGrant`](crate::Refusal::NoSuchGrant)), was revoked
+//! ([`Refusal::Revoked`](crate::Refusal::Revoked)), is granted to another domain ([`Refusal::NotGrantedTo`](crate::Refusal::NotGrantedTo)), is
+//! read-only and asked for read-write ([`Refusal::ReadOnlyGrant`](crate::Refusal::ReadOnlyGrant)), or when the granting domain
 //! is gone. Grants are limited to [`LoopbackConfig::max_grants`] per domain, like gntalloc's
-//! `limit` parameter (1024 by default). Only Dom0 may foreign-map ([`Refusal::NotPrivileged`]),
+//! `limit` parameter (1024 by default). Only Dom0 may foreign-map ([`Refusal::NotPrivileged`](crate::Refusal::NotPrivileged)),
 //! only frames inside the domain's RAM, and only the domain a restricted mapper names.
-//! Refusals carry the errno Linux reports for them ([`Refusal::errno`]).
+//! Refusals carry the errno Linux reports for them ([`Refusal::errno`](crate::Refusal::errno)).
 //!
 //! **Event channels** are eventfds: a handle's fd becomes readable when one of its ports is
 //! delivered. A delivered port stays masked until unmasked, and notifications while masked
@@ -41,7 +41,7 @@
 //! everything was released.
 //!
 //! **Destroying a domain** ([`LoopbackXen::destroy`]): its grants can no longer be mapped or
-//! copied ([`Refusal::Destroyed`]), its ports are closed (their peers' ports become unbound, so
+//! copied ([`Refusal::Destroyed`](crate::Refusal::Destroyed)), its ports are closed (their peers' ports become unbound, so
 //! notifications to it are dropped and counted on the sender), and everything it tries to do
 //! fails with [`XenError::Domain`]. Mappings that already exist stay valid until dropped, as Xen
 //! keeps a dying domain's pages until the last mapping goes.

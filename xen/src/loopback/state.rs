@@ -441,19 +441,20 @@ impl State {
         held: &[u64],
         counter: MapCounter,
     ) {
+        // Saturating: this runs in Drop, where a panic while unwinding would abort.
         let c = &mut self.ensure(mapper).counters;
         match counter {
             MapCounter::Grant => {
-                c.grant_maps -= 1;
-                c.grant_mapped_pages -= pages;
+                c.grant_maps = c.grant_maps.saturating_sub(1);
+                c.grant_mapped_pages = c.grant_mapped_pages.saturating_sub(pages);
             }
             MapCounter::Foreign => {
-                c.foreign_maps -= 1;
-                c.foreign_mapped_pages -= pages;
+                c.foreign_maps = c.foreign_maps.saturating_sub(1);
+                c.foreign_mapped_pages = c.foreign_mapped_pages.saturating_sub(pages);
             }
         }
         let o = &mut self.ensure(owner).counters;
-        o.pages_mapped_by_peers -= held.len();
+        o.pages_mapped_by_peers = o.pages_mapped_by_peers.saturating_sub(held.len());
         self.put_pages(owner, held);
     }
 

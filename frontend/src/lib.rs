@@ -7,4 +7,5 @@
 //! backend crate and never trusts the backend's writes to shared memory.
 #![deny(missing_docs)]
 
+pub mod policy;
 pub mod virtqueue;

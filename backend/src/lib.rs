@@ -9,5 +9,6 @@
 
 pub mod blk;
 pub mod chain_io;
+pub mod dma;
 pub mod rng;
 pub mod virtqueue;

@@ -10,6 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -77,6 +78,18 @@ fn shim() -> &'static Path {
     })
 }
 
+/// An error with its sources, for panic messages.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
 /// One running xenstored, killed on drop.
 #[derive(Debug)]
 pub struct Xenstored {
@@ -118,8 +131,9 @@ impl Xenstored {
             child: Some(child),
             socket,
         };
+        // The socket file appears at bind(), before listen(): wait until a connect works.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !xsd.socket.exists() {
+        while UnixStream::connect(&xsd.socket).is_err() {
             if let Some(status) = xsd.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!(
                     "xenstored exited with {status} before serving its socket; its log:\n{}",
@@ -128,7 +142,7 @@ impl Xenstored {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "xenstored did not create {} within 10 s; its log:\n{}",
+                    "xenstored did not accept on {} within 10 s; its log:\n{}",
                     xsd.socket.display(),
                     xsd.log()
                 );
@@ -164,7 +178,7 @@ impl Xenstored {
     /// A privileged (dom0) client over the socket.
     pub fn client(&self) -> XsClient {
         XsClient::connect_socket(&self.socket)
-            .unwrap_or_else(|e| panic!("connecting to the test xenstored failed: {e}"))
+            .unwrap_or_else(|e| panic!("connecting to the test xenstored failed: {}", chain(&e)))
     }
 
     /// One of Debian's `xenstore-*` tools, pointed at this daemon.
@@ -221,7 +235,10 @@ impl Xenstored {
     pub fn guest_client(&self, domid: DomId) -> (RingBridge, XsClient) {
         let bridge = RingBridge::start(self.dir(), domid);
         let client = XsClient::connect_socket(bridge.socket_path()).unwrap_or_else(|e| {
-            panic!("connecting to the ring bridge of domain {domid} failed: {e}")
+            panic!(
+                "connecting to the ring bridge of domain {domid} failed: {}",
+                chain(&e)
+            )
         });
         (bridge, client)
     }

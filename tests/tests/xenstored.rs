@@ -364,11 +364,21 @@ fn the_daemon_killed_with_requests_in_flight_fails_them_within_a_second() {
         .collect();
     let watcher =
         std::thread::spawn(move || (events.next_timeout(Duration::from_secs(60)), Instant::now()));
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        in_flight.iter().all(|t| !t.is_finished()),
+    let sent = Instant::now();
+    while c.pending_requests() < 8 {
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "the requests were not all sent"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        c.pending_requests(),
+        8,
         "the paused daemon holds the requests"
     );
+    assert!(in_flight.iter().all(|t| !t.is_finished()));
 
     let killed = Instant::now();
     xsd.kill();

@@ -203,6 +203,11 @@ impl XsClient {
         *self.timeout.lock().unwrap_or_else(|p| p.into_inner()) = timeout;
     }
 
+    /// Number of requests sent and waiting for their reply (for diagnostics and tests).
+    pub fn pending_requests(&self) -> usize {
+        self.shared.lock().pending.len()
+    }
+
     /// Whether the connection has been lost.
     pub fn is_lost(&self) -> bool {
         self.shared.lock().lost.is_some()

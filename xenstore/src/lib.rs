@@ -15,6 +15,37 @@
 //! - [`xenbus`] holds `XenbusState`, the virtio device paths and the handshake helpers.
 //!
 //! The crate never installs a tracing subscriber; it only emits events.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use xenvirtio_xenstore::xenbus::{self, XenbusState};
+//! use xenvirtio_xenstore::{MemStore, Perm, TxId, XenStore, transaction};
+//!
+//! # fn main() -> Result<(), xenvirtio_xenstore::XsError> {
+//! // In production: `let store: Arc<dyn XenStore> = Arc::new(XsClient::open()?);`
+//! let daemon = MemStore::new();
+//! daemon.start_guest(5)?;
+//! let dom0: Arc<dyn XenStore> = Arc::new(daemon.connect(0)?);
+//! let guest: Arc<dyn XenStore> = Arc::new(daemon.connect(5)?);
+//!
+//! // The backend publishes a device in one transaction, readable by the guest.
+//! let be = xenbus::backend_dir(0, 5, 0);
+//! transaction(&*dom0, 8, |tx| {
+//!     dom0.mkdir(tx, &be)?;
+//!     dom0.set_perms(tx, &be, &[Perm::owner(0), Perm::read(5)])?;
+//!     dom0.write(tx, &format!("{be}/device-features"), xenbus::hex_u64(1 << 32).as_bytes())?;
+//!     dom0.write(tx, &xenbus::state_path(&be), b"2")
+//! })?;
+//!
+//! // The guest sees it, and a permission error where it has no access.
+//! assert_eq!(xenbus::read_hex_u64(&*guest, TxId::NONE, &format!("{be}/device-features"))?, 1 << 32);
+//! assert!(guest.write(TxId::NONE, "/local/domain/0/x", b"1").unwrap_err().is_eacces());
+//! let state = xenbus::wait_for_state(&*guest, &xenbus::state_path(&be), |s| s == XenbusState::InitWait, Duration::from_secs(1))?;
+//! assert_eq!(state, XenbusState::InitWait);
+//! # Ok(())
+//! # }
+//! ```
 #![deny(missing_docs)]
 
 mod client;

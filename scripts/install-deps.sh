@@ -13,6 +13,8 @@ APT_PKGS=(
   xenstore-utils xen-utils-4.17 libxen-dev
   # real NBD clients for the export tests
   qemu-utils libnbd-bin
+  # building the xenstored shim for the host integration tests
+  gcc libc6-dev
 )
 
 SUDO=

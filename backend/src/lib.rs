@@ -1,2 +1,14 @@
-//! The xenvirtio device side (filled by the backend issue).
+//! The xenvirtio device side: it serves virtio devices to frontends in other domains.
+//!
+//! This crate owns everything the backend daemon does: discovering devices in xenstore, the
+//! handshake of `docs/PROTOCOL.md`, mapping the frontend's memory under the negotiated DMA
+//! strategy, the device side of the split virtqueues, the device models, and the admin
+//! commands. It never depends on the frontend crate, and device models never touch `/dev/xen`:
+//! they see buffers through `xenvirtio_xen::mem::SharedMem`.
 #![deny(missing_docs)]
+
+pub mod blk;
+pub mod chain_io;
+pub mod dma;
+pub mod rng;
+pub mod virtqueue;

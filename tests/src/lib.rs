@@ -1,2 +1,8 @@
 //! Helpers shared by the cross-crate tests in `tests/tests/`.
+//!
+//! - [`xenstored`]: Debian's real C xenstored, one per test, in a temporary folder;
+//! - [`ring_bridge`]: a socket-to-ring bridge that lets a socket client act as a guest domain.
 #![deny(missing_docs)]
+
+pub mod ring_bridge;
+pub mod xenstored;

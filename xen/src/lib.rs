@@ -4,23 +4,24 @@
 //! sits in a small safe function or in a RAII type whose `Drop` unmaps, revokes or unbinds.
 //! Device code elsewhere is generic over the traits of [`platform`] and touches shared memory
 //! only through [`mem::SharedMem`]. This crate never interprets what the pages hold.
+//!
+//! - [`platform`]: the traits (grants out and in, event channels, foreign mapping, pinned
+//!   memory) and [`platform::BoundPort`].
+//! - [`linux`]: the implementation over `/dev/xen/{gntalloc,gntdev,evtchn,privcmd}`.
+//! - [`loopback`]: the same traits in one process with several domains, checking grants the
+//!   way Xen does and recording every mapping, for unit tests, the try-out and benchmarks.
+//! - [`role`]: which kind of domain this is (Dom0 or not, PV/PVH/HVM, arch, Xen version).
+//! - [`mem`]: [`mem::SharedMem`], the only way shared pages are read or written.
 #![deny(missing_docs)]
 
+mod error;
+pub mod linux;
+pub mod loopback;
 pub mod mem;
+mod mmap;
 pub mod platform;
+pub mod role;
+mod sys;
 
+pub use error::{GrantStatus, Refusal, XenError};
 pub use platform::{Access, DomId, Gfn, GrantRef, Port};
-
-/// An error from a Xen device or from the loopback platform.
-#[derive(Debug, thiserror::Error)]
-pub enum XenError {
-    /// A system call failed.
-    #[error("{op} failed")]
-    Sys {
-        /// What was being done, e.g. "GNTDEV_MAP_GRANT_REF".
-        op: &'static str,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-}

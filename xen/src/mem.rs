@@ -85,7 +85,12 @@ impl<'a> SharedMem<'a> {
     /// writable too if `writable` is true. They may be changed concurrently by another domain or
     /// process, but never through a Rust reference held by this process.
     pub unsafe fn from_raw_parts(ptr: NonNull<u8>, len: usize, writable: bool) -> Self {
-        Self { ptr, len, writable, _mapping: PhantomData }
+        Self {
+            ptr,
+            len,
+            writable,
+            _mapping: PhantomData,
+        }
     }
 
     /// Number of bytes in the window.
@@ -98,6 +103,12 @@ impl<'a> SharedMem<'a> {
         self.len == 0
     }
 
+    /// The address of the first byte, for tests that inspect `/proc/self/maps`.
+    #[cfg(test)]
+    pub(crate) fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
     /// Whether writes are allowed.
     pub fn is_writable(&self) -> bool {
         self.writable
@@ -105,19 +116,30 @@ impl<'a> SharedMem<'a> {
 
     /// The same window with writes refused.
     pub fn read_only(self) -> Self {
-        Self { writable: false, ..self }
+        Self {
+            writable: false,
+            ..self
+        }
     }
 
     fn check(&self, offset: usize, len: usize) -> Result<(), MemError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
-            _ => Err(MemError::OutOfBounds { offset, len, size: self.len }),
+            _ => Err(MemError::OutOfBounds {
+                offset,
+                len,
+                size: self.len,
+            }),
         }
     }
 
     fn check_write(&self, offset: usize, len: usize) -> Result<(), MemError> {
         self.check(offset, len)?;
-        if self.writable { Ok(()) } else { Err(MemError::ReadOnly { offset, len }) }
+        if self.writable {
+            Ok(())
+        } else {
+            Err(MemError::ReadOnly { offset, len })
+        }
     }
 
     fn check_atomic(&self, offset: usize, width: usize) -> Result<*mut u8, MemError> {
@@ -135,7 +157,12 @@ impl<'a> SharedMem<'a> {
         self.check(offset, len)?;
         // SAFETY: the range was checked to lie inside this window, which is valid for 'a.
         let ptr = unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(offset)) };
-        Ok(SharedMem { ptr, len, writable: self.writable, _mapping: PhantomData })
+        Ok(SharedMem {
+            ptr,
+            len,
+            writable: self.writable,
+            _mapping: PhantomData,
+        })
     }
 
     /// Copies `dst.len()` bytes starting at `offset` into `dst`.
@@ -145,7 +172,11 @@ impl<'a> SharedMem<'a> {
         // 'a; dst is private memory of this process and cannot overlap a mapping of shared
         // pages. The copy reads each source byte once.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len())
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
         };
         Ok(())
     }
@@ -189,7 +220,11 @@ impl<'a> SharedMem<'a> {
         // SAFETY: both ranges were checked against their windows; `copy` (memmove) is used
         // because the two windows may view the same pages.
         unsafe {
-            std::ptr::copy(src.ptr.as_ptr().add(src_offset), self.ptr.as_ptr().add(offset), len)
+            std::ptr::copy(
+                src.ptr.as_ptr().add(src_offset),
+                self.ptr.as_ptr().add(offset),
+                len,
+            )
         };
         Ok(())
     }
@@ -278,7 +313,12 @@ impl<'a> SharedMem<'a> {
             // SAFETY: the kernel reads at most `len` bytes from a range checked to be inside a
             // readable window that stays mapped for 'a.
             let n = unsafe {
-                libc::pwrite(file.as_raw_fd(), self.ptr.as_ptr().add(offset).cast(), len, pos)
+                libc::pwrite(
+                    file.as_raw_fd(),
+                    self.ptr.as_ptr().add(offset).cast(),
+                    len,
+                    pos,
+                )
             };
             if n >= 0 {
                 return Ok(n.unsigned_abs());
@@ -315,8 +355,13 @@ impl PageBuf {
             .expect("a page multiple with page alignment is a valid layout");
         // SAFETY: layout has non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
-        Self { ptr, len: pages * PAGE_SIZE }
+        let Some(ptr) = NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        Self {
+            ptr,
+            len: pages * PAGE_SIZE,
+        }
     }
 
     /// A writable window onto the whole buffer.
@@ -347,12 +392,25 @@ mod tests {
         assert_eq!(m.read_array::<6>(4090).unwrap(), *b"abcdef");
         assert_eq!(
             m.write(4091, b"abcdef"),
-            Err(MemError::OutOfBounds { offset: 4091, len: 6, size: 4096 })
+            Err(MemError::OutOfBounds {
+                offset: 4091,
+                len: 6,
+                size: 4096
+            })
         );
-        assert!(matches!(m.read(usize::MAX, &mut [0u8; 2]), Err(MemError::OutOfBounds { .. })));
+        assert!(matches!(
+            m.read(usize::MAX, &mut [0u8; 2]),
+            Err(MemError::OutOfBounds { .. })
+        ));
         let ro = m.read_only();
-        assert_eq!(ro.write(0, b"x"), Err(MemError::ReadOnly { offset: 0, len: 1 }));
-        assert_eq!(ro.store_u16(0, 1, Ordering::Release), Err(MemError::ReadOnly { offset: 0, len: 2 }));
+        assert_eq!(
+            ro.write(0, b"x"),
+            Err(MemError::ReadOnly { offset: 0, len: 1 })
+        );
+        assert_eq!(
+            ro.store_u16(0, 1, Ordering::Release),
+            Err(MemError::ReadOnly { offset: 0, len: 2 })
+        );
         assert_eq!(ro.read_array::<1>(4090).unwrap(), *b"a");
     }
 
@@ -363,7 +421,13 @@ mod tests {
         m.store_u16(2, 0x1234, Ordering::Release).unwrap();
         assert_eq!(m.read_array::<2>(2).unwrap(), [0x34, 0x12]);
         assert_eq!(m.load_u16(2, Ordering::Acquire).unwrap(), 0x1234);
-        assert_eq!(m.load_u32(2, Ordering::Acquire), Err(MemError::Unaligned { offset: 2, width: 4 }));
+        assert_eq!(
+            m.load_u32(2, Ordering::Acquire),
+            Err(MemError::Unaligned {
+                offset: 2,
+                width: 4
+            })
+        );
         let sub = m.slice(2, 2).unwrap();
         assert_eq!(sub.load_u16(0, Ordering::Relaxed).unwrap(), 0x1234);
         assert!(m.slice(4095, 2).is_err());

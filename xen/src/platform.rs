@@ -10,9 +10,10 @@
 //! port unbinds it. Memory is only ever reached through [`SharedMem`].
 
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use crate::XenError;
-use crate::mem::SharedMem;
+use crate::mem::{PAGE_SIZE, SharedMem};
 
 /// A Xen domain id.
 pub type DomId = u16;
@@ -39,21 +40,35 @@ impl Access {
     }
 }
 
-/// What the kernel does when the peer's mapping of a page goes away (a crash or an unmap):
-/// the `*_SET_UNMAP_NOTIFY` ioctls of gntalloc and gntdev.
+/// What the kernel does when this side lets go of shared pages, however that happens (a drop, a
+/// close, a crash): the `*_SET_UNMAP_NOTIFY` ioctls of gntalloc and gntdev. The peer learns of it
+/// without a message from this side.
+///
+/// - On granted pages ([`GrantedPages`]), it fires when this domain releases the grant (the
+///   value is dropped or the process dies).
+/// - On a grant mapping ([`GrantMapping`]), it fires when the mapping is unmapped. Clearing a
+///   byte needs a read-write mapping (gntdev refuses it on a read-only one).
+///
+/// Each grant or mapping holds one notification; arming again replaces it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct UnmapNotify {
     /// Byte offset, from the start of the grant or mapping, of a byte to clear to zero.
     pub clear_byte: Option<usize>,
-    /// Local event-channel port to notify.
+    /// Local event-channel port (bound through this domain's [`EventChannels`]) whose peer is
+    /// notified. The kernel keeps the port bound until the notification has been sent, even if
+    /// it is unbound or its handle closed before that.
     pub event: Option<Port>,
 }
 
 /// Pages of this domain granted to a peer (gntalloc). Dropping the value revokes the grants;
 /// a page the peer still maps is freed by the kernel only once the peer unmaps it.
-pub trait GrantedPages: Send {
+pub trait GrantedPages: Send + Sync {
     /// The grant references, one per page, in page order.
     fn refs(&self) -> &[GrantRef];
+    /// Number of pages granted.
+    fn pages(&self) -> usize {
+        self.refs().len()
+    }
     /// This domain's own (always writable) view of the pages.
     fn mem(&self) -> SharedMem<'_>;
     /// Arms an unmap notification.
@@ -69,13 +84,19 @@ pub trait GrantAllocator: Send + Sync {
 }
 
 /// A peer's pages mapped into this process (gntdev or privcmd). Dropping it unmaps them.
-pub trait MappedPages: Send {
+pub trait MappedPages: Send + Sync {
     /// The mapped pages, contiguous, read-only unless mapped [`Access::ReadWrite`].
     fn mem(&self) -> SharedMem<'_>;
     /// Number of pages mapped.
     fn pages(&self) -> usize {
-        self.mem().len() / crate::mem::PAGE_SIZE
+        self.mem().len() / PAGE_SIZE
     }
+}
+
+/// A mapping of a peer's grants (gntdev), which can also notify the peer when it goes away.
+pub trait GrantMapping: MappedPages {
+    /// Arms an unmap notification (`IOCTL_GNTDEV_SET_UNMAP_NOTIFY`).
+    fn set_unmap_notify(&mut self, notify: UnmapNotify) -> Result<(), XenError>;
 }
 
 /// One segment of a grant copy: `len` bytes between a peer's granted page and local memory.
@@ -105,16 +126,67 @@ pub enum GrantCopy<'a> {
     },
 }
 
+impl GrantCopy<'_> {
+    /// The granting domain and the ref this segment touches.
+    pub fn target(&self) -> (DomId, GrantRef) {
+        match self {
+            GrantCopy::FromGrant { peer, gref, .. } | GrantCopy::ToGrant { peer, gref, .. } => {
+                (*peer, *gref)
+            }
+        }
+    }
+
+    /// Byte offset inside the granted page.
+    pub fn offset(&self) -> u16 {
+        match self {
+            GrantCopy::FromGrant { offset, .. } | GrantCopy::ToGrant { offset, .. } => *offset,
+        }
+    }
+
+    /// Length of the segment in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            GrantCopy::FromGrant { dst, .. } => dst.len(),
+            GrantCopy::ToGrant { src, .. } => src.len(),
+        }
+    }
+
+    /// Whether the segment copies nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Refuses segments that cross the end of their granted page, before anything is copied
+/// (gntdev would fail the whole ioctl with EINVAL part-way through).
+pub(crate) fn validate_copy(segments: &[GrantCopy<'_>]) -> Result<(), XenError> {
+    for (i, seg) in segments.iter().enumerate() {
+        let (offset, len) = (seg.offset(), seg.len());
+        if usize::from(offset).saturating_add(len) > PAGE_SIZE {
+            return Err(XenError::Invalid {
+                what: format!("grant copy segment {i}"),
+                why: format!("{len} bytes at offset {offset} cross the end of the granted page"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Maps grants of peer domains (gntdev).
 pub trait GrantMapper: Send + Sync {
     /// The mappings handed out.
-    type Mapping: MappedPages;
+    type Mapping: GrantMapping;
     /// Maps `refs`, all granted by `peer`, contiguously and in one batch. With
     /// [`Access::ReadOnly`] the pages are mapped `PROT_READ` and cannot be written.
-    fn map(&self, peer: DomId, refs: &[GrantRef], access: Access)
-    -> Result<Self::Mapping, XenError>;
-    /// Performs grant copies in batches. A segment must not cross its page. The outer error is
-    /// the ioctl's; the inner ones are each segment's Xen status.
+    fn map(
+        &self,
+        peer: DomId,
+        refs: &[GrantRef],
+        access: Access,
+    ) -> Result<Self::Mapping, XenError>;
+    /// Performs grant copies in batches. A segment must not cross its page (the whole call then
+    /// fails with [`XenError::Invalid`] before anything is copied). The outer error is the
+    /// ioctl's; the inner ones are each segment's Xen status, one per segment, in order.
     fn copy(&self, segments: &mut [GrantCopy<'_>]) -> Result<Vec<Result<(), XenError>>, XenError>;
 }
 
@@ -145,11 +217,14 @@ pub trait ForeignMapper: Send + Sync {
     /// Maps `gfns` of `dom` contiguously. Fails if any page fails; the error names the first
     /// failing index.
     fn map(&self, dom: DomId, gfns: &[Gfn], access: Access) -> Result<Self::Mapping, XenError>;
+    /// Restricts this handle, for good, to mapping memory of `dom` (`IOCTL_PRIVCMD_RESTRICT`).
+    /// Restricting again to the same domain is a no-op; to another one, an error.
+    fn restrict(&self, dom: DomId) -> Result<(), XenError>;
 }
 
 /// Memory of this domain whose guest frame numbers are known and stable: what the `direct`
 /// DMA strategy hands to the backend as raw guest-physical addresses.
-pub trait PinnedPages: Send {
+pub trait PinnedPages: Send + Sync {
     /// This domain's view of the memory.
     fn mem(&self) -> SharedMem<'_>;
     /// The frame number of each 4 KiB page, in order.
@@ -189,4 +264,83 @@ pub trait Platform: Send + Sync + 'static {
     fn foreign_mapper(&self) -> Result<Self::Foreign, XenError>;
     /// Opens a pinned-memory allocator.
     fn pinned_allocator(&self) -> Result<Self::Pinned, XenError>;
+}
+
+/// A local event-channel port that is unbound when dropped.
+///
+/// It shares the [`EventChannels`] handle it was bound through, so the handle (and its file
+/// descriptor, registered in the caller's poll) outlives every port bound on it.
+pub struct BoundPort<E: EventChannels> {
+    events: Arc<E>,
+    port: Port,
+}
+
+impl<E: EventChannels> BoundPort<E> {
+    /// Allocates a port that `remote` may bind to ([`EventChannels::bind_unbound`]).
+    pub fn bind_unbound(events: &Arc<E>, remote: DomId) -> Result<Self, XenError> {
+        let port = events.bind_unbound(remote)?;
+        Ok(Self {
+            events: Arc::clone(events),
+            port,
+        })
+    }
+
+    /// Binds to `remote_port` of `remote` ([`EventChannels::bind_interdomain`]).
+    pub fn bind_interdomain(
+        events: &Arc<E>,
+        remote: DomId,
+        remote_port: Port,
+    ) -> Result<Self, XenError> {
+        let port = events.bind_interdomain(remote, remote_port)?;
+        Ok(Self {
+            events: Arc::clone(events),
+            port,
+        })
+    }
+
+    /// Takes ownership of a port already bound through `events`.
+    pub fn adopt(events: &Arc<E>, port: Port) -> Self {
+        Self {
+            events: Arc::clone(events),
+            port,
+        }
+    }
+
+    /// The local port.
+    pub fn port(&self) -> Port {
+        self.port
+    }
+
+    /// Signals the other end.
+    pub fn notify(&self) -> Result<(), XenError> {
+        self.events.notify(self.port)
+    }
+
+    /// The handle the port is bound through.
+    pub fn events(&self) -> &Arc<E> {
+        &self.events
+    }
+
+    /// Gives the port up without unbinding it.
+    pub fn into_port(self) -> Port {
+        let port = self.port;
+        std::mem::forget(self);
+        port
+    }
+}
+
+impl<E: EventChannels> std::fmt::Debug for BoundPort<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundPort")
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+impl<E: EventChannels> Drop for BoundPort<E> {
+    fn drop(&mut self) {
+        if let Err(e) = self.events.unbind(self.port) {
+            tracing::debug!(port = self.port, error = %e, "unbinding an event-channel port failed");
+        }
+    }
 }

@@ -143,6 +143,15 @@ for a in "${ARCHES[@]}"; do
 done
 phase_end fetch
 
+# ---- the harness's own shell library, under the guests' busybox when it runs here ----
+bb=$WORK/debs-amd64/stage/bin/busybox
+[ -x "$bb" ] && "$bb" true 2>/dev/null || bb=
+if out=$("$XQ/test-lib.sh" "$bb" 2>&1); then
+  host_check host harness-lib PASS "$(tail -n 1 <<<"$out") (scripts/xen-qemu/test-lib.sh${bb:+ under busybox sh})"
+else
+  host_check host harness-lib FAIL "$(grep -m 3 FAIL <<<"$out" | tr '\n' ' ')"
+fi
+
 # ---- 2. the project's binaries, static musl ----
 # build_bins ARCH: build every binary of the workspace for ARCH and copy the xenvirtio-* ones to
 # WORK/ARCH/bin. The list comes from cargo's own artifact messages, so new binaries are picked

@@ -96,6 +96,39 @@ xv_check_cmd() {
   fi
 }
 
+# xv_check_lines PREFIX COMMAND...: run COMMAND (a project program, e.g. xenvirtio-selftest)
+# that reports its own results as lines "PASS <name> [detail]" / "FAIL <name> [detail]" on
+# stdout, and turn each into the check PREFIX<name>. Other output is passed through. COMMAND
+# must report something: no result line, or a non-zero exit without a FAIL line, is a FAIL
+# "PREFIXexit". Returns COMMAND's exit status.
+xv_check_lines() {
+  local _p _out _rc _nf _nr _l _st _rest
+  _p=$1
+  shift
+  _out=$XV_RUN/check-lines.$$
+  "$@" >"$_out" 2>&1
+  _rc=$?
+  _nf=0 _nr=0
+  while IFS= read -r _l; do
+    case $_l in
+      'PASS '* | 'FAIL '*)
+        _st=${_l%% *} _rest=${_l#* }
+        xv_check "$_p${_rest%% *}" "$_st" "$(case $_rest in *' '*) echo "${_rest#* }" ;; esac)"
+        _nr=$((_nr + 1))
+        [ "$_st" = PASS ] || _nf=$((_nf + 1))
+        ;;
+      *) echo "$_l" ;;
+    esac
+  done <"$_out"
+  if [ "$_nr" = 0 ]; then
+    xv_check "${_p}exit" FAIL "$1 exited $_rc and reported no result: $(tail -n 3 "$_out" | xv_oneline)"
+  elif [ "$_rc" != 0 ] && [ "$_nf" = 0 ]; then
+    xv_check "${_p}exit" FAIL "$1 exited $_rc without reporting a failure: $(tail -n 3 "$_out" | xv_oneline)"
+  fi
+  rm -f "$_out"
+  return "$_rc"
+}
+
 # xv_elf_machine FILE: the ELF e_machine of FILE as arch name (x86_64, arm64 or hex).
 xv_elf_machine() {
   local _m

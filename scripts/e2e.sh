@@ -22,14 +22,18 @@ musl executable, carries them into every domain, boots, and runs the checks of t
   --help     this text
 
 Output: one line per check, "PASS|FAIL <arch> <domain> <check>: <detail>", then
-"e2e: N passed, M failed". Exit status 0 only if every check passed and every domain booted;
-1 if a check failed; 2 on a usage or build error.
+"e2e: N passed, M failed". Logs and results stay in the work dir (paths are printed).
+Exit status: 0 only if every check passed and every domain booted; 1 if a check failed;
+2 on a usage, fetch or build error. docs/E2E.md describes the check lines, the command
+channel and how to add checks.
 
 Environment:
   XENVIRTIO_E2E_WORK      work dir: package cache, images, logs (default /tmp/xenvirtio-e2e)
   XENVIRTIO_E2E_TIMEOUT   seconds one arch's QEMU may run (default 600)
   CARGO_TARGET_DIR        honoured; CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER defaults to
                           aarch64-linux-gnu-gcc
+  XENVIRTIO_E2E_X86_CPU   QEMU -cpu for x86_64 (default max,-smap,-smep,-xsave; see docs/E2E.md)
+  XENVIRTIO_E2E_XEN_ARGS  appended to Xen's x86_64 command line (debugging)
 Host tools: scripts/install-deps.sh installs them.
 EOF
 }

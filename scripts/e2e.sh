@@ -236,6 +236,7 @@ collect() {
   done >"$raw.sorted"
   grep -v -E "^@@CHECK $a ($(domains "$a" | tr ' ' '|')) " "$raw" >>"$raw.sorted" || true
   while IFS= read -r line; do report "$line"; done <"$raw.sorted"
+  rm -f "$raw.all" "$raw.sorted"
 
   case $qrc in
     0) host_check "$a" qemu PASS "Xen powered off cleanly after $(($(date +%s) - BOOT_T0))s" ;;

@@ -32,7 +32,7 @@ expect() { # NAME EXPECTED ACTUAL
 # check lines
 expect check-pass "@@CHECK x86_64 dom0 a-b PASS one two" "$(xv_check a-b PASS one two)"
 expect check-nodetail "@@CHECK x86_64 dom0 c PASS" "$(xv_check c PASS)"
-expect check-badname "@@CHECK x86_64 dom0 bad-check-name FAIL x" "$(xv_check 'has space' PASS x)"
+expect check-badname "@@CHECK x86_64 dom0 bad-check-name FAIL bad check name 'has space': x" "$(xv_check 'has space' PASS x)"
 expect check-badstatus "@@CHECK x86_64 dom0 d FAIL bad status 'maybe': x" "$(xv_check d maybe x)"
 expect check-for "@@CHECK x86_64 domU-pv e FAIL y" "$(xv_check_for domU-pv e FAIL y)"
 expect checks-recorded 5 "$(grep -c '^@@CHECK ' "$XV_CHECKS")"

@@ -50,7 +50,7 @@ xv_check_for() {
   _dom=$1 _name=$2 _st=$3
   shift 3
   case $_name in
-    '' | *' '*) _name="bad-check-name"; _st=FAIL ;;
+    '' | *' '*) set -- "bad check name '$_name':" "$@"; _name=bad-check-name _st=FAIL ;;
   esac
   case $_st in
     PASS | FAIL) ;;

@@ -7,5 +7,11 @@
 //! backend crate and never trusts the backend's writes to shared memory.
 #![deny(missing_docs)]
 
+pub mod blk;
+pub mod dma;
 pub mod policy;
+pub mod queue;
+pub mod transport;
 pub mod virtqueue;
+
+pub use transport::{ConnectError, ConnectOptions, Frontend};

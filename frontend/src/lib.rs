@@ -8,9 +8,11 @@
 #![deny(missing_docs)]
 
 pub mod blk;
+pub mod console;
 pub mod dma;
 pub mod policy;
 pub mod queue;
+pub mod rng;
 pub mod transport;
 pub mod virtqueue;
 

@@ -494,3 +494,74 @@ impl<E: EventChannels, T> Virtqueue<E, T> {
             .collect()
     }
 }
+
+/// Errors of the simple drivers (console, rng).
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The backend left Connected, or the device is closing.
+    #[error("the device stopped: {reason}")]
+    Stopped {
+        /// Why.
+        reason: String,
+    },
+    /// The queue failed.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// DMA memory could not be had or accessed.
+    #[error(transparent)]
+    Dma(#[from] DmaError),
+}
+
+impl From<xenvirtio_xen::mem::MemError> for DriverError {
+    fn from(e: xenvirtio_xen::mem::MemError) -> Self {
+        DriverError::Dma(DmaError::Mem(e))
+    }
+}
+
+impl<E: EventChannels, T> Virtqueue<E, T> {
+    /// Waits up to `timeout` (forever with `None`) for the next completion. `Ok(None)`: the
+    /// timeout passed. Fails with [`DriverError::Stopped`] once the device stopped.
+    pub(crate) fn wait_pop(
+        &mut self,
+        link: &crate::transport::Link,
+        timeout: Option<Duration>,
+    ) -> Result<Option<(T, u32)>, DriverError> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            if let Some(done) = self.pop()? {
+                return Ok(Some(done));
+            }
+            if let Some(reason) = link.lost() {
+                return Err(DriverError::Stopped { reason });
+            }
+            if self.enable_callbacks()? {
+                continue;
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                return Ok(None);
+            }
+            let events = Arc::clone(&self.events);
+            events.wait(left)?;
+            self.disable_callbacks()?;
+        }
+    }
+
+    /// Adds a chain, treating a busy ring as an error (simple drivers keep few requests in
+    /// flight, so it means the backend stopped consuming).
+    pub(crate) fn add_simple(
+        &mut self,
+        readable: &[Segment],
+        writable: &[Segment],
+        token: T,
+    ) -> Result<u16, DriverError> {
+        match self.add(readable, writable, token) {
+            Ok(head) => Ok(head),
+            Err(AddError::Busy(_)) => Err(DriverError::Dma(DmaError::Exhausted {
+                len: 0,
+                strategy: self.arena.strategy(),
+            })),
+            Err(AddError::Failed(e)) => Err(e.into()),
+        }
+    }
+}

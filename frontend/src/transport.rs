@@ -910,7 +910,9 @@ impl DeviceCtx {
                 devid: self.devid,
                 path: self.bdir.clone(),
             }),
-            Err(e) if e.is_enoent() => Err(ConnectError::BackendGone {
+            // Once the directory is gone, the parent the toolstack made unreadable to the
+            // guest answers EACCES rather than ENOENT.
+            Err(e) if e.is_enoent() || e.is_eacces() => Err(ConnectError::BackendGone {
                 devid: self.devid,
                 path: self.bdir.clone(),
             }),

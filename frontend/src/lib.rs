@@ -10,6 +10,7 @@
 pub mod blk;
 pub mod console;
 pub mod dma;
+pub mod pattern;
 pub mod policy;
 pub mod queue;
 pub mod rng;

@@ -560,7 +560,15 @@ impl<P: Platform> BlkQueue<P> {
         let base = Self::slot_offset(slot);
         let mut readable = Vec::new();
         let mut writable = Vec::new();
-        if let Err(error) = self.describe(op, buf.as_ref(), sector, sectors, base, &mut readable, &mut writable) {
+        if let Err(error) = self.describe(
+            op,
+            buf.as_ref(),
+            sector,
+            sectors,
+            base,
+            &mut readable,
+            &mut writable,
+        ) {
             return Err(Rejected { error, buf });
         }
         let id = RequestId {
@@ -670,8 +678,12 @@ impl<P: Platform> BlkQueue<P> {
                     flags,
                 };
                 control.write(base + SLOT_SEGMENT, &seg.to_bytes())?;
-                self.control
-                    .encode(base + SLOT_SEGMENT, DISCARD_SEGMENT_SIZE, usize::MAX, readable);
+                self.control.encode(
+                    base + SLOT_SEGMENT,
+                    DISCARD_SEGMENT_SIZE,
+                    usize::MAX,
+                    readable,
+                );
             }
             BlkOp::GetId => {
                 control.fill(base + SLOT_ID, ID_BYTES, 0)?;
@@ -832,7 +844,11 @@ impl<P: Platform> std::fmt::Debug for BlkDevice<P> {
 
 impl<P: Platform + Clone> Frontend<P> {
     /// Connects blk device `devid`.
-    pub fn connect_blk(&self, devid: u32, options: &BlkOptions) -> Result<BlkDevice<P>, ConnectError> {
+    pub fn connect_blk(
+        &self,
+        devid: u32,
+        options: &BlkOptions,
+    ) -> Result<BlkDevice<P>, ConnectError> {
         let wanted = options.connect.num_queues.unwrap_or(u32::MAX);
         let (transport, parts) = self.connect_transport(
             devid,
@@ -1015,10 +1031,7 @@ impl<P: Platform> BlkDevice<P> {
 
     fn check_bytes(&self, offset: u64, len: usize) -> Result<(), BlkError> {
         let size = self.size();
-        if offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > size)
-        {
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
             return Err(BlkError::OutOfRange {
                 offset,
                 len: len as u64,
@@ -1157,10 +1170,7 @@ impl<P: Platform> BlkDevice<P> {
             return self.write_at(&vec![0; len as usize], offset);
         }
         if offset < first * SECTOR_SIZE {
-            self.write_at(
-                &vec![0; (first * SECTOR_SIZE - offset) as usize],
-                offset,
-            )?;
+            self.write_at(&vec![0; (first * SECTOR_SIZE - offset) as usize], offset)?;
         }
         if end_byte > end * SECTOR_SIZE {
             self.write_at(
@@ -1284,7 +1294,9 @@ impl<P: Platform> BlkDevice<P> {
                 });
             }
             if q.polling {
-                let wait = left.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1));
+                let wait = left
+                    .unwrap_or(Duration::from_secs(1))
+                    .min(Duration::from_secs(1));
                 q = slot
                     .reaped
                     .wait_timeout(q, wait)
@@ -1306,10 +1318,16 @@ impl<P: Platform> BlkDevice<P> {
             q.polling = true;
             let events = Arc::clone(q.vq.events());
             drop(q);
-            let waited = events.wait(Some(left.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1))));
+            let waited = events.wait(Some(
+                left.unwrap_or(Duration::from_secs(1))
+                    .min(Duration::from_secs(1)),
+            ));
             q = slot.queue.lock().unwrap_or_else(PoisonError::into_inner);
             q.polling = false;
-            let reaped = q.vq.disable_callbacks().map_err(BlkError::from).and_then(|()| q.reap());
+            let reaped =
+                q.vq.disable_callbacks()
+                    .map_err(BlkError::from)
+                    .and_then(|()| q.reap());
             slot.reaped.notify_all();
             match waited {
                 Ok(Wake::Event | Wake::Woken | Wake::TimedOut) => {}

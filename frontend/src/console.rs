@@ -39,6 +39,20 @@ pub struct ConsoleTx<P: Platform> {
     link: Arc<Link>,
 }
 
+impl<P: Platform> std::fmt::Debug for ConsoleRx<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleRx")
+            .field("buffered", &self.leftover.len())
+            .finish()
+    }
+}
+
+impl<P: Platform> std::fmt::Debug for ConsoleTx<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleTx").finish()
+    }
+}
+
 /// A connected virtio-console device.
 pub struct ConsoleDevice<P: Platform> {
     rx: Option<Mutex<ConsoleRx<P>>>,
@@ -113,7 +127,11 @@ impl<P: Platform> ConsoleRx<P> {
 
     /// Reads what port 0 sent, waiting up to `timeout` (forever with `None`) for something.
     /// Returns 0 on timeout.
-    pub fn read(&mut self, dst: &mut [u8], timeout: Option<Duration>) -> Result<usize, DriverError> {
+    pub fn read(
+        &mut self,
+        dst: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<usize, DriverError> {
         if self.leftover.is_empty() {
             let Some((buf, len)) = self.queue.wait_pop(&self.link, timeout)? else {
                 return Ok(0);

@@ -180,7 +180,8 @@ impl<E: EventChannels> QueueEvents<E> {
         poll.registry()
             .register(&mut SourceFd(&fd), EVENT_TOKEN, Interest::READABLE)
             .map_err(QueueEventsError::Poll)?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKE_TOKEN).map_err(QueueEventsError::Poll)?);
+        let waker =
+            Arc::new(Waker::new(poll.registry(), WAKE_TOKEN).map_err(QueueEventsError::Poll)?);
         Ok(Self {
             queue,
             port,
@@ -385,8 +386,7 @@ impl<E: EventChannels, T> Virtqueue<E, T> {
         let n = bufs.len();
         let size = self.size();
         let free = usize::from(self.driver.num_free());
-        let can_indirect =
-            self.driver.indirect_enabled() && n > 1 && n <= MAX_INDIRECT_ENTRIES;
+        let can_indirect = self.driver.indirect_enabled() && n > 1 && n <= MAX_INDIRECT_ENTRIES;
         if !can_indirect && n > usize::from(size) {
             return Err(AddError::Failed(QueueError::ChainTooLong {
                 queue: self.index,
@@ -447,7 +447,11 @@ impl<E: EventChannels, T> Virtqueue<E, T> {
     /// Notifies the backend if the ring says it wants to hear about what was added.
     pub(crate) fn kick(&mut self) -> Result<(), QueueError> {
         let ring = self.ring.mem();
-        if self.driver.kick_prepare(&ring).map_err(|e| self.ring_err(e))? {
+        if self
+            .driver
+            .kick_prepare(&ring)
+            .map_err(|e| self.ring_err(e))?
+        {
             self.events.notify()
         } else {
             self.events

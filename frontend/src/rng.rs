@@ -55,13 +55,14 @@ impl<P: Platform> RngDevice<P> {
 
     /// Fills `dst` with random bytes from the device, waiting up to `timeout` for each
     /// request. Returns the number of bytes filled (less than `dst.len()` only on timeout).
-    pub fn read(&mut self, dst: &mut [u8], timeout: Option<Duration>) -> Result<usize, DriverError> {
+    pub fn read(
+        &mut self,
+        dst: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<usize, DriverError> {
         let link = std::sync::Arc::clone(&self.transport.link);
         let dma = self.transport.dma();
-        let queue = self
-            .queue
-            .as_mut()
-            .expect("the queue lives until close");
+        let queue = self.queue.as_mut().expect("the queue lives until close");
         let mut filled = 0;
         while filled < dst.len() {
             let want = (dst.len() - filled).min(MAX_REQUEST);

@@ -354,7 +354,9 @@ pub struct Frontend<P: Platform> {
 
 impl<P: Platform> std::fmt::Debug for Frontend<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Frontend").field("role", &self.role).finish()
+        f.debug_struct("Frontend")
+            .field("role", &self.role)
+            .finish()
     }
 }
 
@@ -446,8 +448,7 @@ impl<P: Platform + Clone> Frontend<P> {
             .and_then(DeviceKind::from_device_id);
         Ok(DeviceInfo {
             devid,
-            backend_id: text(format!("{fdir}/{}", fk::BACKEND_ID))?
-                .and_then(|v| v.parse().ok()),
+            backend_id: text(format!("{fdir}/{}", fk::BACKEND_ID))?.and_then(|v| v.parse().ok()),
             kind,
             type_string,
             frontend_state: state(xenbus::state_path(&fdir))?,
@@ -463,10 +464,7 @@ impl<P: Platform + Clone> Frontend<P> {
 
     /// Every device of this domain.
     pub fn devices(&self) -> Result<Vec<DeviceInfo>, ConnectError> {
-        self.devids()?
-            .into_iter()
-            .map(|d| self.device(d))
-            .collect()
+        self.devids()?.into_iter().map(|d| self.device(d)).collect()
     }
 
     /// Reads the backend's offer (in one transaction, so `config` and its generation match).
@@ -478,12 +476,9 @@ impl<P: Platform + Clone> Frontend<P> {
             let device_features = xenbus::read_hex_u64(s, tx, &key(bk::DEVICE_FEATURES))?;
             let max_queues = xenbus::read_u32(s, tx, &key(bk::MAX_QUEUES))?;
             let max_queue_size = xenbus::read_u32(s, tx, &key(bk::MAX_QUEUE_SIZE))?;
-            let persistent = xenbus::optional(xenbus::read_bool(
-                s,
-                tx,
-                &key(bk::FEATURE_PERSISTENT),
-            ))?
-            .unwrap_or(false);
+            let persistent =
+                xenbus::optional(xenbus::read_bool(s, tx, &key(bk::FEATURE_PERSISTENT)))?
+                    .unwrap_or(false);
             let grant_usage =
                 xenbus::optional(xenbus::read_bool(s, tx, &key(bk::GRANT_USAGE)))?.unwrap_or(true);
             let pinned = xenbus::optional(s.read_string(tx, &key(bk::DMA)))?;
@@ -502,13 +497,29 @@ impl<P: Platform + Clone> Frontend<P> {
                 generation,
             ))
         })
-        .map_err(Self::store_err(devid, format!("reading the backend's offer in {bdir}")))?;
-        let (device_features, max_queues, max_queue_size, persistent, grant_usage, pinned, config, gen_) =
-            offer;
+        .map_err(Self::store_err(
+            devid,
+            format!("reading the backend's offer in {bdir}"),
+        ))?;
+        let (
+            device_features,
+            max_queues,
+            max_queue_size,
+            persistent,
+            grant_usage,
+            pinned,
+            config,
+            gen_,
+        ) = offer;
         if max_queues == 0 || max_queues > MAX_QUEUES {
-            return Err(bad(bk::MAX_QUEUES, format!("{max_queues} is not between 1 and {MAX_QUEUES}")));
+            return Err(bad(
+                bk::MAX_QUEUES,
+                format!("{max_queues} is not between 1 and {MAX_QUEUES}"),
+            ));
         }
-        if max_queue_size == 0 || !max_queue_size.is_power_of_two() || max_queue_size > MAX_QUEUE_SIZE
+        if max_queue_size == 0
+            || !max_queue_size.is_power_of_two()
+            || max_queue_size > MAX_QUEUE_SIZE
         {
             return Err(bad(
                 bk::MAX_QUEUE_SIZE,
@@ -586,10 +597,9 @@ impl<P: Platform + Clone> Frontend<P> {
             return Err(ConnectError::WrongKind {
                 devid,
                 expected: kind,
-                found: info
-                    .type_string
-                    .clone()
-                    .unwrap_or_else(|| "of no known type (the backend's type is unreadable)".into()),
+                found: info.type_string.clone().unwrap_or_else(|| {
+                    "of no known type (the backend's type is unreadable)".into()
+                }),
             });
         }
         let fdir = info.frontend_dir.clone();
@@ -603,7 +613,6 @@ impl<P: Platform + Clone> Frontend<P> {
             store: Arc::clone(&self.store),
             domid: self.domid(),
             devid,
-            kind,
             backend,
             fdir,
             bdir,
@@ -748,7 +757,9 @@ impl<P: Platform + Clone> Frontend<P> {
                 return Err(e);
             }
         }
-        if let Err(source) = xenbus::switch_state(&*self.store, &transport.ctx.fdir, XenbusState::Connected) {
+        if let Err(source) =
+            xenbus::switch_state(&*self.store, &transport.ctx.fdir, XenbusState::Connected)
+        {
             let e = Self::store_err(devid, "switching to Connected")(source);
             if let Err(close) = transport.teardown(parts) {
                 tracing::debug!(error = %close, "teardown after a failed connect");
@@ -834,7 +845,11 @@ pub(crate) struct QueueParts<P: Platform> {
 
 impl<P: Platform> QueueParts<P> {
     /// The driver's queue over these parts.
-    pub(crate) fn into_virtqueue<T>(self, features: u64, arena: Arc<Arena>) -> Virtqueue<P::Events, T> {
+    pub(crate) fn into_virtqueue<T>(
+        self,
+        features: u64,
+        arena: Arc<Arena>,
+    ) -> Virtqueue<P::Events, T> {
         Virtqueue::new(
             self.index,
             self.ring,
@@ -852,7 +867,6 @@ pub(crate) struct DeviceCtx {
     pub(crate) store: Arc<dyn XenStore>,
     pub(crate) domid: DomId,
     pub(crate) devid: u32,
-    pub(crate) kind: DeviceKind,
     pub(crate) backend: DomId,
     pub(crate) fdir: String,
     pub(crate) bdir: String,
@@ -916,7 +930,10 @@ impl DeviceCtx {
                 devid: self.devid,
                 path: self.bdir.clone(),
             }),
-            Err(e) => Err(self.store_err(format!("waiting for the backend to reach {waiting_for}"))(e)),
+            Err(e) => Err(self
+                .store_err(format!("waiting for the backend to reach {waiting_for}"))(
+                e,
+            )),
         }
     }
 
@@ -1012,13 +1029,21 @@ impl DeviceCtx {
                     s.rm(tx, &key(&child))?;
                 }
             }
-            s.write_str(tx, &key(fk::DRIVER_FEATURES), &format_features(negotiated.driver_features))?;
+            s.write_str(
+                tx,
+                &key(fk::DRIVER_FEATURES),
+                &format_features(negotiated.driver_features),
+            )?;
             s.write_str(tx, &key(fk::DMA), negotiated.strategy.name())?;
             s.write_str(tx, &key(fk::DMA_REASON), &negotiated.reason)?;
             s.write_str(tx, &key(fk::NUM_QUEUES), &queues.len().to_string())?;
             for q in queues {
                 let n = u32::from(q.index);
-                s.write_str(tx, &key(&fk::queue(n, fk::QUEUE_SIZE)), &negotiated.queue_size.to_string())?;
+                s.write_str(
+                    tx,
+                    &key(&fk::queue(n, fk::QUEUE_SIZE)),
+                    &negotiated.queue_size.to_string(),
+                )?;
                 match q.ring.address() {
                     RingAddress::Refs(refs) => s.write_str(
                         tx,
@@ -1046,9 +1071,17 @@ impl DeviceCtx {
             }
             if let Some(dir) = dma.bounce_directory() {
                 s.write_str(tx, &key(fk::BOUNCE_PAGES), &dma.pages().to_string())?;
-                s.write_str(tx, &key(fk::BOUNCE_DIR_REF), &join(dir.iter().map(u32::to_string)))?;
+                s.write_str(
+                    tx,
+                    &key(fk::BOUNCE_DIR_REF),
+                    &join(dir.iter().map(u32::to_string)),
+                )?;
             }
-            s.write_str(tx, &state_path, &XenbusState::Initialised.value().to_string())
+            s.write_str(
+                tx,
+                &state_path,
+                &XenbusState::Initialised.value().to_string(),
+            )
         })
         .map_err(|e| match e {
             XsError::NodeVanished { path } => ConnectError::BackendGone {
@@ -1258,7 +1291,10 @@ fn refresh_config(ctx: &DeviceCtx, config: &Mutex<DeviceConfig>) {
     let store = &*ctx.store;
     let gen_path = format!("{}/{}", ctx.bdir, bk::CONFIG_GENERATION);
     let cfg_path = format!("{}/{}", ctx.bdir, bk::CONFIG);
-    let current = config.lock().unwrap_or_else(PoisonError::into_inner).generation;
+    let current = config
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .generation;
     let read = transaction(store, TRANSACTION_ATTEMPTS, |tx| {
         let generation = xenbus::optional(xenbus::read_u32(store, tx, &gen_path))?.unwrap_or(0);
         if generation == current {
@@ -1268,21 +1304,19 @@ fn refresh_config(ctx: &DeviceCtx, config: &Mutex<DeviceConfig>) {
         Ok(Some((generation, bytes)))
     });
     match read {
-        Ok(Some((generation, bytes))) => {
-            match decode_hex(&String::from_utf8_lossy(&bytes)) {
-                Ok(bytes) => {
-                    tracing::info!(
-                        domid = ctx.domid,
-                        devid = ctx.devid,
-                        generation,
-                        "device config changed"
-                    );
-                    *config.lock().unwrap_or_else(PoisonError::into_inner) =
-                        DeviceConfig { generation, bytes };
-                }
-                Err(e) => tracing::debug!(error = %e, "the backend's new config is not hex; ignored"),
+        Ok(Some((generation, bytes))) => match decode_hex(&String::from_utf8_lossy(&bytes)) {
+            Ok(bytes) => {
+                tracing::info!(
+                    domid = ctx.domid,
+                    devid = ctx.devid,
+                    generation,
+                    "device config changed"
+                );
+                *config.lock().unwrap_or_else(PoisonError::into_inner) =
+                    DeviceConfig { generation, bytes };
             }
-        }
+            Err(e) => tracing::debug!(error = %e, "the backend's new config is not hex; ignored"),
+        },
         Ok(None) => {}
         Err(e) => tracing::debug!(error = %e, "re-reading the config failed"),
     }

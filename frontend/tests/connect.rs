@@ -15,7 +15,7 @@ use xenvirtio_virtio::dma::{DmaAddr, DmaStrategy};
 use xenvirtio_xen::loopback::{LoopbackConfig, LoopbackXen};
 use xenvirtio_xen::role::{Arch, GuestType};
 use xenvirtio_xenstore::xenbus::{self, XenbusState};
-use xenvirtio_xenstore::{TxId, XenStore};
+use xenvirtio_xenstore::TxId;
 
 fn options(dma: Option<DmaStrategy>) -> BlkOptions {
     let mut o = BlkOptions::default();
@@ -25,7 +25,9 @@ fn options(dma: Option<DmaStrategy>) -> BlkOptions {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed >> 1)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed >> 1))
+        .collect()
 }
 
 #[test]
@@ -47,11 +49,26 @@ fn grant_blk_round_trip_and_one_transaction() {
         .position(|(_, tx, p)| p == &format!("{fdir}/state") && tx.is_some())
         .expect("state was written inside a transaction");
     let tx = ops[state3].1;
-    for key in ["driver-features", "dma", "dma-reason", "num-queues", "queue-0/size", "queue-0/ring-ref", "queue-0/event-channel", "feature-persistent"] {
+    for key in [
+        "driver-features",
+        "dma",
+        "dma-reason",
+        "num-queues",
+        "queue-0/size",
+        "queue-0/ring-ref",
+        "queue-0/event-channel",
+        "feature-persistent",
+    ] {
         let path = format!("{fdir}/{key}");
-        let writes: Vec<_> = ops.iter().filter(|(op, _, p)| *op == "write" && p == &path).collect();
+        let writes: Vec<_> = ops
+            .iter()
+            .filter(|(op, _, p)| *op == "write" && p == &path)
+            .collect();
         assert!(!writes.is_empty(), "{key} was not written");
-        assert!(writes.iter().all(|(_, t, _)| *t == tx), "{key} written outside the transaction");
+        assert!(
+            writes.iter().all(|(_, t, _)| *t == tx),
+            "{key} written outside the transaction"
+        );
     }
     assert!(rec.commits.lock().unwrap().contains(&(tx, true)));
     let seen = backend.seen.lock().unwrap().published.clone();
@@ -65,18 +82,35 @@ fn grant_blk_round_trip_and_one_transaction() {
     let mut back = vec![0u8; data.len()];
     dev.read_at(&mut back, 4096 * 3 + 100).unwrap();
     assert_eq!(back, data);
-    assert_eq!(&backend.disk.lock().unwrap()[4096 * 3 + 100..4096 * 3 + 100 + data.len()], &data[..]);
+    assert_eq!(
+        &backend.disk.lock().unwrap()[4096 * 3 + 100..4096 * 3 + 100 + data.len()],
+        &data[..]
+    );
     assert_eq!(dev.get_id().unwrap(), b"scripted-disk");
     dev.flush().unwrap();
     dev.write_zeroes(4096 * 3 + 100, 1000, false).unwrap();
     dev.read_at(&mut back[..1000], 4096 * 3 + 100).unwrap();
     assert!(back[..1000].iter().all(|&b| b == 0));
     let stats = dev.stats();
-    assert!(stats.events.sent > 0 && stats.events.received > 0, "{stats:?}");
+    assert!(
+        stats.events.sent > 0 && stats.events.received > 0,
+        "{stats:?}"
+    );
     dev.close().unwrap();
-    assert_eq!(xenbus::read_state(&*env.guest, TxId::NONE, &format!("{fdir}/state")).unwrap(), XenbusState::Closed);
-    assert_eq!(env.xen.stats(GUEST).grants, 0, "grants revoked after Closed");
-    assert!(backend.seen.lock().unwrap().errors.is_empty(), "{:?}", backend.seen.lock().unwrap().errors);
+    assert_eq!(
+        xenbus::read_state(&*env.guest, TxId::NONE, &format!("{fdir}/state")).unwrap(),
+        XenbusState::Closed
+    );
+    assert_eq!(
+        env.xen.stats(GUEST).grants,
+        0,
+        "grants revoked after Closed"
+    );
+    assert!(
+        backend.seen.lock().unwrap().errors.is_empty(),
+        "{:?}",
+        backend.seen.lock().unwrap().errors
+    );
 }
 
 #[test]
@@ -89,9 +123,15 @@ fn bounce_pool_directory_is_read_only_and_copies_are_counted() {
     let dev = fe.connect_blk(1, &o).unwrap();
     assert_eq!(dev.negotiated().strategy, DmaStrategy::Bounce);
     let published = backend.seen.lock().unwrap().published.clone();
-    assert_eq!(published.get("bounce/pages").map(String::as_str), Some("128"));
+    assert_eq!(
+        published.get("bounce/pages").map(String::as_str),
+        Some("128")
+    );
     assert!(!published.contains_key("feature-persistent"));
-    let dir: Vec<u32> = published["bounce/dir-ref"].split(' ').map(|r| r.parse().unwrap()).collect();
+    let dir: Vec<u32> = published["bounce/dir-ref"]
+        .split(' ')
+        .map(|r| r.parse().unwrap())
+        .collect();
     assert_eq!(dir.len(), 1);
     // The directory is granted to the backend read-only: mapping it writable is refused, and
     // nobody else may map it at all.
@@ -101,7 +141,12 @@ fn bounce_pool_directory_is_read_only_and_copies_are_counted() {
     let e = dom0.map(GUEST, &dir, Access::ReadWrite).unwrap_err();
     assert_eq!(e.refusal(), Some(Refusal::ReadOnlyGrant), "{e}");
     let dom7 = env.xen.domain(7).grant_mapper().unwrap();
-    assert!(matches!(dom7.map(GUEST, &dir, Access::ReadOnly).unwrap_err().refusal(), Some(Refusal::NotGrantedTo { grantee: 0 })));
+    assert!(matches!(
+        dom7.map(GUEST, &dir, Access::ReadOnly)
+            .unwrap_err()
+            .refusal(),
+        Some(Refusal::NotGrantedTo { grantee: 0 })
+    ));
 
     let before = dev.stats().dma.bytes_bounced;
     let data = pattern(64 * 1024, 3);
@@ -109,10 +154,16 @@ fn bounce_pool_directory_is_read_only_and_copies_are_counted() {
     let mut back = vec![0u8; data.len()];
     dev.read_at(&mut back, 512 * 10).unwrap();
     assert_eq!(back, data);
-    assert_eq!(dev.stats().dma.bytes_bounced - before, 2 * data.len() as u64);
+    assert_eq!(
+        dev.stats().dma.bytes_bounced - before,
+        2 * data.len() as u64
+    );
     // Every address the backend saw was a pool offset.
     for a in &backend.seen.lock().unwrap().addresses {
-        assert!(matches!(a, DmaAddr::Bounce { offset } if *offset < 128 * 4096), "{a:?}");
+        assert!(
+            matches!(a, DmaAddr::Bounce { offset } if *offset < 128 * 4096),
+            "{a:?}"
+        );
     }
     dev.close().unwrap();
     assert_eq!(env.xen.stats(GUEST).grants, 0);
@@ -123,7 +174,9 @@ fn caller_slices_are_bounced_through_the_grant_arena() {
     let env = Env::new();
     let backend = Backend::start(&env, Script::blk(0));
     let fe = Frontend::new(env.guest_platform(), Arc::clone(&env.guest), pvh());
-    let dev = fe.connect_blk(0, &options(Some(DmaStrategy::Grant))).unwrap();
+    let dev = fe
+        .connect_blk(0, &options(Some(DmaStrategy::Grant)))
+        .unwrap();
     let grants_before = env.xen.stats(GUEST).grants;
     let data = pattern(40_960, 11);
     dev.write_at(&data, 0).unwrap();
@@ -135,8 +188,13 @@ fn caller_slices_are_bounced_through_the_grant_arena() {
     assert_eq!(dev.stats().dma.bytes_bounced, 2 * data.len() as u64);
     // Every buffer the backend was given is a page of the arena or a ring: granted to it.
     for a in &backend.seen.lock().unwrap().addresses {
-        let DmaAddr::Grant { gref, .. } = a else { panic!("{a:?} is not a grant address") };
-        assert!(env.xen.grant_gfn(GUEST, *gref).is_some(), "ref {gref} is not a live grant");
+        let DmaAddr::Grant { gref, .. } = a else {
+            panic!("{a:?} is not a grant address")
+        };
+        assert!(
+            env.xen.grant_gfn(GUEST, *gref).is_some(),
+            "ref {gref} is not a live grant"
+        );
     }
     // A zero-copy buffer is not bounced.
     let buf = dev.alloc(4096).unwrap();
@@ -155,7 +213,11 @@ fn caller_slices_are_bounced_through_the_grant_arena() {
     };
     let _ = id;
     assert_eq!(dev.stats().dma.bytes_bounced, 2 * data.len() as u64);
-    assert!(backend.disk.lock().unwrap()[8 * 512..8 * 512 + 4096].iter().all(|&b| b == 0xab));
+    assert!(
+        backend.disk.lock().unwrap()[8 * 512..8 * 512 + 4096]
+            .iter()
+            .all(|&b| b == 0xab)
+    );
     dev.close().unwrap();
 }
 
@@ -165,9 +227,18 @@ fn direct_on_an_arm_domu_uses_frame_numbers() {
     let mut script = Script::blk(2);
     script.grant_usage = false;
     let backend = Backend::start(&env, script);
-    let fe = Frontend::new(env.guest_platform(), Arc::clone(&env.guest), role(false, Arch::Aarch64, GuestType::Hvm));
+    let fe = Frontend::new(
+        env.guest_platform(),
+        Arc::clone(&env.guest),
+        role(false, Arch::Aarch64, GuestType::Hvm),
+    );
     let dev = fe.connect_blk(2, &options(None)).unwrap();
-    assert_eq!(dev.negotiated().strategy, DmaStrategy::Direct, "{}", dev.negotiated().reason);
+    assert_eq!(
+        dev.negotiated().strategy,
+        DmaStrategy::Direct,
+        "{}",
+        dev.negotiated().reason
+    );
     let published = backend.seen.lock().unwrap().published.clone();
     assert!(published.contains_key("queue-0/ring-gfn"));
     assert!(!published.contains_key("queue-0/ring-ref"));
@@ -181,7 +252,11 @@ fn direct_on_an_arm_domu_uses_frame_numbers() {
         assert!(matches!(a, DmaAddr::Direct { .. }), "{a:?}");
     }
     dev.close().unwrap();
-    assert_eq!(env.xen.stats(GUEST).pinned_pages, 0, "unpinned after Closed");
+    assert_eq!(
+        env.xen.stats(GUEST).pinned_pages,
+        0,
+        "unpinned after Closed"
+    );
 }
 
 #[test]
@@ -189,22 +264,44 @@ fn direct_is_refused_where_it_is_invalid() {
     let env = Env::new();
     let _backend = Backend::start(&env, Script::blk(0));
     // x86 PV guest.
-    let fe = Frontend::new(env.guest_platform(), Arc::clone(&env.guest), role(false, Arch::X86_64, GuestType::Pv));
-    let e = fe.connect_blk(0, &options(Some(DmaStrategy::Direct))).unwrap_err();
+    let fe = Frontend::new(
+        env.guest_platform(),
+        Arc::clone(&env.guest),
+        role(false, Arch::X86_64, GuestType::Pv),
+    );
+    let e = fe
+        .connect_blk(0, &options(Some(DmaStrategy::Direct)))
+        .unwrap_err();
     let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
     assert!(msg.contains("pseudo-physical"), "{msg}");
     let fdir = xenbus::frontend_dir(GUEST, 0);
-    assert!(read_str(&*env.guest, &format!("{fdir}/error")).unwrap().contains("pseudo-physical"));
-    assert_eq!(read_str(&*env.guest, &format!("{fdir}/state")).unwrap(), "6");
+    assert!(
+        read_str(&*env.guest, &format!("{fdir}/error"))
+            .unwrap()
+            .contains("pseudo-physical")
+    );
+    assert_eq!(
+        read_str(&*env.guest, &format!("{fdir}/state")).unwrap(),
+        "6"
+    );
     // The device offers ACCESS_PLATFORM (grant_usage=1), even on Arm.
-    let fe = Frontend::new(env.guest_platform(), Arc::clone(&env.guest), role(false, Arch::Aarch64, GuestType::Hvm));
-    let e = fe.connect_blk(0, &options(Some(DmaStrategy::Direct))).unwrap_err();
+    let fe = Frontend::new(
+        env.guest_platform(),
+        Arc::clone(&env.guest),
+        role(false, Arch::Aarch64, GuestType::Hvm),
+    );
+    let e = fe
+        .connect_blk(0, &options(Some(DmaStrategy::Direct)))
+        .unwrap_err();
     let msg = format!("{}", std::error::Error::source(&e).unwrap());
     assert!(msg.contains("ACCESS_PLATFORM"), "{msg}");
     // And the same device then connects with grants after all (Closed -> Initialising).
     let dev = fe.connect_blk(0, &options(None)).unwrap();
     assert_eq!(dev.negotiated().strategy, DmaStrategy::Grant);
-    assert!(read_str(&*env.guest, &format!("{fdir}/error")).is_none(), "the old error is cleared");
+    assert!(
+        read_str(&*env.guest, &format!("{fdir}/error")).is_none(),
+        "the old error is cleared"
+    );
     dev.close().unwrap();
 }
 
@@ -280,7 +377,11 @@ fn zero_copy_requests_complete_out_of_band() {
     assert!(r.buf.is_some());
     let buf = q.alloc(4096).unwrap();
     let r = q.submit_read(buf, 8192).unwrap_err();
-    assert!(matches!(r.error, BlkError::OutOfRange { .. }), "{}", r.error);
+    assert!(
+        matches!(r.error, BlkError::OutOfRange { .. }),
+        "{}",
+        r.error
+    );
     drop(q);
     dev.close().unwrap();
 }
@@ -296,10 +397,26 @@ fn a_backend_that_stalls_mid_handshake_times_out_with_a_clear_error() {
     o.connect.timeout = Duration::from_millis(400);
     let start = std::time::Instant::now();
     let e = fe.connect_blk(0, &o).unwrap_err();
-    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
     let msg = e.to_string();
-    assert!(matches!(e, ConnectError::BackendTimeout { waiting_for: "Connected", .. }), "{msg}");
-    assert!(msg.contains("did not reach Connected") && msg.contains("xenvirtio-backend"), "{msg}");
+    assert!(
+        matches!(
+            e,
+            ConnectError::BackendTimeout {
+                waiting_for: "Connected",
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("did not reach Connected") && msg.contains("xenvirtio-backend"),
+        "{msg}"
+    );
     assert_eq!(env.xen.stats(GUEST).bound_ports, 0, "event channels closed");
 }
 
@@ -311,7 +428,16 @@ fn a_backend_that_never_publishes_and_a_vanished_backend_are_errors() {
     let mut o = options(None);
     o.connect.timeout = Duration::from_millis(300);
     let e = fe.connect_blk(3, &o).unwrap_err();
-    assert!(matches!(e, ConnectError::BackendTimeout { waiting_for: "InitWait", .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ConnectError::BackendTimeout {
+                waiting_for: "InitWait",
+                ..
+            }
+        ),
+        "{e}"
+    );
     // The backend directory disappears while the frontend waits.
     let dom0 = Arc::clone(&env.dom0);
     let be = xenbus::backend_dir(BACKEND, GUEST, 3);
@@ -336,8 +462,12 @@ fn a_leftover_connected_state_is_closed_first() {
     let fdir = xenbus::frontend_dir(GUEST, 0);
     let backend = Backend::start(&env, script);
     // An earlier instance left Sf = 4 and stale keys.
-    env.guest.write(TxId::NONE, &format!("{fdir}/queue-7/ring-ref"), b"999").unwrap();
-    env.guest.write(TxId::NONE, &format!("{fdir}/state"), b"4").unwrap();
+    env.guest
+        .write(TxId::NONE, &format!("{fdir}/queue-7/ring-ref"), b"999")
+        .unwrap();
+    env.guest
+        .write(TxId::NONE, &format!("{fdir}/state"), b"4")
+        .unwrap();
     let fe = Frontend::new(env.guest_platform(), Arc::clone(&env.guest), pvh());
     let dev = fe.connect_blk(0, &options(None)).unwrap();
     // The backend (which samples states) saw Closing before the new Initialised.
@@ -346,7 +476,10 @@ fn a_leftover_connected_state_is_closed_first() {
     let initialised = states.iter().rposition(|s| *s == XenbusState::Initialised);
     assert!(closing.is_some() && closing < initialised, "{states:?}");
     dev.write_at(&[9u8; 512], 0).unwrap();
-    assert!(read_str(&*env.guest, &format!("{fdir}/queue-7/ring-ref")).is_none(), "stale keys removed");
+    assert!(
+        read_str(&*env.guest, &format!("{fdir}/queue-7/ring-ref")).is_none(),
+        "stale keys removed"
+    );
     dev.close().unwrap();
 }
 
@@ -358,15 +491,28 @@ fn a_backend_that_goes_closing_fails_requests_and_tears_down() {
     let dev = fe.connect_blk(0, &options(None)).unwrap();
     dev.write_at(&[1u8; 4096], 0).unwrap();
     // The backend gives up on the device with an error.
-    env.dom0.write(TxId::NONE, &format!("{}/error", backend.be), b"image went away").unwrap();
-    env.dom0.write(TxId::NONE, &format!("{}/state", backend.be), b"5").unwrap();
-    wait_until("the device to stop", Duration::from_secs(5), || dev.stopped().is_some());
+    env.dom0
+        .write(
+            TxId::NONE,
+            &format!("{}/error", backend.be),
+            b"image went away",
+        )
+        .unwrap();
+    env.dom0
+        .write(TxId::NONE, &format!("{}/state", backend.be), b"5")
+        .unwrap();
+    wait_until("the device to stop", Duration::from_secs(5), || {
+        dev.stopped().is_some()
+    });
     let e = dev.write_at(&[1u8; 4096], 0).unwrap_err();
     assert!(matches!(e, BlkError::Stopped { .. }), "{e}");
     assert!(e.to_string().contains("image went away"), "{e}");
     dev.close().unwrap();
     let fdir = xenbus::frontend_dir(GUEST, 0);
-    assert_eq!(read_str(&*env.guest, &format!("{fdir}/state")).unwrap(), "6");
+    assert_eq!(
+        read_str(&*env.guest, &format!("{fdir}/state")).unwrap(),
+        "6"
+    );
     assert_eq!(env.xen.stats(GUEST).grants, 0);
 }
 
@@ -383,7 +529,10 @@ fn gntalloc_exhaustion_names_the_module_parameter() {
     o.connect.dma_pages = 256;
     let e = fe.connect_blk(0, &o).unwrap_err();
     let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
-    assert!(msg.contains("xen-gntalloc") && msg.contains("limit"), "{msg}");
+    assert!(
+        msg.contains("xen-gntalloc") && msg.contains("limit"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -393,7 +542,10 @@ fn rng_reads_what_the_backend_wrote() {
     let fe = Frontend::new(env.guest_platform(), Arc::clone(&env.guest), pvh());
     let mut rng = fe.connect_rng(4, &ConnectOptions::default()).unwrap();
     let mut buf = vec![0u8; 20000];
-    assert_eq!(rng.read(&mut buf, Some(Duration::from_secs(5))).unwrap(), 20000);
+    assert_eq!(
+        rng.read(&mut buf, Some(Duration::from_secs(5))).unwrap(),
+        20000
+    );
     // The scripted device writes i*31+7 per request of at most 16 KiB.
     assert_eq!(buf[1], 38);
     assert_eq!(buf[16384 + 1], 38);

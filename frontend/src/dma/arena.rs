@@ -280,7 +280,13 @@ impl Arena {
     /// Appends the segments that name `[offset, offset + len)` of the arena, each at most
     /// `max_piece` bytes, split where the strategy requires (page boundaries for grants,
     /// non-contiguous frames for direct).
-    pub(crate) fn encode(&self, offset: usize, len: usize, max_piece: usize, out: &mut Vec<Segment>) {
+    pub(crate) fn encode(
+        &self,
+        offset: usize,
+        len: usize,
+        max_piece: usize,
+        out: &mut Vec<Segment>,
+    ) {
         let max_piece = max_piece.clamp(1, u32::MAX as usize);
         let mut at = offset;
         let end = offset + len;
@@ -296,10 +302,7 @@ impl Arena {
                     .encode(),
                     PAGE_SIZE - in_page,
                 ),
-                Addressing::Pool => (
-                    DmaAddr::Bounce { offset: at as u64 }.encode(),
-                    end - at,
-                ),
+                Addressing::Pool => (DmaAddr::Bounce { offset: at as u64 }.encode(), end - at),
                 Addressing::Direct(gfns) => {
                     // Extend over frames that follow each other.
                     let mut last = page;
@@ -392,7 +395,13 @@ impl DmaBuf {
     }
 
     /// Appends the segments of `[offset, offset + len)` of the buffer.
-    pub(crate) fn encode(&self, offset: usize, len: usize, max_piece: usize, out: &mut Vec<Segment>) {
+    pub(crate) fn encode(
+        &self,
+        offset: usize,
+        len: usize,
+        max_piece: usize,
+        out: &mut Vec<Segment>,
+    ) {
         debug_assert!(offset + len <= self.len);
         self.arena
             .encode(self.first_page * PAGE_SIZE + offset, len, max_piece, out);

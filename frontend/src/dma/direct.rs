@@ -23,7 +23,7 @@
 use std::sync::Arc;
 
 use xenvirtio_xen::mem::SharedMem;
-use xenvirtio_xen::platform::{Platform, PinnedAllocator, PinnedPages};
+use xenvirtio_xen::platform::{PinnedAllocator, PinnedPages, Platform};
 
 use super::DmaError;
 use super::arena::{Addressing, Arena, Backing, DmaCounters};

@@ -41,7 +41,12 @@ pub(crate) fn arena<A: GrantAllocator>(
         counters,
     )?;
     let refs = grant.refs().to_vec();
-    tracing::debug!(peer, pages, first_ref = refs.first(), "grant arena allocated");
+    tracing::debug!(
+        peer,
+        pages,
+        first_ref = refs.first(),
+        "grant arena allocated"
+    );
     Ok(Arena::new(
         Box::new(grant),
         Addressing::Grant(refs),

@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-pub use arena::{DmaBuf, Segment};
 pub(crate) use arena::{Arena, Backing, DmaCounters};
+pub use arena::{DmaBuf, Segment};
 
 use xenvirtio_virtio::dma::DmaStrategy;
 use xenvirtio_xen::mem::{MemError, PAGE_SIZE, SharedMem};
@@ -180,14 +180,12 @@ pub(crate) fn grant_pages<A: GrantAllocator>(
 ) -> Result<GrantBacking<A::Grant>, DmaError> {
     match granter.grant(peer, pages, access) {
         Ok(g) => Ok(GrantBacking::new(g, counters)),
-        Err(source) if source.errno() == Some(libc::ENOSPC) => {
-            Err(DmaError::GrantsExhausted {
-                pages,
-                peer,
-                held: counters.grants_held.load(Ordering::Relaxed),
-                source,
-            })
-        }
+        Err(source) if source.errno() == Some(libc::ENOSPC) => Err(DmaError::GrantsExhausted {
+            pages,
+            peer,
+            held: counters.grants_held.load(Ordering::Relaxed),
+            source,
+        }),
         Err(source) => Err(DmaError::Grant {
             what,
             pages,
@@ -447,12 +445,14 @@ impl<P: Platform> DmaMemory<P> {
 }
 
 fn open_granter<P: Platform>(platform: &P, peer: DomId) -> Result<P::GrantAlloc, DmaError> {
-    platform.grant_allocator().map_err(|source| DmaError::Grant {
-        what: "opening the grant allocator",
-        pages: 0,
-        peer,
-        source,
-    })
+    platform
+        .grant_allocator()
+        .map_err(|source| DmaError::Grant {
+            what: "opening the grant allocator",
+            pages: 0,
+            peer,
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -41,7 +41,10 @@ fn grant_arena_pages_are_granted_to_the_backend_only() {
         .unwrap()
         .map(GUEST, &[gref], Access::ReadOnly)
         .unwrap_err();
-    assert_eq!(e.refusal(), Some(Refusal::NotGrantedTo { grantee: BACKEND }));
+    assert_eq!(
+        e.refusal(),
+        Some(Refusal::NotGrantedTo { grantee: BACKEND })
+    );
     drop(m);
     // Buffers are freed and reused; the arena runs out, and says so.
     let all = dma.alloc(5 * PAGE_SIZE).unwrap();
@@ -50,7 +53,10 @@ fn grant_arena_pages_are_granted_to_the_backend_only() {
     drop(buf);
     assert_eq!(dma.stats().free_pages, 8);
     assert!(matches!(dma.alloc(0), Err(DmaError::BadSize { .. })));
-    assert!(matches!(dma.alloc(9 * PAGE_SIZE), Err(DmaError::BadSize { .. })));
+    assert!(matches!(
+        dma.alloc(9 * PAGE_SIZE),
+        Err(DmaError::BadSize { .. })
+    ));
     // A ring area is granted separately, zeroed.
     let ring = dma.alloc_ring(2).unwrap();
     let RingAddress::Refs(refs) = ring.address() else {
@@ -70,8 +76,14 @@ fn bounce_pool_has_a_read_only_directory_of_its_refs() {
         max_grants: 4096,
         ..Default::default()
     });
-    let dma =
-        DmaMemory::new(&xen.domain(GUEST), DmaStrategy::Bounce, BACKEND, 1500, false).unwrap();
+    let dma = DmaMemory::new(
+        &xen.domain(GUEST),
+        DmaStrategy::Bounce,
+        BACKEND,
+        1500,
+        false,
+    )
+    .unwrap();
     let dir = dma.bounce_directory().unwrap().to_vec();
     assert_eq!(dir.len(), 2, "1500 refs need two directory pages");
     let mapper = xen.domain(BACKEND).grant_mapper().unwrap();

@@ -19,13 +19,11 @@ use xenvirtio_virtio::blk::{
 use xenvirtio_virtio::dma::{DmaAddr, DmaStrategy};
 use xenvirtio_virtio::features::{bit, blk as fb, transport as ft};
 use xenvirtio_virtio::ids::DeviceKind;
-use xenvirtio_virtio::protocol::{decode_directory_page, encode_hex, PAGE_SIZE};
+use xenvirtio_virtio::protocol::{PAGE_SIZE, decode_directory_page, encode_hex};
 use xenvirtio_virtio::split::{Descriptor, RingLayout, UsedElem};
 use xenvirtio_xen::loopback::{LoopbackDomain, LoopbackXen};
 use xenvirtio_xen::mem::SharedMem;
-use xenvirtio_xen::platform::{
-    EventChannels, ForeignMapper, GrantMapper, MappedPages, Platform,
-};
+use xenvirtio_xen::platform::{EventChannels, ForeignMapper, GrantMapper, MappedPages, Platform};
 use xenvirtio_xen::role::{Arch, DomainRole, GuestType, XenVersion};
 use xenvirtio_xen::{Access, DomId};
 use xenvirtio_xenstore::xenbus::{self, XenbusState};
@@ -51,8 +49,12 @@ impl Env {
         let store = MemStore::new();
         store.start_guest(GUEST).unwrap();
         let dom0: Arc<dyn XenStore> = Arc::new(store.connect(0).unwrap());
-        dom0.write(TxId::NONE, &format!("/local/domain/{GUEST}/domid"), GUEST.to_string().as_bytes())
-            .unwrap();
+        dom0.write(
+            TxId::NONE,
+            &format!("/local/domain/{GUEST}/domid"),
+            GUEST.to_string().as_bytes(),
+        )
+        .unwrap();
         let guest: Arc<dyn XenStore> = Arc::new(store.connect(GUEST).unwrap());
         Self {
             store,
@@ -336,7 +338,11 @@ impl Ctx {
 
     fn set_state(&self, s: XenbusState) {
         self.store
-            .write(TxId::NONE, &xenbus::state_path(&self.be), s.value().to_string().as_bytes())
+            .write(
+                TxId::NONE,
+                &xenbus::state_path(&self.be),
+                s.value().to_string().as_bytes(),
+            )
             .unwrap();
     }
 
@@ -345,12 +351,32 @@ impl Ctx {
         let be = &self.be;
         let sc = &self.script;
         transaction(s, 8, |tx| {
-            s.write(tx, &format!("{be}/device-features"), format!("{:#x}", sc.features()).as_bytes())?;
-            s.write(tx, &format!("{be}/max-queues"), sc.max_queues.to_string().as_bytes())?;
-            s.write(tx, &format!("{be}/max-queue-size"), sc.max_queue_size.to_string().as_bytes())?;
-            s.write(tx, &format!("{be}/feature-persistent"), if sc.persistent { b"1" } else { b"0" })?;
+            s.write(
+                tx,
+                &format!("{be}/device-features"),
+                format!("{:#x}", sc.features()).as_bytes(),
+            )?;
+            s.write(
+                tx,
+                &format!("{be}/max-queues"),
+                sc.max_queues.to_string().as_bytes(),
+            )?;
+            s.write(
+                tx,
+                &format!("{be}/max-queue-size"),
+                sc.max_queue_size.to_string().as_bytes(),
+            )?;
+            s.write(
+                tx,
+                &format!("{be}/feature-persistent"),
+                if sc.persistent { b"1" } else { b"0" },
+            )?;
             s.write(tx, &format!("{be}/max-persistent-grants"), b"1024")?;
-            s.write(tx, &format!("{be}/config"), encode_hex(&sc.config()).as_bytes())?;
+            s.write(
+                tx,
+                &format!("{be}/config"),
+                encode_hex(&sc.config()).as_bytes(),
+            )?;
             s.write(tx, &format!("{be}/config-generation"), b"1")?;
             s.write(tx, &format!("{be}/state"), b"2")
         })
@@ -371,7 +397,8 @@ impl Ctx {
         let mut conn: Option<Connection> = None;
         while !self.stop.load(Ordering::Relaxed) {
             let sf = self.fstate();
-            let sb = xenbus::read_state(&*self.store, TxId::NONE, &xenbus::state_path(&self.be)).ok();
+            let sb =
+                xenbus::read_state(&*self.store, TxId::NONE, &xenbus::state_path(&self.be)).ok();
             match (sb, sf) {
                 (Some(XenbusState::InitWait), Some(XenbusState::Initialised))
                     if !self.script.stall_at_init_wait =>
@@ -384,7 +411,9 @@ impl Ctx {
                         }
                         Err(e) => {
                             self.seen.lock().unwrap().errors.push(e.clone());
-                            self.store.write(TxId::NONE, &self.key(&self.be, "error"), e.as_bytes()).unwrap();
+                            self.store
+                                .write(TxId::NONE, &self.key(&self.be, "error"), e.as_bytes())
+                                .unwrap();
                             self.set_state(XenbusState::Closing);
                         }
                     }
@@ -395,7 +424,10 @@ impl Ctx {
                     conn = None; // unmap and unbind everything
                     self.set_state(XenbusState::Closed);
                 }
-                (Some(XenbusState::Closed), Some(XenbusState::Closed | XenbusState::Initialising)) => {
+                (
+                    Some(XenbusState::Closed),
+                    Some(XenbusState::Closed | XenbusState::Initialising),
+                ) => {
                     self.publish();
                 }
                 (Some(XenbusState::Connected), _) => {
@@ -419,7 +451,11 @@ impl Ctx {
         fn walk(s: &dyn XenStore, dir: &str, prefix: &str, out: &mut BTreeMap<String, String>) {
             for child in s.directory(TxId::NONE, dir).unwrap_or_default() {
                 let path = format!("{dir}/{child}");
-                let name = if prefix.is_empty() { child.clone() } else { format!("{prefix}/{child}") };
+                let name = if prefix.is_empty() {
+                    child.clone()
+                } else {
+                    format!("{prefix}/{child}")
+                };
                 if let Ok(v) = s.read(TxId::NONE, &path) {
                     if !v.is_empty() {
                         out.insert(name.clone(), String::from_utf8_lossy(&v).into_owned());
@@ -436,22 +472,30 @@ impl Ctx {
         if features & !self.script.features() != 0 {
             return Err("driver-features not a subset".into());
         }
-        let strategy: DmaStrategy = get("dma")?.parse().map_err(|e: xenvirtio_virtio::dma::UnknownStrategy| e.to_string())?;
+        let strategy: DmaStrategy = get("dma")?
+            .parse()
+            .map_err(|e: xenvirtio_virtio::dma::UnknownStrategy| e.to_string())?;
         let n: u32 = get("num-queues")?.parse().map_err(|_| "num-queues")?;
         let gmap = self.dom.grant_mapper().unwrap();
         let fmap = self.dom.foreign_mapper().unwrap();
         let events = self.dom.event_channels().unwrap();
         let mut queues = Vec::new();
         for q in 0..n {
-            let size: u32 = get(&format!("queue-{q}/size"))?.parse().map_err(|_| "size")?;
-            let layout = RingLayout::new(size, self.script.max_queue_size).map_err(|e| e.to_string())?;
+            let size: u32 = get(&format!("queue-{q}/size"))?
+                .parse()
+                .map_err(|_| "size")?;
+            let layout =
+                RingLayout::new(size, self.script.max_queue_size).map_err(|e| e.to_string())?;
             let ring = match strategy {
                 DmaStrategy::Direct => {
                     let gfns: Vec<u64> = get(&format!("queue-{q}/ring-gfn"))?
                         .split(' ')
                         .map(|g| u64::from_str_radix(g, 16).unwrap())
                         .collect();
-                    Ring::Foreign(fmap.map(GUEST, &gfns, Access::ReadWrite).map_err(|e| e.to_string())?)
+                    Ring::Foreign(
+                        fmap.map(GUEST, &gfns, Access::ReadWrite)
+                            .map_err(|e| e.to_string())?,
+                    )
                 }
                 _ => {
                     let refs: Vec<u32> = get(&format!("queue-{q}/ring-ref"))?
@@ -461,11 +505,18 @@ impl Ctx {
                     if refs.len() != layout.pages() {
                         return Err("wrong number of ring refs".into());
                     }
-                    Ring::Granted(gmap.map(GUEST, &refs, Access::ReadWrite).map_err(|e| e.to_string())?)
+                    Ring::Granted(
+                        gmap.map(GUEST, &refs, Access::ReadWrite)
+                            .map_err(|e| e.to_string())?,
+                    )
                 }
             };
-            let remote: u32 = get(&format!("queue-{q}/event-channel"))?.parse().map_err(|_| "port")?;
-            let port = events.bind_interdomain(GUEST, remote).map_err(|e| e.to_string())?;
+            let remote: u32 = get(&format!("queue-{q}/event-channel"))?
+                .parse()
+                .map_err(|_| "port")?;
+            let port = events
+                .bind_interdomain(GUEST, remote)
+                .map_err(|e| e.to_string())?;
             queues.push(Queue {
                 layout,
                 ring,
@@ -476,14 +527,21 @@ impl Ctx {
         }
         let (pool, pool_len) = if strategy == DmaStrategy::Bounce {
             let pages: usize = get("bounce/pages")?.parse().map_err(|_| "pages")?;
-            let dir: Vec<u32> = get("bounce/dir-ref")?.split(' ').map(|r| r.parse().unwrap()).collect();
-            let dmap = gmap.map(GUEST, &dir, Access::ReadOnly).map_err(|e| e.to_string())?;
+            let dir: Vec<u32> = get("bounce/dir-ref")?
+                .split(' ')
+                .map(|r| r.parse().unwrap())
+                .collect();
+            let dmap = gmap
+                .map(GUEST, &dir, Access::ReadOnly)
+                .map_err(|e| e.to_string())?;
             let mut refs = Vec::new();
             for (i, _) in dir.iter().enumerate() {
                 let page: [u8; PAGE_SIZE] = dmap.mem().read_array(i * PAGE_SIZE).unwrap();
                 refs.extend(decode_directory_page(&page, pages - refs.len()));
             }
-            let pool = gmap.map(GUEST, &refs, Access::ReadWrite).map_err(|e| e.to_string())?;
+            let pool = gmap
+                .map(GUEST, &refs, Access::ReadWrite)
+                .map_err(|e| e.to_string())?;
             (Some(pool), (pages * PAGE_SIZE) as u64)
         } else {
             (None, 0)
@@ -508,11 +566,19 @@ impl Ctx {
         writable: bool,
         f: impl FnOnce(SharedMem<'_>) -> R,
     ) -> Result<R, String> {
-        let a = DmaAddr::decode_range(c.strategy, addr, len, c.pool_len).map_err(|e| e.to_string())?;
-        let access = if writable { Access::ReadWrite } else { Access::ReadOnly };
+        let a =
+            DmaAddr::decode_range(c.strategy, addr, len, c.pool_len).map_err(|e| e.to_string())?;
+        let access = if writable {
+            Access::ReadWrite
+        } else {
+            Access::ReadOnly
+        };
         match a {
             DmaAddr::Grant { gref, offset } => {
-                let m = c.gmap.map(GUEST, &[gref], access).map_err(|e| e.to_string())?;
+                let m = c
+                    .gmap
+                    .map(GUEST, &[gref], access)
+                    .map_err(|e| e.to_string())?;
                 Ok(f(m.mem().slice(usize::from(offset), len as usize).unwrap()))
             }
             DmaAddr::Bounce { offset } => {
@@ -523,8 +589,14 @@ impl Ctx {
                 let first = gpa >> 12;
                 let last = (gpa + u64::from(len) - 1) >> 12;
                 let gfns: Vec<u64> = (first..=last).collect();
-                let m = c.fmap.map(GUEST, &gfns, access).map_err(|e| e.to_string())?;
-                Ok(f(m.mem().slice((gpa & 0xfff) as usize, len as usize).unwrap()))
+                let m = c
+                    .fmap
+                    .map(GUEST, &gfns, access)
+                    .map_err(|e| e.to_string())?;
+                Ok(f(m
+                    .mem()
+                    .slice((gpa & 0xfff) as usize, len as usize)
+                    .unwrap()))
             }
         }
     }
@@ -539,14 +611,22 @@ impl Ctx {
             loop {
                 let (layout, ring_mem_idx) = {
                     let q = &c.queues[qi];
-                    (q.layout, q.ring.mem().load_u16(q.layout.avail_idx(), Ordering::Acquire).unwrap())
+                    (
+                        q.layout,
+                        q.ring
+                            .mem()
+                            .load_u16(q.layout.avail_idx(), Ordering::Acquire)
+                            .unwrap(),
+                    )
                 };
                 let q = &c.queues[qi];
                 if ring_mem_idx == q.last_avail {
                     break;
                 }
                 let ring = q.ring.mem();
-                let head = ring.load_u16(layout.avail_ring(q.last_avail), Ordering::Acquire).unwrap();
+                let head = ring
+                    .load_u16(layout.avail_ring(q.last_avail), Ordering::Acquire)
+                    .unwrap();
                 // Gather the chain (following an indirect table).
                 let mut descs = Vec::new();
                 let d = self.read_desc(c, ring, layout.desc(head));
@@ -558,7 +638,8 @@ impl Ctx {
                     })?;
                     let mut i = 0usize;
                     loop {
-                        let dd = Descriptor::from_bytes(table[i * 16..i * 16 + 16].try_into().unwrap());
+                        let dd =
+                            Descriptor::from_bytes(table[i * 16..i * 16 + 16].try_into().unwrap());
                         descs.push(dd);
                         if !dd.has_next() {
                             break;
@@ -595,9 +676,11 @@ impl Ctx {
                 .unwrap();
                 q.used = q.used.wrapping_add(1);
                 q.last_avail = q.last_avail.wrapping_add(1);
-                ring.store_u16(layout.used_idx(), q.used, Ordering::Release).unwrap();
+                ring.store_u16(layout.used_idx(), q.used, Ordering::Release)
+                    .unwrap();
                 // EVENT_IDX: ask to hear about the next buffer.
-                ring.store_u16(layout.avail_event(), q.last_avail, Ordering::Release).unwrap();
+                ring.store_u16(layout.avail_event(), q.last_avail, Ordering::Release)
+                    .unwrap();
                 let port = q.port;
                 c.events.notify(port).map_err(|e| e.to_string())?;
                 self.seen.lock().unwrap().requests += 1;
@@ -636,14 +719,18 @@ impl Ctx {
                 if n == 0 {
                     break;
                 }
-                self.with_buf(c, d.addr, d.len, true, |m| m.write(0, &data[at..at + n]).unwrap())?;
+                self.with_buf(c, d.addr, d.len, true, |m| {
+                    m.write(0, &data[at..at + n]).unwrap()
+                })?;
                 at += n;
             }
             Ok(())
         };
         if self.script.kind == DeviceKind::Rng {
             let total: usize = writable.iter().map(|d| d.len as usize).sum();
-            let data: Vec<u8> = (0..total).map(|i| (i as u8).wrapping_mul(31).wrapping_add(7)).collect();
+            let data: Vec<u8> = (0..total)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(7))
+                .collect();
             write_all(&writable, &data)?;
             return Ok(total as u32);
         }
@@ -738,11 +825,17 @@ impl XenStore for Recorder {
         self.inner.read(tx, path)
     }
     fn write(&self, tx: TxId, path: &str, value: &[u8]) -> Result<(), XsError> {
-        self.ops.lock().unwrap().push(("write", tx, path.to_owned()));
+        self.ops
+            .lock()
+            .unwrap()
+            .push(("write", tx, path.to_owned()));
         self.inner.write(tx, path, value)
     }
     fn mkdir(&self, tx: TxId, path: &str) -> Result<(), XsError> {
-        self.ops.lock().unwrap().push(("mkdir", tx, path.to_owned()));
+        self.ops
+            .lock()
+            .unwrap()
+            .push(("mkdir", tx, path.to_owned()));
         self.inner.mkdir(tx, path)
     }
     fn rm(&self, tx: TxId, path: &str) -> Result<(), XsError> {

@@ -14,8 +14,8 @@ use xenvirtio_frontend::{ConnectError, ConnectOptions, Frontend};
 use xenvirtio_virtio::dma::{DmaAddr, DmaStrategy};
 use xenvirtio_xen::loopback::{LoopbackConfig, LoopbackXen};
 use xenvirtio_xen::role::{Arch, GuestType};
-use xenvirtio_xenstore::xenbus::{self, XenbusState};
 use xenvirtio_xenstore::TxId;
+use xenvirtio_xenstore::xenbus::{self, XenbusState};
 
 fn options(dma: Option<DmaStrategy>) -> BlkOptions {
     let mut o = BlkOptions::default();

@@ -554,3 +554,36 @@ fn rng_reads_what_the_backend_wrote() {
     let e = fe.connect_blk(4, &options(None)).unwrap_err();
     assert!(matches!(e, ConnectError::WrongKind { .. }), "{e}");
 }
+
+#[test]
+fn console_carries_bytes_both_ways() {
+    let env = Env::new();
+    let backend = Backend::start(&env, Script::console(6));
+    let fe = Frontend::new(env.guest_platform(), Arc::clone(&env.guest), pvh());
+    let console = fe.connect_console(6, &ConnectOptions::default()).unwrap();
+    console.write(b"hello, port 0").unwrap();
+    assert_eq!(backend.seen.lock().unwrap().console_in, b"hello, port 0");
+    let big = pattern(10_000, 13);
+    console.write(&big).unwrap();
+    assert_eq!(backend.seen.lock().unwrap().console_in.len(), 13 + 10_000);
+    backend
+        .console_out
+        .lock()
+        .unwrap()
+        .extend_from_slice(b"login: ");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 3];
+    while got.len() < 7 {
+        let n = console
+            .rx()
+            .lock()
+            .unwrap()
+            .read(&mut buf, Some(Duration::from_secs(5)))
+            .unwrap();
+        assert!(n > 0, "timed out");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"login: ");
+    console.close().unwrap();
+    assert_eq!(env.xen.stats(GUEST).grants, 0);
+}

@@ -155,6 +155,14 @@ impl Script {
         }
     }
 
+    pub fn console(devid: u32) -> Self {
+        Self {
+            kind: DeviceKind::Console,
+            max_queues: 2,
+            ..Self::blk(devid)
+        }
+    }
+
     pub fn rng(devid: u32) -> Self {
         Self {
             kind: DeviceKind::Rng,
@@ -219,9 +227,13 @@ pub struct Seen {
     /// Errors the backend hit (a protocol violation by the frontend).
     pub errors: Vec<String>,
     pub connections: u32,
+    /// Console: what the driver sent to port 0.
+    pub console_in: Vec<u8>,
 }
 
 pub struct Backend {
+    /// Console: bytes port 0 sends to the driver (taken as receive buffers arrive).
+    pub console_out: Arc<Mutex<Vec<u8>>>,
     pub seen: Arc<Mutex<Seen>>,
     pub disk: Arc<Mutex<Vec<u8>>>,
     stop: Arc<AtomicBool>,
@@ -236,7 +248,9 @@ impl Backend {
         let disk = Arc::new(Mutex::new(vec![0u8; (script.disk_sectors * 512) as usize]));
         let stop = Arc::new(AtomicBool::new(false));
         let be = xenbus::backend_dir(BACKEND, GUEST, script.devid);
+        let console_out = Arc::new(Mutex::new(Vec::new()));
         let ctx = Ctx {
+            console_out: Arc::clone(&console_out),
             store: Arc::clone(&env.dom0),
             dom: env.xen.domain(BACKEND),
             script,
@@ -248,6 +262,7 @@ impl Backend {
         };
         let thread = std::thread::spawn(move || ctx.run());
         Self {
+            console_out,
             seen,
             disk,
             stop,
@@ -274,6 +289,7 @@ impl Drop for Backend {
 }
 
 struct Ctx {
+    console_out: Arc<Mutex<Vec<u8>>>,
     store: Arc<dyn XenStore>,
     dom: LoopbackDomain,
     script: Script,
@@ -623,6 +639,12 @@ impl Ctx {
                 if ring_mem_idx == q.last_avail {
                     break;
                 }
+                if self.script.kind == DeviceKind::Console
+                    && qi == 0
+                    && self.console_out.lock().unwrap().is_empty()
+                {
+                    break; // receive buffers wait for output
+                }
                 let ring = q.ring.mem();
                 let head = ring
                     .load_u16(layout.avail_ring(q.last_avail), Ordering::Acquire)
@@ -726,6 +748,20 @@ impl Ctx {
             }
             Ok(())
         };
+        if self.script.kind == DeviceKind::Console {
+            if writable.is_empty() {
+                let data = read_all(&readable)?;
+                self.seen.lock().unwrap().console_in.extend(data);
+                return Ok(0);
+            }
+            let cap: usize = writable.iter().map(|d| d.len as usize).sum();
+            let mut out = self.console_out.lock().unwrap();
+            let n = cap.min(out.len());
+            let data: Vec<u8> = out.drain(..n).collect();
+            drop(out);
+            write_all(&writable, &data)?;
+            return Ok(n as u32);
+        }
         if self.script.kind == DeviceKind::Rng {
             let total: usize = writable.iter().map(|d| d.len as usize).sum();
             let data: Vec<u8> = (0..total)

@@ -26,7 +26,7 @@ use xenvirtio_xenstore::{DomId, XsError};
 
 pub use attach::{AttachOutcome, AttachRequest, ConsoleOutput, DmaSetting, attach};
 pub use detach::{DEFAULT_DETACH_TIMEOUT, DetachOutcome, DetachRequest, Removal, detach};
-pub use domain::{DomainRef, domain_name, own_domid, resolve_domain};
+pub use domain::{DomainRef, domain_name, domid_of, own_domid, resolve_domain};
 pub use list::{DeviceEntry, StateView, list, printable, render_table};
 
 /// How many times a toolstack transaction is run again after EAGAIN (another writer got in
@@ -51,6 +51,12 @@ pub enum AdminError {
         /// The domid asked for.
         domid: DomId,
     },
+    /// The domain has a home in xenstore but is not alive (not introduced to xenstored).
+    #[error("domain {domid} is not running (xenstored does not know it as a live domain)")]
+    DomainNotRunning {
+        /// The domid.
+        domid: DomId,
+    },
     /// No domain has this name.
     #[error("no domain is named {name:?} (no /local/domain/*/name holds it)")]
     UnknownDomainName {
@@ -67,8 +73,8 @@ pub enum AdminError {
     },
     /// The `domid` key of this domain's home could not be read (libxl fails the same way).
     #[error(
-        "cannot tell which domain this is: reading domid (/local/domain/<self>/domid) failed; \
-         name the backend domain with --backend-domain"
+        "cannot tell which domain this is: reading its domid key (/local/domain/<self>/domid, \
+         which xen-init-dom0 writes at boot) failed"
     )]
     OwnDomidUnknown {
         /// Why.
@@ -243,7 +249,7 @@ pub enum AdminError {
          {}s (state: {last}); the device is left Closing with online=0. Run detach again when \
          the backend answers, or add --force to remove it anyway (the guest may lose in-flight \
          I/O)",
-        waited.as_secs_f64()
+        timeout.as_secs_f64()
     )]
     BackendDidNotClose {
         /// The frontend domain.
@@ -253,7 +259,7 @@ pub enum AdminError {
         /// The last backend state seen.
         last: String,
         /// How long detach waited.
-        waited: Duration,
+        timeout: Duration,
     },
     /// A xenstore operation failed.
     #[error("{what} failed")]

@@ -48,7 +48,7 @@ See docs/OPERATING.md.";
 struct Cli {
     /// Path of xenstored's unix socket. Without it: $XENSTORED_PATH, /run/xenstored/socket,
     /// /var/run/xenstored/socket, then /dev/xen/xenbus.
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", display_order = 100)]
     xenstore: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -79,7 +79,8 @@ Examples:
   # A disk from an image file, picked up by the backend daemon in Dom0:
   xenvirtio-backend attach --domain guest1 --type blk --image /srv/guest1.img
   # Read-only, two request queues, devid 3:
-  xenvirtio-backend attach --domain 5 --type blk --image /dev/vg0/data --readonly --queues 2 --devid 3
+  xenvirtio-backend attach --domain 5 --type blk --image /dev/vg0/data --readonly \
+      --queues 2 --devid 3
   # A console on a unix socket, and an entropy source:
   xenvirtio-backend attach --domain guest1 --type console --console socket:/run/guest1-hvc.sock
   xenvirtio-backend attach --domain guest1 --type rng
@@ -305,10 +306,10 @@ fn run_detach(store: &dyn XenStore, args: DetachArgs) -> anyhow::Result<()> {
     let out = admin::detach(store, &request)?;
     let what = format!("virtio device {} of domain {}", out.devid, out.frontend);
     match &out.removal {
-        Removal::Forced { last, waited } => eprintln!(
-            "warning: the backend did not reach Closed within {:.1}s (state: {last}); \
+        Removal::Forced { last, timeout } => eprintln!(
+            "warning: the backend did not reach Closed within {}s (state: {last}); \
              removed {what} anyway (--force)",
-            waited.as_secs_f64()
+            timeout.as_secs_f64()
         ),
         Removal::RemovedMeanwhile => {
             eprintln!("note: the backend directory of {what} was removed by someone else")
@@ -330,7 +331,7 @@ fn run_list(store: &dyn XenStore, args: ListArgs) -> anyhow::Result<()> {
     let frontend = args
         .domain
         .as_ref()
-        .map(|d| admin::resolve_domain(store, d))
+        .map(|d| admin::domid_of(store, d))
         .transpose()?;
     let entries = admin::list(store, backend, frontend)?;
     if args.json {

@@ -227,6 +227,18 @@ pub fn attach(store: &dyn XenStore, req: &AttachRequest) -> Result<AttachOutcome
         Some(b) => super::resolve_domain(store, b)?,
         None => toolstack,
     };
+    for domid in [frontend, backend] {
+        // Xenstored refuses a directory owned by a domain it does not know: say it plainly.
+        let alive = domid == toolstack
+            || store
+                .is_domain_introduced(domid)
+                .map_err(AdminError::store(format!(
+                    "asking xenstored about domain {domid}"
+                )))?;
+        if !alive {
+            return Err(AdminError::DomainNotRunning { domid });
+        }
+    }
     let local = backend == toolstack;
     if req.dma == DmaSetting::Pinned(DmaStrategy::Direct) && backend != 0 {
         return Err(AdminError::DirectNeedsDom0 { backend });
@@ -585,6 +597,9 @@ mod tests {
                 dom0.write(N, &format!("/local/domain/{domid}/name"), name.as_bytes())
                     .unwrap();
             }
+            // Has a home, but the hypervisor never started it.
+            daemon.create_domain(8);
+            dom0.mkdir(N, "/local/domain/8").unwrap();
             World {
                 daemon,
                 dom0,
@@ -829,6 +844,17 @@ mod tests {
                 "/dev/null is a character device",
             ),
             (AttachRequest::blk(42, &image), "domain 42 does not exist"),
+            (
+                AttachRequest::new(8, DeviceKind::Rng),
+                "domain 8 is not running",
+            ),
+            (
+                AttachRequest {
+                    backend: Some(DomainRef::Id(8)),
+                    ..AttachRequest::new(5, DeviceKind::Rng)
+                },
+                "domain 8 is not running",
+            ),
             (
                 AttachRequest::blk(DomainRef::Name("nobody".into()), &image),
                 "no domain is named \"nobody\"",

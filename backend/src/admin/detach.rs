@@ -16,7 +16,7 @@ use xenvirtio_virtio::protocol::{backend_keys as bk, frontend_keys as fk};
 use xenvirtio_xenstore::xenbus::{self, XenbusState};
 use xenvirtio_xenstore::{DomId, TxId, XenStore, XsError, transaction};
 
-use super::{AdminError, DomainRef, TRANSACTION_ATTEMPTS, own_domid, resolve_domain};
+use super::{AdminError, DomainRef, TRANSACTION_ATTEMPTS, domid_of, own_domid, resolve_domain};
 
 /// How long detach waits for the backend to reach Closed unless told otherwise (libxl's
 /// `LIBXL_DESTROY_TIMEOUT` is 10 s too).
@@ -69,8 +69,8 @@ pub enum Removal {
     Forced {
         /// The last backend state seen, or what went wrong reading it.
         last: String,
-        /// How long detach waited.
-        waited: Duration,
+        /// How long detach waited (the request's timeout).
+        timeout: Duration,
     },
     /// Someone else removed the backend directory while detach waited; what was left of the
     /// frontend directory was removed.
@@ -110,7 +110,8 @@ enum Start {
 /// there is nothing of this backend's to remove, and with
 /// [`AdminError::BackendDidNotClose`] when the backend does not answer and `force` is off.
 pub fn detach(store: &dyn XenStore, req: &DetachRequest) -> Result<DetachOutcome, AdminError> {
-    let frontend = resolve_domain(store, &req.frontend)?;
+    // A domid may name a guest that is gone: its backend directory is what is left to remove.
+    let frontend = domid_of(store, &req.frontend)?;
     let backend = match &req.backend {
         Some(b) => resolve_domain(store, b)?,
         None => own_domid(store)?,
@@ -132,6 +133,9 @@ pub fn detach(store: &dyn XenStore, req: &DetachRequest) -> Result<DetachOutcome
     let start =
         transaction(store, TRANSACTION_ATTEMPTS, |tx| {
             if !store.exists(tx, &be)? {
+                if !store.exists(tx, &format!("/local/domain/{frontend}"))? {
+                    return Ok(Err(AdminError::UnknownDomain { domid: frontend }));
+                }
                 let named = store
                     .read_optional(tx, &format!("{fe}/{}", fk::BACKEND))?
                     .map(|v| String::from_utf8_lossy(&v).into_owned());
@@ -185,41 +189,27 @@ pub fn detach(store: &dyn XenStore, req: &DetachRequest) -> Result<DetachOutcome
     tracing::debug!(domid = frontend, devid, "asked the backend to close");
 
     let began = Instant::now();
-    let waited = xenbus::wait_for_state(
-        store,
-        &state_path,
-        |s| s == XenbusState::Closed,
-        req.timeout,
-    );
-    let removal = match waited {
-        Ok(_) => Removal::Closed {
+    let end = wait_for_closed(store, &state_path, req.timeout).map_err(|e| AdminError::Store {
+        what: format!("waiting for {state_path} to reach Closed"),
+        source: e,
+    })?;
+    let removal = match end {
+        WaitEnd::Closed => Removal::Closed {
             waited: began.elapsed(),
         },
-        Err(XsError::NodeVanished { .. }) => Removal::RemovedMeanwhile,
-        Err(e @ (XsError::WaitTimeout { .. } | XsError::BadValue { .. })) => {
-            let last = match &e {
-                XsError::WaitTimeout { last, .. } => last.clone(),
-                other => other.to_string(),
-            };
-            if !req.force {
-                return Err(AdminError::BackendDidNotClose {
-                    frontend,
-                    devid,
-                    last,
-                    waited: began.elapsed(),
-                });
-            }
-            Removal::Forced {
+        WaitEnd::Vanished => Removal::RemovedMeanwhile,
+        WaitEnd::TimedOut { last } if !req.force => {
+            return Err(AdminError::BackendDidNotClose {
+                frontend,
+                devid,
                 last,
-                waited: began.elapsed(),
-            }
-        }
-        Err(e) => {
-            return Err(AdminError::Store {
-                what: format!("waiting for {state_path} to reach Closed"),
-                source: e,
+                timeout: req.timeout,
             });
         }
+        WaitEnd::TimedOut { last } => Removal::Forced {
+            last,
+            timeout: req.timeout,
+        },
     };
     transaction(store, TRANSACTION_ATTEMPTS, |tx| {
         remove_device(store, tx, backend, frontend, &be, &fe)
@@ -227,6 +217,76 @@ pub fn detach(store: &dyn XenStore, req: &DetachRequest) -> Result<DetachOutcome
     .map_err(AdminError::store(what))?;
     tracing::debug!(domid = frontend, devid, ?removal, "virtio device removed");
     Ok(outcome(removal))
+}
+
+/// How waiting for Closed ended.
+enum WaitEnd {
+    /// The backend wrote Closed.
+    Closed,
+    /// The state node is gone: someone removed the backend directory.
+    Vanished,
+    /// Time ran out; `last` is the last state seen (or the invalid value, escaped).
+    TimedOut { last: String },
+}
+
+/// Removes a watch when dropped.
+struct Unwatch<'a> {
+    store: &'a dyn XenStore,
+    path: &'a str,
+    token: &'a str,
+}
+
+impl Drop for Unwatch<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.store.unwatch(self.path, self.token) {
+            tracing::debug!(path = self.path, error = %e, "removing the detach watch failed");
+        }
+    }
+}
+
+/// Waits, driven by a watch, until `state_path` holds Closed or disappears, for at most
+/// `timeout`. Unlike [`xenbus::wait_for_state`], an absent node ends the wait: detach wrote
+/// the node itself, so its absence means the directory was removed.
+fn wait_for_closed(
+    store: &dyn XenStore,
+    state_path: &str,
+    timeout: Duration,
+) -> Result<WaitEnd, XsError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let token = format!(
+        "xenvirtio-detach-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    // No deadline for a timeout too large to add: the wait is then as good as endless.
+    let deadline = Instant::now().checked_add(timeout);
+    let events = store.watch_events_for(&token)?;
+    store.watch(state_path, &token)?;
+    let _unwatch = Unwatch {
+        store,
+        path: state_path,
+        token: &token,
+    };
+    loop {
+        // Read after the watch is set, and after every event: no change can slip between.
+        let last = match store.read_optional(TxId::NONE, state_path)? {
+            None => return Ok(WaitEnd::Vanished),
+            Some(v) => match XenbusState::from_node_value(&v) {
+                Some(XenbusState::Closed) => return Ok(WaitEnd::Closed),
+                Some(s) => s.to_string(),
+                None => format!(
+                    "invalid value {:?}",
+                    super::printable(&String::from_utf8_lossy(&v), 32)
+                ),
+            },
+        };
+        let remaining = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+        if remaining.is_zero() || events.next_timeout(remaining)?.is_none() {
+            return Ok(WaitEnd::TimedOut { last });
+        }
+        while events.try_next()?.is_some() {}
+    }
 }
 
 /// Removes both directories (whichever exist), and the backend's per-frontend directory when
@@ -295,7 +355,7 @@ mod tests {
                 let state = conn.read(N, &format!("{be}/state")).unwrap();
                 if state == b"5" {
                     assert_eq!(conn.read(N, &format!("{be}/online")).unwrap(), b"0");
-                    std::thread::sleep(Duration::from_millis(50));
+                    std::thread::sleep(Duration::from_millis(100));
                     conn.write(N, &format!("{be}/state"), b"6").unwrap();
                     return;
                 }
@@ -423,6 +483,24 @@ mod tests {
         det.backend = Some(DomainRef::Id(7));
         detach(&*dom0, &det).unwrap();
         assert!(gone(&dom0, &[&out.backend_dir, &out.frontend_dir]));
+    }
+
+    #[test]
+    fn the_leftovers_of_a_destroyed_guest_are_detached_by_domid() {
+        let (daemon, dom0) = world();
+        let (be, fe) = rng(&dom0);
+        dom0.write(N, &format!("{be}/state"), b"6").unwrap();
+        daemon.destroy_domain(5);
+        assert!(!dom0.exists(N, "/local/domain/5").unwrap());
+        assert!(
+            dom0.exists(N, &be).unwrap(),
+            "the backend directory is Dom0's"
+        );
+        let out = detach(&*dom0, &DetachRequest::new(5, 0)).unwrap();
+        assert!(matches!(out.removal, Removal::Immediate { .. }), "{out:?}");
+        assert!(gone(&dom0, &[&be, &fe]));
+        let e = detach(&*dom0, &DetachRequest::new(5, 0)).unwrap_err();
+        assert!(matches!(e, AdminError::UnknownDomain { domid: 5 }), "{e}");
     }
 
     #[test]

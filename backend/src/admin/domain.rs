@@ -106,6 +106,15 @@ pub fn resolve_domain(store: &dyn XenStore, domain: &DomainRef) -> Result<DomId,
     }
 }
 
+/// The domid `domain` names: a domid as given, even of a domain that is gone (to clean up
+/// after it), or the domid of the one domain with this name.
+pub fn domid_of(store: &dyn XenStore, domain: &DomainRef) -> Result<DomId, AdminError> {
+    match domain {
+        DomainRef::Id(domid) => Ok(*domid),
+        DomainRef::Name(_) => resolve_domain(store, domain),
+    }
+}
+
 /// A domain's name (`/local/domain/<domid>/name`), `None` if it has none or it is not text.
 pub fn domain_name(store: &dyn XenStore, domid: DomId) -> Result<Option<String>, AdminError> {
     let path = format!("{}/name", home(domid));
@@ -199,6 +208,13 @@ mod tests {
             "{e}"
         );
         assert_eq!(domain_name(&dom0, 3).unwrap().as_deref(), Some("web"));
+        assert_eq!(
+            domid_of(&dom0, &DomainRef::Id(7)).unwrap(),
+            7,
+            "gone, but named by domid"
+        );
+        assert_eq!(domid_of(&dom0, &"web".parse().unwrap()).unwrap(), 3);
+        assert!(domid_of(&dom0, &"gone".parse().unwrap()).is_err());
         assert_eq!(domain_name(&dom0, 12).unwrap(), None);
     }
 
@@ -214,7 +230,7 @@ mod tests {
         // Without the key, refuse (as libxl does) and say what to do.
         let dom5 = daemon.connect(5).unwrap();
         let e = own_domid(&dom5).unwrap_err();
-        assert!(e.to_string().contains("--backend-domain"), "{e}");
+        assert!(e.to_string().contains("/local/domain/<self>/domid"), "{e}");
         dom0.write(TxId::NONE, "/local/domain/5/domid", b"40000")
             .unwrap();
         assert!(own_domid(&dom5).is_err());

@@ -105,6 +105,68 @@ enum Start {
     Wait,
 }
 
+/// The device being detached.
+struct Device<'a> {
+    frontend: DomId,
+    backend: DomId,
+    devid: u32,
+    /// Backend directory.
+    be: &'a str,
+    /// Frontend directory.
+    fe: &'a str,
+}
+
+/// The first transaction: removes a device that holds nothing of the guest, or asks its
+/// backend to close. The inner error is a refusal (nothing was changed).
+fn begin(store: &dyn XenStore, tx: TxId, d: &Device) -> Result<Result<Start, AdminError>, XsError> {
+    let (be, fe) = (d.be, d.fe);
+    if !store.exists(tx, be)? {
+        if !store.exists(tx, &format!("/local/domain/{}", d.frontend))? {
+            return Ok(Err(AdminError::UnknownDomain { domid: d.frontend }));
+        }
+        let named = store
+            .read_optional(tx, &format!("{fe}/{}", fk::BACKEND))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        return Ok(match named {
+            None if !store.exists(tx, fe)? => Err(AdminError::DeviceNotFound {
+                frontend: d.frontend,
+                devid: d.devid,
+                backend: d.backend,
+                backend_dir: be.to_owned(),
+                frontend_dir: fe.to_owned(),
+            }),
+            Some(named) if named != be => Err(AdminError::OtherBackend {
+                frontend: d.frontend,
+                devid: d.devid,
+                backend: d.backend,
+                named: super::printable(&named, 200),
+            }),
+            // Ours, or a frontend directory without a `backend` key: an orphan.
+            _ => {
+                remove_device(store, tx, d)?;
+                Ok(Start::Done(Removal::OrphanFrontend))
+            }
+        });
+    }
+    let state_path = xenbus::state_path(be);
+    let state = store.read_optional(tx, &state_path)?;
+    let parsed = state.as_deref().map(XenbusState::from_node_value);
+    match parsed {
+        None
+        | Some(Some(XenbusState::Unknown | XenbusState::Initialising | XenbusState::Closed)) => {
+            remove_device(store, tx, d)?;
+            Ok(Ok(Start::Done(Removal::Immediate {
+                backend_state: parsed.flatten(),
+            })))
+        }
+        Some(_) => {
+            store.write_str(tx, &format!("{be}/{}", bk::ONLINE), "0")?;
+            store.write_str(tx, &state_path, &XenbusState::Closing.value().to_string())?;
+            Ok(Ok(Start::Wait))
+        }
+    }
+}
+
 /// Detaches a device: see the module documentation for the steps and [`Removal`] for the
 /// outcomes. Fails with [`AdminError::DeviceNotFound`] or [`AdminError::OtherBackend`] when
 /// there is nothing of this backend's to remove, and with
@@ -130,56 +192,14 @@ pub fn detach(store: &dyn XenStore, req: &DetachRequest) -> Result<DetachOutcome
     };
     let what = format!("detaching virtio device {devid} of domain {frontend}");
 
-    let start =
-        transaction(store, TRANSACTION_ATTEMPTS, |tx| {
-            if !store.exists(tx, &be)? {
-                if !store.exists(tx, &format!("/local/domain/{frontend}"))? {
-                    return Ok(Err(AdminError::UnknownDomain { domid: frontend }));
-                }
-                let named = store
-                    .read_optional(tx, &format!("{fe}/{}", fk::BACKEND))?
-                    .map(|v| String::from_utf8_lossy(&v).into_owned());
-                return Ok(match named {
-                    None if !store.exists(tx, &fe)? => Err(AdminError::DeviceNotFound {
-                        frontend,
-                        devid,
-                        backend,
-                        backend_dir: be.clone(),
-                        frontend_dir: fe.clone(),
-                    }),
-                    Some(named) if named != be => Err(AdminError::OtherBackend {
-                        frontend,
-                        devid,
-                        backend,
-                        named: super::printable(&named, 200),
-                    }),
-                    // Ours, or a frontend directory without a `backend` key: an orphan.
-                    _ => {
-                        remove_device(store, tx, backend, frontend, &be, &fe)?;
-                        Ok(Start::Done(Removal::OrphanFrontend))
-                    }
-                });
-            }
-            let state = store.read_optional(tx, &state_path)?;
-            let parsed = state.as_deref().map(XenbusState::from_node_value);
-            match parsed {
-                None
-                | Some(Some(
-                    XenbusState::Unknown | XenbusState::Initialising | XenbusState::Closed,
-                )) => {
-                    remove_device(store, tx, backend, frontend, &be, &fe)?;
-                    Ok(Ok(Start::Done(Removal::Immediate {
-                        backend_state: parsed.flatten(),
-                    })))
-                }
-                Some(_) => {
-                    store.write_str(tx, &format!("{be}/{}", bk::ONLINE), "0")?;
-                    let closing = XenbusState::Closing.value().to_string();
-                    store.write_str(tx, &state_path, &closing)?;
-                    Ok(Ok(Start::Wait))
-                }
-            }
-        })
+    let device = Device {
+        frontend,
+        backend,
+        devid,
+        be: &be,
+        fe: &fe,
+    };
+    let start = transaction(store, TRANSACTION_ATTEMPTS, |tx| begin(store, tx, &device))
         .map_err(AdminError::store(what.clone()))??;
 
     if let Start::Done(removal) = start {
@@ -212,7 +232,7 @@ pub fn detach(store: &dyn XenStore, req: &DetachRequest) -> Result<DetachOutcome
         },
     };
     transaction(store, TRANSACTION_ATTEMPTS, |tx| {
-        remove_device(store, tx, backend, frontend, &be, &fe)
+        remove_device(store, tx, &device)
     })
     .map_err(AdminError::store(what))?;
     tracing::debug!(domid = frontend, devid, ?removal, "virtio device removed");
@@ -291,20 +311,13 @@ fn wait_for_closed(
 
 /// Removes both directories (whichever exist), and the backend's per-frontend directory when
 /// it is left empty.
-fn remove_device(
-    store: &dyn XenStore,
-    tx: TxId,
-    backend: DomId,
-    frontend: DomId,
-    be: &str,
-    fe: &str,
-) -> Result<(), XsError> {
-    for dir in [be, fe] {
+fn remove_device(store: &dyn XenStore, tx: TxId, d: &Device) -> Result<(), XsError> {
+    for dir in [d.be, d.fe] {
         if store.exists(tx, dir)? {
             store.rm(tx, dir)?;
         }
     }
-    let per_frontend = format!("{}/{frontend}", xenbus::backend_root(backend));
+    let per_frontend = format!("{}/{}", xenbus::backend_root(d.backend), d.frontend);
     match store.directory(tx, &per_frontend) {
         Ok(children) if children.is_empty() => store.rm(tx, &per_frontend),
         Ok(_) => Ok(()),

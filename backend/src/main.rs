@@ -136,14 +136,14 @@ impl From<DeviceType> for DeviceKind {
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum DmaArg {
     /// The guest's frontend picks by its role (Dom0: bounce; x86 DomU: grant; Arm DomU:
-    /// direct only with a Dom0 backend and grant_usage=0).
+    /// direct when a Dom0 daemon trusts it with --allow-direct, else grant).
     Auto,
     /// Grant references per buffer (or a persistent arena of grants).
     Grant,
     /// A bounce pool granted once; one copy per I/O.
     Bounce,
-    /// Guest-physical addresses, foreign-mapped by a trusted Dom0 backend (sets
-    /// grant_usage=0; the daemon must also be started with --allow-direct for this guest).
+    /// Guest-physical addresses, foreign-mapped by a Dom0 backend; the daemon must also be
+    /// started with --allow-direct naming this guest.
     Direct,
 }
 

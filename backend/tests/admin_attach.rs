@@ -66,7 +66,7 @@ fn each_type_creates_exactly_the_toolstack_keys_with_the_protocol_permissions() 
             ("state", "1".into()),
             ("type", type_.into()),
             ("transport", "xenbus".into()),
-            ("grant_usage", "1".into()),
+            ("grant_usage", "0".into()),
             ("dma", dma.into()),
         ]
         .into_iter()
@@ -146,7 +146,10 @@ fn readonly_direct_devid_and_a_frontend_in_dom0() {
     let t = host.tree("/local/domain/0/backend/virtio/6/7");
     assert_eq!(t["mode"].0, "r");
     assert_eq!(t["dma"].0, "direct");
-    assert_eq!(t["grant_usage"].0, "0", "Dom0 backend asked for direct");
+    assert_eq!(
+        t["grant_usage"].0, "0",
+        "libxl's default for a Dom0 backend"
+    );
     assert!(!t.contains_key("requested-queues"));
 
     // Frontend and backend both in Dom0: the permissions collapse to n0.

@@ -243,12 +243,10 @@ pub fn attach(store: &dyn XenStore, req: &AttachRequest) -> Result<AttachOutcome
     if req.dma == DmaSetting::Pinned(DmaStrategy::Direct) && backend != 0 {
         return Err(AdminError::DirectNeedsDom0 { backend });
     }
-    // PROTOCOL 2.2: translated addresses unless a Dom0 backend was asked for `direct`.
-    let grant_usage = if backend == 0 && req.dma == DmaSetting::Pinned(DmaStrategy::Direct) {
-        "0"
-    } else {
-        "1"
-    };
+    // PROTOCOL 2.2: libxl's default, `grant_usage = (backend != 0)`. `0` only says a Dom0
+    // backend *may* accept `direct`; the daemon publishes the effective value, `1` unless it
+    // was started trusting this guest (10.5), and the `dma` key still restricts the guest.
+    let grant_usage = if backend == 0 { "0" } else { "1" };
 
     let mut device_keys: Vec<(&'static str, String)> = Vec::new();
     match req.kind {
@@ -657,7 +655,7 @@ mod tests {
                     ("state", "1"),
                     ("type", "virtio,device2"),
                     ("transport", "xenbus"),
-                    ("grant_usage", "1"),
+                    ("grant_usage", "0"),
                     ("dma", "bounce"),
                     ("params", image),
                     ("mode", "w"),
@@ -803,28 +801,36 @@ mod tests {
     }
 
     #[test]
-    fn direct_sets_grant_usage_zero_only_for_a_dom0_backend() {
+    fn grant_usage_is_libxls_default_and_direct_needs_dom0() {
         let w = World::new();
         let mut req = AttachRequest::new(5, DeviceKind::Rng);
-        req.dma = DmaSetting::Pinned(DmaStrategy::Direct);
-        let out = attach(&w.dom0, &req).unwrap();
-        let be = w.tree(&out.backend_dir);
-        assert_eq!(
-            (be["dma"].0.as_str(), be["grant_usage"].0.as_str()),
-            ("direct", "0")
-        );
+        for dma in ["auto", "grant", "bounce", "direct"] {
+            req.dma = dma.parse().unwrap();
+            let out = attach(&w.dom0, &req).unwrap();
+            let be = w.tree(&out.backend_dir);
+            assert_eq!(
+                (be["dma"].0.as_str(), be["grant_usage"].0.as_str()),
+                (dma, "0"),
+                "a Dom0 backend"
+            );
+        }
         req.backend = Some(DomainRef::Id(7));
+        for dma in ["auto", "grant", "bounce"] {
+            req.dma = dma.parse().unwrap();
+            let out = attach(&w.dom0, &req).unwrap();
+            assert_eq!(
+                w.tree(&out.backend_dir)["grant_usage"].0,
+                "1",
+                "a driver domain"
+            );
+        }
+        req.dma = DmaSetting::Pinned(DmaStrategy::Direct);
         let e = attach(&w.dom0, &req).unwrap_err();
         assert!(
             matches!(e, AdminError::DirectNeedsDom0 { backend: 7 }),
             "{e}"
         );
         assert!(e.to_string().contains("--dma direct"), "{e}");
-        for dma in [DmaStrategy::Grant, DmaStrategy::Bounce] {
-            req.dma = DmaSetting::Pinned(dma);
-            let out = attach(&w.dom0, &req).unwrap();
-            assert_eq!(w.tree(&out.backend_dir)["grant_usage"].0, "1");
-        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `NbdClient` against `NbdServer`, against an independent server (`qemu-nbd`), and against
 //! scripted servers that exercise its fallbacks and its distrust.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 mod nbd_support;
 

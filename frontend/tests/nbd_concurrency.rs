@@ -1,5 +1,6 @@
 //! `NbdServer` with concurrent and successive clients, misbehaving clients next to good ones,
 //! and a graceful shutdown with a request in flight.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 mod nbd_support;
 

@@ -1,5 +1,6 @@
 //! Debian's real NBD clients (qemu-io, qemu-img, nbdinfo, nbdcopy) against `NbdServer` over a
 //! `FileExport`, on a unix socket and on loopback TCP.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 mod nbd_support;
 

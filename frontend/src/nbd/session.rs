@@ -495,6 +495,9 @@ impl<'a> Session<'a> {
     /// by a hard disconnect.
     fn read(&mut self, r: &Request) -> Result<(), SessionError> {
         let total = r.length as usize;
+        if total == 0 {
+            return self.reply(r.handle, 0);
+        }
         let first = total.min(IO_CHUNK);
         let header = proto::SIMPLE_REPLY_LEN;
         self.ensure_buf(header + first);

@@ -16,8 +16,9 @@ use std::path::Path;
 ///
 /// Offsets and lengths are in bytes. Every call may come from several connection threads at
 /// once, hence `Send + Sync`. Errors are plain `io::Error`s; the server maps them to NBD error
-/// values (`EROFS`/`EPERM` to `EPERM`, `ENOSPC`/`EDQUOT`/`EFBIG` to `ENOSPC`, `ESHUTDOWN` to
-/// `ESHUTDOWN`, `EINVAL` to `EINVAL`, anything else to `EIO`).
+/// values: `EROFS`, `EPERM` and `EACCES` become `EPERM`; `ENOSPC`, `EDQUOT` and `EFBIG` become
+/// `ENOSPC`; `EINVAL`, `EOPNOTSUPP` and `ErrorKind::Unsupported`/`InvalidInput` become `EINVAL`;
+/// `ESHUTDOWN` (a device going away) stays `ESHUTDOWN`; anything else is `EIO`.
 pub trait BlockExport: Send + Sync {
     /// Size of the device in bytes. The server reads it at each connection's handshake.
     fn size(&self) -> u64;

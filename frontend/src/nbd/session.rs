@@ -590,7 +590,7 @@ pub(crate) fn nbd_error(e: &io::Error) -> u32 {
     match e.raw_os_error() {
         Some(libc::EPERM | libc::EROFS | libc::EACCES) => proto::EPERM,
         Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => proto::ENOSPC,
-        Some(libc::EINVAL) => proto::EINVAL,
+        Some(libc::EINVAL | libc::EOPNOTSUPP) => proto::EINVAL,
         Some(libc::ESHUTDOWN) => proto::ESHUTDOWN,
         Some(_) => proto::EIO,
         None if e.kind() == io::ErrorKind::Unsupported => proto::EINVAL,
@@ -681,6 +681,8 @@ mod tests {
         assert_eq!(nbd_error(&os(libc::EDQUOT)), proto::ENOSPC);
         assert_eq!(nbd_error(&os(libc::EFBIG)), proto::ENOSPC);
         assert_eq!(nbd_error(&os(libc::EINVAL)), proto::EINVAL);
+        assert_eq!(nbd_error(&os(libc::EOPNOTSUPP)), proto::EINVAL);
+        assert_eq!(nbd_error(&io::ErrorKind::Unsupported.into()), proto::EINVAL);
         assert_eq!(nbd_error(&os(libc::ESHUTDOWN)), proto::ESHUTDOWN);
         assert_eq!(nbd_error(&os(libc::ENOMEM)), proto::EIO);
         assert_eq!(nbd_error(&os(libc::EBADMSG)), proto::EIO);

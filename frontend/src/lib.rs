@@ -7,5 +7,6 @@
 //! backend crate and never trusts the backend's writes to shared memory.
 #![deny(missing_docs)]
 
+pub mod nbd;
 pub mod policy;
 pub mod virtqueue;

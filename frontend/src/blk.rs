@@ -1381,3 +1381,58 @@ fn clone_error(e: &BlkError) -> BlkError {
         },
     }
 }
+
+fn io_error(e: BlkError) -> std::io::Error {
+    let errno = match &e {
+        BlkError::ReadOnly => libc::EROFS,
+        BlkError::OutOfRange { .. } | BlkError::Unaligned { .. } => libc::EINVAL,
+        BlkError::Stopped { .. } => libc::ESHUTDOWN,
+        BlkError::Unsupported { .. } | BlkError::NotNegotiated { .. } => libc::EOPNOTSUPP,
+        _ => libc::EIO,
+    };
+    tracing::debug!(error = %e, errno, "blk request failed");
+    std::io::Error::from_raw_os_error(errno)
+}
+
+/// A connected blk device is what the NBD server exports.
+impl<P: Platform> crate::nbd::BlockExport for BlkDevice<P> {
+    fn size(&self) -> u64 {
+        BlkDevice::size(self)
+    }
+
+    fn read_only(&self) -> bool {
+        BlkDevice::read_only(self)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        BlkDevice::read_at(self, buf, offset).map_err(io_error)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        BlkDevice::write_at(self, buf, offset).map_err(io_error)
+    }
+
+    fn can_flush(&self) -> bool {
+        self.supports(BlkOp::Flush)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        BlkDevice::flush(self).map_err(io_error)
+    }
+
+    fn can_trim(&self) -> bool {
+        self.supports(BlkOp::Discard)
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.discard(offset, len).map_err(io_error)
+    }
+
+    fn can_write_zeroes(&self) -> bool {
+        true
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> std::io::Result<()> {
+        BlkDevice::write_zeroes(self, offset, len, may_trim).map_err(io_error)
+    }
+}

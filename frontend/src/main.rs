@@ -15,6 +15,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use xenvirtio_frontend::Frontend;
 use xenvirtio_frontend::blk::{BlkDevice, BlkOptions};
+use xenvirtio_frontend::nbd::{BlockExport, NbdAddress, NbdClient, NbdServer, NbdServerConfig};
 use xenvirtio_frontend::pattern::{self, Comparer};
 use xenvirtio_frontend::transport::{ConnectOptions, DeviceInfo, self_domid};
 use xenvirtio_virtio::dma::DmaStrategy;
@@ -421,8 +422,8 @@ fn verify(global: &Global, args: &VerifyArgs) -> Result<i32> {
             started,
         ));
     }
-    if args.nbd.is_some() {
-        bail!("--nbd needs the NBD client, which this build does not have yet");
+    if let Some(socket) = &args.nbd {
+        return verify_nbd(socket, args);
     }
     let frontend = open_frontend(global)?;
     let devid = first_blk(&frontend, args.devid)?;
@@ -483,6 +484,62 @@ fn verify(global: &Global, args: &VerifyArgs) -> Result<i32> {
     let code = report(&format!("device {devid}"), args, &cmp, started);
     dev.close().context("closing the device")?;
     Ok(code)
+}
+
+/// `verify --nbd`: the same pattern through an NBD server's unix socket (its first export).
+fn verify_nbd(socket: &Path, args: &VerifyArgs) -> Result<i32> {
+    let address = NbdAddress::Unix(socket.to_path_buf());
+    let name = NbdClient::list_exports(&address)
+        .ok()
+        .and_then(|l| l.into_iter().next().map(|(name, _)| name))
+        .unwrap_or_default();
+    let mut client = NbdClient::connect(&address, &name)
+        .with_context(|| format!("cannot connect to the NBD server at {}", socket.display()))?;
+    let size = client.size();
+    let length = args.length.unwrap_or(size.saturating_sub(args.offset));
+    if args.offset.checked_add(length).is_none_or(|e| e > size) {
+        bail!(
+            "{length} bytes at offset {} go past the end of the export ({size} bytes)",
+            args.offset
+        );
+    }
+    let chunk = 1usize << 20;
+    let mut buf = vec![0u8; chunk];
+    let started = Instant::now();
+    let mut at = args.offset;
+    while at < args.offset + length {
+        let n = ((args.offset + length - at) as usize).min(chunk);
+        pattern::fill(args.seed, at, &mut buf[..n]);
+        client
+            .write_at(&buf[..n], at)
+            .with_context(|| format!("NBD write at {at} failed"))?;
+        at += n as u64;
+    }
+    if client.can_flush() {
+        client.flush().context("NBD flush failed")?;
+    }
+    println!(
+        "wrote {length} bytes at offset {} (seed {}) through NBD export {name:?} in {:.3}s",
+        args.offset,
+        args.seed,
+        started.elapsed().as_secs_f64()
+    );
+    let mut cmp = Comparer::new(args.seed);
+    let mut at = args.offset;
+    while at < args.offset + length {
+        let n = ((args.offset + length - at) as usize).min(chunk);
+        client
+            .read_at(&mut buf[..n], at)
+            .with_context(|| format!("NBD read at {at} failed"))?;
+        cmp.add(at, &buf[..n]);
+        at += n as u64;
+    }
+    Ok(report(
+        &format!("NBD {}", socket.display()),
+        args,
+        &cmp.finish(),
+        started,
+    ))
 }
 
 fn report(what: &str, args: &VerifyArgs, cmp: &pattern::Comparison, started: Instant) -> i32 {
@@ -774,17 +831,52 @@ fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
     for d in &wanted {
         match d.kind {
             Some(DeviceKind::Block) => {
-                let dev = connect_blk(&frontend, global, &args.dma, d.devid, None, None)?;
-                eprintln!(
-                    "device {}: cannot export blk over NBD: this build has no NBD server yet \
-                     (socket {} requested{})",
+                let dev = Arc::new(connect_blk(
+                    &frontend, global, &args.dma, d.devid, None, None,
+                )?);
+                let blk_count = wanted
+                    .iter()
+                    .filter(|w| w.kind == Some(DeviceKind::Block))
+                    .count();
+                let socket = if blk_count > 1 {
+                    PathBuf::from(format!("{}.{}", args.nbd_socket.display(), d.devid))
+                } else {
+                    args.nbd_socket.clone()
+                };
+                if let Some(parent) = socket.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("cannot create {}", parent.display()))?;
+                }
+                let mut config =
+                    NbdServerConfig::new(format!("xenvirtio-{}", d.devid)).unix(&socket);
+                if let Some(port) = args.nbd_tcp {
+                    let port = port
+                        .checked_add(if blk_count > 1 { d.devid as u16 } else { 0 })
+                        .ok_or_else(|| anyhow!("--nbd-tcp port out of range"))?;
+                    config = config.tcp(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+                }
+                let export: Arc<dyn BlockExport> = Arc::clone(&dev) as Arc<dyn BlockExport>;
+                let server = NbdServer::start(export, config).with_context(|| {
+                    format!("cannot start the NBD export of device {}", d.devid)
+                })?;
+                println!(
+                    "device {}: NBD export {:?} on unix socket {}{}",
                     d.devid,
-                    args.nbd_socket.display(),
-                    args.nbd_tcp
-                        .map(|p| format!(", tcp port {p}"))
+                    server.export_name(),
+                    socket.display(),
+                    server
+                        .tcp_addr()
+                        .map(|a| format!(" and tcp {a}"))
                         .unwrap_or_default()
                 );
-                closers.push(Box::new(move || dev.close().map_err(Into::into)));
+                let devid = d.devid;
+                closers.push(Box::new(move || {
+                    server.shutdown();
+                    Arc::try_unwrap(dev)
+                        .map_err(|_| anyhow!("blk device {devid} is still in use"))?
+                        .close()
+                        .map_err(Into::into)
+                }));
             }
             Some(DeviceKind::Console) => {
                 let dev = Arc::new(frontend.connect_console(d.devid, &connect)?);

@@ -587,3 +587,33 @@ fn console_carries_bytes_both_ways() {
     console.close().unwrap();
     assert_eq!(env.xen.stats(GUEST).grants, 0);
 }
+
+#[test]
+fn a_blk_device_is_exported_over_nbd() {
+    use xenvirtio_frontend::nbd::{BlockExport, NbdClient, NbdServer, NbdServerConfig};
+    use xenvirtio_frontend::pattern;
+    let env = Env::new();
+    let backend = Backend::start(&env, Script::blk(0));
+    let fe = Frontend::new(env.guest_platform(), Arc::clone(&env.guest), pvh());
+    let dev = Arc::new(fe.connect_blk(0, &options(None)).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let export: Arc<dyn BlockExport> = Arc::clone(&dev) as Arc<dyn BlockExport>;
+    let server = NbdServer::start(export, NbdServerConfig::new("disk").unix(&sock)).unwrap();
+    let mut client = NbdClient::connect_unix(&sock, "disk").unwrap();
+    assert_eq!(client.size(), 8192 * 512);
+    let mut data = vec![0u8; 100_352];
+    pattern::fill(77, 4096, &mut data);
+    client.write_at(&data, 4096).unwrap();
+    client.flush().unwrap();
+    let mut back = vec![0u8; data.len()];
+    client.read_at(&mut back, 4096).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(
+        &backend.disk.lock().unwrap()[4096..4096 + data.len()],
+        &data[..]
+    );
+    drop(client);
+    server.shutdown();
+    Arc::try_unwrap(dev).unwrap().close().unwrap();
+}

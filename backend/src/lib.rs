@@ -7,6 +7,7 @@
 //! they see buffers through `xenvirtio_xen::mem::SharedMem`.
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod blk;
 pub mod chain_io;
 pub mod dma;

@@ -1,0 +1,387 @@
+//! `xenvirtio-backend`: the xenvirtio device side's command line.
+//!
+//! This file owns parsing the command line, connecting to xenstore, installing the tracing
+//! subscriber, printing results and choosing the exit code. The work itself is in the library
+//! (`xenvirtio_backend::admin` for `attach`, `detach` and `list`).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+use xenvirtio_backend::admin::{
+    self, AttachRequest, ConsoleOutput, DetachRequest, DmaSetting, DomainRef, Removal,
+};
+use xenvirtio_virtio::dma::DmaStrategy;
+use xenvirtio_virtio::ids::DeviceKind;
+use xenvirtio_xenstore::{XenStore, XsClient};
+
+const ABOUT: &str = "Serve virtio devices to Xen guests over xenbus, and manage them";
+
+const LONG_ABOUT: &str = "\
+Serve virtio devices (blk, console, rng) to Xen guests over xenbus, and manage them.
+
+The attach, detach and list commands are the toolstack: run them in Dom0. They create and \
+remove a device's xenstore directories (docs/PROTOCOL.md section 2) the way xl does for PV \
+devices; the backend daemon then serves what they created.";
+
+const AFTER_HELP: &str = "\
+Examples:
+  xenvirtio-backend attach --domain guest1 --type blk --image /srv/guest1.img
+  xenvirtio-backend list
+  xenvirtio-backend detach --domain guest1 --devid 0
+
+Logs go to stderr; set RUST_LOG (default: info), e.g. RUST_LOG=xenvirtio_backend=debug.
+See docs/OPERATING.md.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xenvirtio-backend",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    /// Path of xenstored's unix socket. Without it: $XENSTORED_PATH, /run/xenstored/socket,
+    /// /var/run/xenstored/socket, then /dev/xen/xenbus.
+    #[arg(long, global = true, value_name = "PATH", display_order = 100)]
+    xenstore: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a virtio device for a guest (writes its xenstore directories).
+    #[command(after_help = ATTACH_HELP)]
+    Attach(AttachArgs),
+    /// Remove a virtio device from a guest, letting the backend close it first.
+    #[command(after_help = DETACH_HELP)]
+    Detach(DetachArgs),
+    /// List the virtio devices this backend domain serves.
+    #[command(after_help = LIST_HELP)]
+    List(ListArgs),
+    // ---- daemon subcommands (`serve`, `stats`) are added here when backend-runtime merges ----
+}
+
+const ATTACH_HELP: &str = "\
+Both directories, their permissions and every key are written in one xenstore transaction. \
+The backend directory /local/domain/<B>/backend/virtio/<F>/<devid> is owned by the backend \
+domain and readable by the guest; the frontend directory /local/domain/<F>/device/virtio/<devid> \
+is owned by the guest and readable by the backend. On success it prints the devid and both paths.
+
+Examples:
+  # A disk from an image file, picked up by the backend daemon in Dom0:
+  xenvirtio-backend attach --domain guest1 --type blk --image /srv/guest1.img
+  # Read-only, two request queues, devid 3:
+  xenvirtio-backend attach --domain 5 --type blk --image /dev/vg0/data --readonly \
+      --queues 2 --devid 3
+  # A console on a unix socket, and an entropy source:
+  xenvirtio-backend attach --domain guest1 --type console --console socket:/run/guest1-hvc.sock
+  xenvirtio-backend attach --domain guest1 --type rng
+  # Served by a driver domain (paths are in that domain):
+  xenvirtio-backend attach --domain guest1 --type blk --image /srv/img --backend-domain storage
+  # In a script:
+  devid=$(xenvirtio-backend attach --quiet --domain guest1 --type rng)";
+
+const DETACH_HELP: &str = "\
+Detach writes online=0 and state=5 (Closing) in the backend directory, waits for the backend \
+to reach Closed (6), then removes both directories in one transaction. A device the backend \
+never took (state Initialising) or that is Closed already is removed at once. If the backend \
+does not reach Closed within --timeout, the device is left Closing and detach fails, unless \
+--force is given: then both directories are removed anyway, with a warning (like \
+`xl block-detach -f`).
+
+Examples:
+  xenvirtio-backend detach --domain guest1 --devid 0
+  # The backend daemon is gone: do not wait long, remove anyway.
+  xenvirtio-backend detach --domain guest1 --devid 0 --timeout 2 --force";
+
+const LIST_HELP: &str = "\
+One line per device: frontend domain (and name), devid, type, backend and frontend states, \
+the DMA strategy in use (or, in parentheses, the one pinned at attach), the image or console, \
+and any error node. What guests wrote is shown escaped.
+
+Examples:
+  xenvirtio-backend list
+  xenvirtio-backend list --domain guest1 --json | jq '.[].backend_state'";
+
+/// Device types, as on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DeviceType {
+    /// virtio-blk over an image file or a block device (--image).
+    Blk,
+    /// virtio-console, port 0 on a pty or a unix socket (--console).
+    Console,
+    /// virtio-rng, fed by getrandom(2).
+    Rng,
+}
+
+impl From<DeviceType> for DeviceKind {
+    fn from(t: DeviceType) -> DeviceKind {
+        match t {
+            DeviceType::Blk => DeviceKind::Block,
+            DeviceType::Console => DeviceKind::Console,
+            DeviceType::Rng => DeviceKind::Rng,
+        }
+    }
+}
+
+/// DMA settings, as on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DmaArg {
+    /// The guest's frontend picks by its role (Dom0: bounce; x86 DomU: grant; Arm DomU:
+    /// direct when a Dom0 daemon trusts it with --allow-direct, else grant).
+    Auto,
+    /// Grant references per buffer (or a persistent arena of grants).
+    Grant,
+    /// A bounce pool granted once; one copy per I/O.
+    Bounce,
+    /// Guest-physical addresses, foreign-mapped by a Dom0 backend; the daemon must also be
+    /// started with --allow-direct naming this guest.
+    Direct,
+}
+
+impl From<DmaArg> for DmaSetting {
+    fn from(d: DmaArg) -> DmaSetting {
+        match d {
+            DmaArg::Auto => DmaSetting::Auto,
+            DmaArg::Grant => DmaSetting::Pinned(DmaStrategy::Grant),
+            DmaArg::Bounce => DmaSetting::Pinned(DmaStrategy::Bounce),
+            DmaArg::Direct => DmaSetting::Pinned(DmaStrategy::Direct),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct AttachArgs {
+    /// The guest: a domid or a domain name.
+    #[arg(long, value_name = "DOMAIN")]
+    domain: DomainRef,
+
+    /// The device type.
+    #[arg(long = "type", value_name = "TYPE")]
+    device_type: DeviceType,
+
+    /// blk only, required: the image file or block device. Stored as an absolute path
+    /// (a relative one is resolved here, symbolic links included).
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
+
+    /// blk only: attach read-only (mode=r; the guest sees VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    readonly: bool,
+
+    /// The device number within the guest [default: the smallest free one].
+    #[arg(long, value_name = "N")]
+    devid: Option<u32>,
+
+    /// Number of queues: blk 1 to 16 (requested-queues); console is always 2, rng always 1.
+    #[arg(long, value_name = "N")]
+    queues: Option<u32>,
+
+    /// The DMA strategy the guest must use; auto lets its role policy choose.
+    #[arg(long, value_name = "STRATEGY", default_value = "auto")]
+    dma: DmaArg,
+
+    /// console only: where port 0 goes, `pty` (the backend publishes the pty in `tty`) or
+    /// `socket:PATH` (a unix socket; its directory must exist) [default: pty].
+    #[arg(long, value_name = "pty|socket:PATH", value_parser = parse_console)]
+    console: Option<ConsoleOutput>,
+
+    /// The domain that runs the backend: a domid or a name [default: this domain, read from
+    /// xenstore's `domid` key].
+    #[arg(long, value_name = "DOMAIN")]
+    backend_domain: Option<DomainRef>,
+
+    /// Print only the devid.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct DetachArgs {
+    /// The guest: a domid or a domain name.
+    #[arg(long, value_name = "DOMAIN")]
+    domain: DomainRef,
+
+    /// The device number within the guest (see `list`).
+    #[arg(long, value_name = "N")]
+    devid: u32,
+
+    /// How long to wait for the backend to reach Closed, in seconds (fractions allowed).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+    timeout: Duration,
+
+    /// Remove the device even if the backend does not reach Closed in time (the guest may
+    /// lose in-flight I/O). With --timeout 0 it does not wait at all.
+    #[arg(long, short)]
+    force: bool,
+
+    /// The domain that runs the backend [default: this domain].
+    #[arg(long, value_name = "DOMAIN")]
+    backend_domain: Option<DomainRef>,
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    /// Only the devices of this guest (a domid or a name).
+    #[arg(long, value_name = "DOMAIN")]
+    domain: Option<DomainRef>,
+
+    /// Print a JSON array of objects instead of a table.
+    #[arg(long)]
+    json: bool,
+
+    /// The backend domain whose devices to list [default: this domain].
+    #[arg(long, value_name = "DOMAIN")]
+    backend_domain: Option<DomainRef>,
+}
+
+fn parse_console(s: &str) -> Result<ConsoleOutput, String> {
+    s.parse().map_err(|e: admin::AdminError| e.to_string())
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{s:?} is not a duration of 0 seconds or more"))
+}
+
+fn install_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn connect(socket: Option<&PathBuf>) -> anyhow::Result<XsClient> {
+    match socket {
+        Some(path) => XsClient::connect_socket(path)
+            .with_context(|| format!("cannot reach xenstore at {}", path.display())),
+        None => XsClient::open().context("cannot reach xenstore (is this Dom0, with xenstored?)"),
+    }
+}
+
+fn run_attach(store: &dyn XenStore, args: AttachArgs) -> anyhow::Result<()> {
+    let request = AttachRequest {
+        frontend: args.domain,
+        backend: args.backend_domain,
+        kind: args.device_type.into(),
+        image: args.image,
+        readonly: args.readonly,
+        devid: args.devid,
+        queues: args.queues,
+        dma: args.dma.into(),
+        console: args.console,
+    };
+    let out = admin::attach(store, &request)?;
+    if args.quiet {
+        println!("{}", out.devid);
+    } else {
+        println!("devid: {}", out.devid);
+        println!("backend: {}", out.backend_dir);
+        println!("frontend: {}", out.frontend_dir);
+    }
+    Ok(())
+}
+
+fn run_detach(store: &dyn XenStore, args: DetachArgs) -> anyhow::Result<()> {
+    let request = DetachRequest {
+        frontend: args.domain,
+        backend: args.backend_domain,
+        devid: args.devid,
+        timeout: args.timeout,
+        force: args.force,
+    };
+    let out = admin::detach(store, &request)?;
+    let what = format!("virtio device {} of domain {}", out.devid, out.frontend);
+    match &out.removal {
+        Removal::Forced { last, timeout } => eprintln!(
+            "warning: the backend did not reach Closed within {}s (state: {last}); \
+             removed {what} anyway (--force)",
+            timeout.as_secs_f64()
+        ),
+        Removal::RemovedMeanwhile => {
+            eprintln!("note: the backend directory of {what} was removed by someone else")
+        }
+        Removal::OrphanFrontend => {
+            eprintln!("note: only the frontend directory of {what} was left; removed it")
+        }
+        Removal::Immediate { .. } | Removal::Closed { .. } => {}
+    }
+    println!("detached {what}");
+    Ok(())
+}
+
+fn run_list(store: &dyn XenStore, args: ListArgs) -> anyhow::Result<()> {
+    let backend = match &args.backend_domain {
+        Some(b) => admin::resolve_domain(store, b)?,
+        None => admin::own_domid(store)?,
+    };
+    let frontend = args
+        .domain
+        .as_ref()
+        .map(|d| admin::domid_of(store, d))
+        .transpose()?;
+    let entries = admin::list(store, backend, frontend)?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&entries).context("encoding the list as JSON")?;
+        println!("{json}");
+    } else {
+        print!("{}", admin::render_table(&entries));
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let xenstore = cli.xenstore.as_ref();
+    match cli.command {
+        Command::Attach(args) => run_attach(&connect(xenstore)?, args),
+        Command::Detach(args) => run_detach(&connect(xenstore)?, args),
+        Command::List(args) => run_list(&connect(xenstore)?, args),
+        // ---- daemon subcommands (`serve`, `stats`): dispatched here after the merge ----
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    install_tracing();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn seconds_parse() {
+        assert_eq!(parse_seconds("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_seconds("0.25").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_seconds("0").unwrap(), Duration::ZERO);
+        for bad in ["-1", "soon", "NaN", "inf", ""] {
+            assert!(parse_seconds(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -90,8 +90,14 @@ domains() { case $1 in x86_64) echo dom0 domU-pv domU-pvh ;; arm64) echo dom0 do
 
 # ---- preflight ----
 missing=()
-for c in qemu-system-x86_64 qemu-system-aarch64 fdtput cpio depmod gzip xz perl python3 readelf \
-  file apt-get dpkg cargo timeout flock; do
+need=(cpio depmod gzip xz perl python3 readelf file apt-get dpkg cargo timeout flock)
+for a in "${ARCHES[@]}"; do
+  case $a in
+    x86_64) need+=(qemu-system-x86_64) ;;
+    arm64) need+=(qemu-system-aarch64 fdtput "${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER:-aarch64-linux-gnu-gcc}") ;;
+  esac
+done
+for c in "${need[@]}"; do
   command -v "$c" >/dev/null 2>&1 || missing+=("$c")
 done
 [ ${#missing[@]} = 0 ] || die "missing host tools: ${missing[*]} (run scripts/install-deps.sh)"

@@ -9,6 +9,14 @@
 
 pub mod blk;
 pub mod chain_io;
+pub mod console;
+pub mod daemon;
+mod device;
 pub mod dma;
+pub mod event_loop;
+pub mod handshake;
 pub mod rng;
+pub mod stats;
+#[cfg(feature = "test-utils")]
+pub mod test_utils;
 pub mod virtqueue;

@@ -268,6 +268,8 @@ enum Phase<P: Platform> {
     Closing {
         deadline: Option<Instant>,
         error: bool,
+        /// The frontend was seen in a state other than Initialising since the close began.
+        frontend_left_init: bool,
     },
     /// `Sb = 6`: waiting for the frontend to reconnect (or for `online = 0`).
     Closed {
@@ -517,7 +519,9 @@ impl<P: Platform> Machine<'_, P> {
         self.phase = Phase::Closing {
             deadline,
             error: error.is_some(),
+            frontend_left_init: false,
         };
+        self.dirty = true;
     }
 
     fn shutdown_deadline(&self) -> Option<Instant> {
@@ -821,7 +825,13 @@ impl<P: Platform> Machine<'_, P> {
                         };
                     }
                 }
-                Phase::Closing { deadline, error } => {
+                Phase::Closing {
+                    deadline,
+                    error,
+                    frontend_left_init,
+                } => {
+                    *frontend_left_init |= o.sf != Some(XenbusState::Initialising);
+                    let left = *frontend_left_init;
                     let expired = deadline.is_some_and(|d| Instant::now() >= d);
                     if frontend_idle || expired {
                         if expired && !frontend_idle {
@@ -834,7 +844,7 @@ impl<P: Platform> Machine<'_, P> {
                         } else {
                             self.phase = Phase::Closed {
                                 error,
-                                frontend_left_init: o.sf != Some(XenbusState::Initialising),
+                                frontend_left_init: left,
                             };
                         }
                     }
@@ -943,6 +953,14 @@ impl<P: Platform> Machine<'_, P> {
                 Ok(DeviceMsg::Shutdown) => {
                     self.shutting_down = true;
                     self.dirty = true;
+                    // A device already closing waits for its frontend no longer than the grace.
+                    let grace = self.shutdown_deadline();
+                    if let Phase::Closing { deadline, .. } = &mut self.phase {
+                        *deadline = match (*deadline, grace) {
+                            (Some(d), Some(g)) => Some(d.min(g)),
+                            (d, g) => d.or(g),
+                        };
+                    }
                 }
                 Ok(DeviceMsg::DomainGone) => {
                     tracing::info!("the frontend domain is gone: dropping everything");
@@ -1031,6 +1049,14 @@ impl<P: Platform> EventHandler<DeviceToken> for Machine<'_, P> {
             DeviceToken::FrontendWatch => {
                 if let Some(w) = self.fe_watch {
                     while let Ok(Some(_)) = w.try_next() {}
+                }
+                // The frontend wrote its state after the error: a write of `1` now is a
+                // request to start over, even if it rewrote the value it already had.
+                if let Phase::Closed {
+                    frontend_left_init, ..
+                } = &mut self.phase
+                {
+                    *frontend_left_init = true;
                 }
                 self.dirty = true;
             }

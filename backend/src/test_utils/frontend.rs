@@ -24,7 +24,7 @@ use xenvirtio_virtio::protocol::{
     self, PAGE_SIZE, backend_keys as bk, directory_pages, encode_directory_page,
     frontend_keys as fk,
 };
-use xenvirtio_virtio::split::{Descriptor, RingLayout, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+use xenvirtio_virtio::split::{Descriptor, RingLayout, VIRTQ_DESC_F_NEXT};
 use xenvirtio_xen::mem::SharedMem;
 use xenvirtio_xen::platform::{
     BoundPort, EventChannels, GrantAllocator, GrantedPages, PinnedAllocator, PinnedPages,
@@ -972,7 +972,7 @@ impl<P: Platform> TestFrontend<P> {
                     Descriptor {
                         addr: 0,
                         len: 0,
-                        flags: VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+                        flags: VIRTQ_DESC_F_NEXT,
                         next: a,
                     },
                 )?;

@@ -41,8 +41,13 @@ impl World {
         Self::with_config(DaemonConfig::default())
     }
 
-    pub fn with_config(config: DaemonConfig) -> World {
+    /// A world whose daemon runs with `config` (its shutdown grace shortened to 500 ms unless
+    /// the test chose one, so that tests ending on a device in Closing end fast).
+    pub fn with_config(mut config: DaemonConfig) -> World {
         logs();
+        if config.shutdown_grace == DaemonConfig::default().shutdown_grace {
+            config.shutdown_grace = Duration::from_millis(500);
+        }
         let hv = LoopbackXen::new();
         let xs = MemStore::new();
         let dom0: Arc<dyn XenStore> = Arc::new(xs.connect(0).unwrap());

@@ -124,15 +124,14 @@ impl Pty {
             .into();
         // SAFETY: termios is plain data; tcgetattr fills it from the slave fd we own.
         let mut tio: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: `tio` is a valid, writable termios.
-        pty_step(unsafe { libc::tcgetattr(slave.as_raw_fd(), &mut tio) }, "tcgetattr")?;
+        // SAFETY: `tio` is a valid, writable termios and the fd is ours.
+        let r = unsafe { libc::tcgetattr(slave.as_raw_fd(), &mut tio) };
+        pty_step(r, "tcgetattr")?;
         // SAFETY: cfmakeraw only edits the termios it is given.
         unsafe { libc::cfmakeraw(&mut tio) };
-        // SAFETY: `tio` is a valid termios read above and edited by cfmakeraw.
-        pty_step(
-            unsafe { libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &tio) },
-            "tcsetattr",
-        )?;
+        // SAFETY: `tio` is a valid termios read above and edited by cfmakeraw; the fd is ours.
+        let r = unsafe { libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &tio) };
+        pty_step(r, "tcsetattr")?;
         set_nonblocking(&master).map_err(|source| ConsoleError::Pty {
             step: "O_NONBLOCK",
             source,
@@ -149,7 +148,6 @@ impl Pty {
         &self.path
     }
 }
-
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: fcntl on an fd we own, with integer arguments only.
@@ -447,7 +445,8 @@ mod tests {
         let mut buf = [0u8; 64];
         let mut input = Vec::new();
         for _ in 0..50 {
-            poll.poll(&mut events, Some(Duration::from_millis(20))).unwrap();
+            poll.poll(&mut events, Some(Duration::from_millis(20)))
+                .unwrap();
             c.io_ready(poll.registry());
             let n = c.read_input(poll.registry(), &mut buf);
             input.extend_from_slice(&buf[..n]);

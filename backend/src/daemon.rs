@@ -219,7 +219,11 @@ impl DaemonHandle {
 
     /// One device's statistics.
     pub fn device(&self, domid: DomId, devid: u32) -> Option<DeviceStats> {
-        let devices = self.shared.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let devices = self
+            .shared
+            .devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         devices
             .get(&(domid, devid))
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
@@ -494,8 +498,13 @@ impl<P: Platform> DaemonState<P> {
             }
         };
         for f in frontends {
-            let Ok(fid) = f.parse::<DomId>() else { continue };
-            let devids = match self.store.directory(TxId::NONE, &format!("{}/{f}", self.root)) {
+            let Ok(fid) = f.parse::<DomId>() else {
+                continue;
+            };
+            let devids = match self
+                .store
+                .directory(TxId::NONE, &format!("{}/{f}", self.root))
+            {
                 Ok(v) => v,
                 Err(_) => continue,
             };
@@ -518,8 +527,8 @@ impl<P: Platform> DaemonState<P> {
             Ok(s) => s,
             Err(_) => return,
         };
-        let online = xenbus::read_bool(&*self.store, TxId::NONE, &format!("{bdir}/online"))
-            .unwrap_or(false);
+        let online =
+            xenbus::read_bool(&*self.store, TxId::NONE, &format!("{bdir}/online")).unwrap_or(false);
         let leftover = matches!(
             sb,
             XenbusState::InitWait
@@ -530,10 +539,13 @@ impl<P: Platform> DaemonState<P> {
         if !online && !leftover {
             return;
         }
-        if key.0 != self.platform.domid()
-            && !self.store.is_domain_introduced(key.0).unwrap_or(true)
+        if key.0 != self.platform.domid() && !self.store.is_domain_introduced(key.0).unwrap_or(true)
         {
-            tracing::debug!(domid = key.0, devid = key.1, "frontend domain is gone: not serving");
+            tracing::debug!(
+                domid = key.0,
+                devid = key.1,
+                "frontend domain is gone: not serving"
+            );
             return;
         }
         if let Err(e) = self.spawn(key) {
@@ -599,7 +611,9 @@ impl<P: Platform> DaemonState<P> {
     fn reap(&mut self) {
         let mut again = Vec::new();
         while let Ok((key, generation)) = self.exit_rx.try_recv() {
-            let Some(slot) = self.devices.get(&key) else { continue };
+            let Some(slot) = self.devices.get(&key) else {
+                continue;
+            };
             if slot.generation != generation {
                 continue;
             }
@@ -768,8 +782,7 @@ struct ControlSocket {
 impl ControlSocket {
     fn bind(path: &Path) -> Result<Self, DaemonError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(io_err(format!("creating {}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         }
         if UnixStream::connect(path).is_ok() {
             return Err(DaemonError::Io {

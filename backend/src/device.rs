@@ -457,11 +457,7 @@ impl<P: Platform> Machine<'_, P> {
         )
         .unwrap_or(false);
         // A frontend's state that is absent or garbage counts as "holds nothing".
-        let sf = match xenbus::read_state(self.store(), TxId::NONE, &xenbus::state_path(self.fdir))
-        {
-            Ok(s) => Some(s),
-            Err(_) => None,
-        };
+        let sf = xenbus::read_state(self.store(), TxId::NONE, &xenbus::state_path(self.fdir)).ok();
         Observed { sb, online, sf }
     }
 
@@ -469,7 +465,9 @@ impl<P: Platform> Machine<'_, P> {
         match xenbus::switch_state(self.store(), self.bdir, state) {
             Ok(()) => tracing::debug!(%state, "backend state"),
             Err(XsError::NodeVanished { .. }) => self.forget = true,
-            Err(e) => tracing::warn!(%state, error = %error_chain(&e), "writing the backend state failed"),
+            Err(e) => {
+                tracing::warn!(%state, error = %error_chain(&e), "writing the backend state failed")
+            }
         }
     }
 
@@ -500,7 +498,12 @@ impl<P: Platform> Machine<'_, P> {
 
     /// Enters Closing: stops serving, drops everything, writes `Sb = 5` (with the error node
     /// first, in one transaction, for a fatal error).
-    fn begin_close(&mut self, registry: &Registry, error: Option<String>, deadline: Option<Instant>) {
+    fn begin_close(
+        &mut self,
+        registry: &Registry,
+        error: Option<String>,
+        deadline: Option<Instant>,
+    ) {
         self.drop_connection(registry);
         match &error {
             Some(reason) => {
@@ -510,7 +513,9 @@ impl<P: Platform> Machine<'_, P> {
                 match handshake::publish_error(self.store(), self.bdir, reason) {
                     Ok(()) => {}
                     Err(XsError::NodeVanished { .. }) => self.forget = true,
-                    Err(e) => tracing::warn!(error = %error_chain(&e), "writing the error node failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %error_chain(&e), "writing the error node failed")
+                    }
                 }
                 self.last_error = Some(reason.clone());
             }
@@ -692,13 +697,14 @@ impl<P: Platform> Machine<'_, P> {
             };
             counters.map_calls += 1;
             counters.pages_mapped += ring.pages() as u64;
-            let port = BoundPort::bind_interdomain(&events, peer, q.event_channel).map_err(
-                |source| SetupError::Port {
-                    queue: i,
-                    port: q.event_channel,
-                    source,
-                },
-            )?;
+            let port =
+                BoundPort::bind_interdomain(&events, peer, q.event_channel).map_err(|source| {
+                    SetupError::Port {
+                        queue: i,
+                        port: q.event_channel,
+                        source,
+                    }
+                })?;
             queues.push(QueueRuntime {
                 ring,
                 queue: DeviceQueue::new(q.layout, setup.features),
@@ -798,7 +804,10 @@ impl<P: Platform> Machine<'_, P> {
                 }
                 Phase::InitWait => {
                     if leave || sb == XenbusState::Closing {
-                        let deadline = self.shutting_down.then(|| self.shutdown_deadline()).flatten();
+                        let deadline = self
+                            .shutting_down
+                            .then(|| self.shutdown_deadline())
+                            .flatten();
                         self.begin_close(registry, None, deadline);
                     } else if o.sf == Some(XenbusState::Initialised) {
                         self.try_connect(registry);
@@ -813,7 +822,10 @@ impl<P: Platform> Machine<'_, P> {
                 }
                 Phase::Connected(_) => {
                     if leave || sb == XenbusState::Closing {
-                        let deadline = self.shutting_down.then(|| self.shutdown_deadline()).flatten();
+                        let deadline = self
+                            .shutting_down
+                            .then(|| self.shutdown_deadline())
+                            .flatten();
                         self.begin_close(registry, None, deadline);
                     } else if frontend_idle {
                         // 8.2 step 2: the frontend closes; drop everything, then Closed.
@@ -864,10 +876,7 @@ impl<P: Platform> Machine<'_, P> {
                             o.sf == Some(XenbusState::Initialising) && *frontend_left_init
                         } else {
                             // 8.2 step 4.
-                            matches!(
-                                o.sf,
-                                Some(XenbusState::Initialising | XenbusState::Closed)
-                            )
+                            matches!(o.sf, Some(XenbusState::Initialising | XenbusState::Closed))
                         };
                         if reconnect {
                             self.try_publish(registry);
@@ -1172,11 +1181,13 @@ fn serve_queue<P: Platform>(
                 }
                 Model::Rng(r) => {
                     let mapped = space.map_chain(&chain, counters).map_err(dma)?;
-                    let used = r.handle(&mapped.writable()).map_err(|source| DeviceError::Io {
-                        queue: q,
-                        what: "getrandom failed",
-                        source,
-                    })?;
+                    let used = r
+                        .handle(&mapped.writable())
+                        .map_err(|source| DeviceError::Io {
+                            queue: q,
+                            what: "getrandom failed",
+                            source,
+                        })?;
                     drop(mapped);
                     used
                 }

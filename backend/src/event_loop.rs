@@ -174,6 +174,9 @@ mod tests {
         lp.run(&mut h).unwrap();
         t.join().unwrap();
         assert_eq!(h.wakes, 1);
-        assert_eq!(h.timeouts, 3, "two deadlines passed, then it slept until the wake");
+        assert_eq!(
+            h.timeouts, 3,
+            "two deadlines passed, then it slept until the wake"
+        );
     }
 }

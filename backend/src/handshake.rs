@@ -146,12 +146,9 @@ pub fn read_toolstack_config(
             return Err(ToolstackError::WrongTransport(t));
         }
     }
-    let grant_usage = xenbus::optional(xenbus::read_bool(
-        store,
-        TxId::NONE,
-        &key(bk::GRANT_USAGE),
-    ))?
-    .unwrap_or(true);
+    let grant_usage =
+        xenbus::optional(xenbus::read_bool(store, TxId::NONE, &key(bk::GRANT_USAGE)))?
+            .unwrap_or(true);
     let dma = match read_opt_string(store, &key(bk::DMA))?.as_deref() {
         None | Some("auto") | Some("") => DmaPin::Auto,
         Some(s) => DmaPin::Only(
@@ -251,12 +248,11 @@ pub fn publish(store: &dyn XenStore, bdir: &str, offer: &Offer) -> Result<u32, X
                 path: state.clone(),
             });
         }
-        let generation =
-            xenbus::optional(xenbus::read_u32(store, tx, &key(bk::CONFIG_GENERATION)))
-                .ok()
-                .flatten()
-                .unwrap_or(0)
-                .wrapping_add(1);
+        let generation = xenbus::optional(xenbus::read_u32(store, tx, &key(bk::CONFIG_GENERATION)))
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+            .wrapping_add(1);
         store.write_str(
             tx,
             &key(bk::DEVICE_FEATURES),
@@ -268,7 +264,11 @@ pub fn publish(store: &dyn XenStore, bdir: &str, offer: &Offer) -> Result<u32, X
             &key(bk::MAX_QUEUE_SIZE),
             &offer.max_queue_size.to_string(),
         )?;
-        let persistent = if offer.max_persistent_grants > 0 { "1" } else { "0" };
+        let persistent = if offer.max_persistent_grants > 0 {
+            "1"
+        } else {
+            "0"
+        };
         store.write_str(tx, &key(bk::FEATURE_PERSISTENT), persistent)?;
         store.write_str(
             tx,
@@ -739,7 +739,11 @@ mod tests {
         for q in 0..queues {
             write(e, &format!("queue-{q}/size"), "256");
             write(e, &format!("queue-{q}/ring-ref"), "8 9");
-            write(e, &format!("queue-{q}/event-channel"), &(10 + q).to_string());
+            write(
+                e,
+                &format!("queue-{q}/event-channel"),
+                &(10 + q).to_string(),
+            );
         }
     }
 
@@ -777,25 +781,53 @@ mod tests {
             assert!(err.contains(want), "{err:?} should mention {want:?}");
         };
         check(
-            &|e| write(e, "driver-features", &format!("{:#x}", o.features | 1 << 50)),
+            &|e| {
+                write(
+                    e,
+                    "driver-features",
+                    &format!("{:#x}", o.features | 1 << 50),
+                )
+            },
             &ts,
             TRUSTED,
             "did not offer",
         );
         check(
-            &|e| write(e, "driver-features", &format!("{:#x}", o.features & !(1 << 32))),
+            &|e| {
+                write(
+                    e,
+                    "driver-features",
+                    &format!("{:#x}", o.features & !(1 << 32)),
+                )
+            },
             &ts,
             TRUSTED,
             "VERSION_1",
         );
         check(
-            &|e| write(e, "driver-features", &format!("{:#x}", o.features & !(1 << 33))),
+            &|e| {
+                write(
+                    e,
+                    "driver-features",
+                    &format!("{:#x}", o.features & !(1 << 33)),
+                )
+            },
             &ts,
             TRUSTED,
             "ACCESS_PLATFORM",
         );
-        check(&|e| write(e, "num-queues", "5"), &ts, TRUSTED, "num-queues 5");
-        check(&|e| write(e, "num-queues", "0"), &ts, TRUSTED, "num-queues 0");
+        check(
+            &|e| write(e, "num-queues", "5"),
+            &ts,
+            TRUSTED,
+            "num-queues 5",
+        );
+        check(
+            &|e| write(e, "num-queues", "0"),
+            &ts,
+            TRUSTED,
+            "num-queues 0",
+        );
         check(
             &|e| write(e, "queue-0/size", "100"),
             &ts,
@@ -867,7 +899,10 @@ mod tests {
         to_direct(&e);
         let s = read_frontend_setup(&*e.store, &e.fdir, &offer(&direct_ok), &direct_ok, TRUSTED)
             .unwrap();
-        assert_eq!(s.queues[0].ring, RingLocation::Frames(vec![0x40008, 0x40009]));
+        assert_eq!(
+            s.queues[0].ring,
+            RingLocation::Frames(vec![0x40008, 0x40009])
+        );
         // bounce: pages and directory.
         let bounce = |pages: &'static str, dir: &'static str| {
             move |e: &Env| {
@@ -881,22 +916,37 @@ mod tests {
         check(&bounce("1025", "1"), &ts, TRUSTED, "needs 2");
         // A console needs exactly two queues.
         let console = toolstack(DeviceKind::Console);
-        check(&|e| write(e, "num-queues", "1"), &console, TRUSTED, "exactly 2");
+        check(
+            &|e| write(e, "num-queues", "1"),
+            &console,
+            TRUSTED,
+            "exactly 2",
+        );
     }
 
     #[test]
     fn publish_bumps_the_generation_and_clears_the_error() {
         let e = env();
         let bdir = xenbus::backend_dir(0, F, 0);
-        e.store.write_str(TxId::NONE, &format!("{bdir}/state"), "1").unwrap();
-        e.store.write_str(TxId::NONE, &format!("{bdir}/error"), "old").unwrap();
+        e.store
+            .write_str(TxId::NONE, &format!("{bdir}/state"), "1")
+            .unwrap();
+        e.store
+            .write_str(TxId::NONE, &format!("{bdir}/error"), "old")
+            .unwrap();
         let ts = toolstack(DeviceKind::Block);
         let o = offer(&ts);
         assert_eq!(publish(&*e.store, &bdir, &o).unwrap(), 1);
         assert_eq!(publish(&*e.store, &bdir, &o).unwrap(), 2);
-        assert!(!e.store.exists(TxId::NONE, &format!("{bdir}/error")).unwrap());
+        assert!(
+            !e.store
+                .exists(TxId::NONE, &format!("{bdir}/error"))
+                .unwrap()
+        );
         assert_eq!(
-            e.store.read_string(TxId::NONE, &format!("{bdir}/config")).unwrap(),
+            e.store
+                .read_string(TxId::NONE, &format!("{bdir}/config"))
+                .unwrap(),
             "0102"
         );
         assert_eq!(
@@ -905,7 +955,9 @@ mod tests {
         );
         publish_error(&*e.store, &bdir, "broken").unwrap();
         assert_eq!(
-            e.store.read_string(TxId::NONE, &format!("{bdir}/error")).unwrap(),
+            e.store
+                .read_string(TxId::NONE, &format!("{bdir}/error"))
+                .unwrap(),
             "broken"
         );
         // A removed directory is not recreated.

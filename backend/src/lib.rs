@@ -11,7 +11,7 @@ pub mod blk;
 pub mod chain_io;
 pub mod console;
 pub mod daemon;
-mod device;
+pub mod device;
 pub mod dma;
 pub mod event_loop;
 pub mod handshake;

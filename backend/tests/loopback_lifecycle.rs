@@ -1,6 +1,7 @@
 //! The device lifecycle of PROTOCOL.md section 8 against the in-process daemon: protocol errors
 //! isolated to one device, reconnects, backend restart, frontend domain death, detach, and the
 //! trust rules of `direct`.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -12,8 +13,8 @@ use std::time::Duration;
 use common::*;
 use xenvirtio_backend::daemon::{Daemon, DaemonConfig, DomainSelector};
 use xenvirtio_backend::test_utils::{
-    FrontendOptions, Hostile, TestDevice, TestError, TestFrontend, TestStrategy, attach,
-    request_removal, remove,
+    FrontendOptions, Hostile, TestDevice, TestError, TestFrontend, TestStrategy, attach, remove,
+    request_removal,
 };
 use xenvirtio_xen::loopback::LoopbackDomain;
 use xenvirtio_xen::platform::{EventChannels, Platform};
@@ -48,14 +49,46 @@ fn a_protocol_error_stops_only_that_device_and_it_can_reconnect() {
     let mut other_domain = w.connect(G, 0, options(TestStrategy::GrantPersistent));
 
     let cases: &[(TestStrategy, Hostile, &str)] = &[
-        (TestStrategy::GrantPerRequest, Hostile::WrongTag, "not a grant address"),
-        (TestStrategy::GrantPerRequest, Hostile::BadAddress, "cannot map"),
-        (TestStrategy::GrantPerRequest, Hostile::LoopingChain, "longer than the queue size"),
-        (TestStrategy::GrantPerRequest, Hostile::AvailJump, "ahead of the device"),
-        (TestStrategy::GrantPerRequest, Hostile::HeadOutOfRange, "outside a table"),
-        (TestStrategy::GrantPerRequest, Hostile::WriteIntoReadOnlyGrant, "read-only"),
-        (TestStrategy::GrantPersistent, Hostile::BadAddress, "cannot map"),
-        (TestStrategy::Bounce, Hostile::WrongTag, "not a bounce address"),
+        (
+            TestStrategy::GrantPerRequest,
+            Hostile::WrongTag,
+            "not a grant address",
+        ),
+        (
+            TestStrategy::GrantPerRequest,
+            Hostile::BadAddress,
+            "cannot map",
+        ),
+        (
+            TestStrategy::GrantPerRequest,
+            Hostile::LoopingChain,
+            "longer than the queue size",
+        ),
+        (
+            TestStrategy::GrantPerRequest,
+            Hostile::AvailJump,
+            "ahead of the device",
+        ),
+        (
+            TestStrategy::GrantPerRequest,
+            Hostile::HeadOutOfRange,
+            "outside a table",
+        ),
+        (
+            TestStrategy::GrantPerRequest,
+            Hostile::WriteIntoReadOnlyGrant,
+            "read-only",
+        ),
+        (
+            TestStrategy::GrantPersistent,
+            Hostile::BadAddress,
+            "cannot map",
+        ),
+        (
+            TestStrategy::Bounce,
+            Hostile::WrongTag,
+            "not a bounce address",
+        ),
         (TestStrategy::Bounce, Hostile::BadAddress, "outside the"),
     ];
     for (i, &(strategy, hostile, want)) in cases.iter().enumerate() {
@@ -66,22 +99,38 @@ fn a_protocol_error_stops_only_that_device_and_it_can_reconnect() {
         bad.blk_read(0, 0, 512).unwrap();
         bad.provoke(0, hostile).unwrap();
         let error = expect_error(&bad, &format!("{hostile:?}"));
-        assert!(error.contains(want), "{strategy:?} {hostile:?}: {error:?} lacks {want:?}");
+        assert!(
+            error.contains(want),
+            "{strategy:?} {hostile:?}: {error:?} lacks {want:?}"
+        );
         // The other device of the same domain and the other domain's device go on.
         assert_eq!(same_domain.rng_read(64).unwrap().len(), 64);
-        assert_eq!(other_domain.blk_read(0, 1, 512).unwrap(), read_file_range(&img_b, 512, 512));
+        assert_eq!(
+            other_domain.blk_read(0, 1, 512).unwrap(),
+            read_file_range(&img_b, 512, 512)
+        );
         let st = w.stats_when(F, 0, |s| s.state == "Closing");
         assert_eq!(st.last_error.as_deref(), Some(error.as_str()));
         // 8.3: the frontend closes; the backend stays Closed with its error until Sf = 1.
         bad.close().unwrap();
         assert_eq!(w.backend_state(F, 0), Some(XenbusState::Closed));
-        assert_eq!(w.live_maps_of(F) , 2, "only the other device's ring and pool stay mapped");
+        assert_eq!(
+            w.live_maps_of(F),
+            2,
+            "only the other device's ring and pool stay mapped"
+        );
     }
     // After the last error the device is still usable once the frontend starts over.
     reset_frontend(&w, F, 0);
     let mut good = w.connect(F, 0, options(TestStrategy::GrantPerRequest));
-    assert_eq!(good.blk_read(0, 0, 512).unwrap(), read_file_range(&img_a, 0, 512));
-    assert!(good.backend_error().is_none(), "the error node is cleared on reconnect");
+    assert_eq!(
+        good.blk_read(0, 0, 512).unwrap(),
+        read_file_range(&img_a, 0, 512)
+    );
+    assert!(
+        good.backend_error().is_none(),
+        "the error node is cleared on reconnect"
+    );
     good.close().unwrap();
     same_domain.close().unwrap();
     other_domain.close().unwrap();
@@ -95,18 +144,29 @@ fn bogus_features_and_bad_setups_are_refused_at_connect() {
     opts.features_override = Some((1 << 32) | (1 << 33) | (1 << 50));
     let err = TestFrontend::connect(w.hv.domain(F), w.guest(F), 0, 0, opts).unwrap_err();
     match err {
-        TestError::BackendClosed { error, .. } => assert!(error.contains("did not offer"), "{error}"),
+        TestError::BackendClosed { error, .. } => {
+            assert!(error.contains("did not offer"), "{error}")
+        }
         other => panic!("expected a refusal, got {other:?}"),
     }
     // Without ACCESS_PLATFORM although offered.
     let mut opts = options(TestStrategy::GrantPerRequest);
     opts.features_override = Some(1 << 32);
     reset_frontend(&w, F, 0);
-    xenbus::switch_state(&*w.guest(F), &xenbus::frontend_dir(F, 0), XenbusState::Closed).unwrap();
+    xenbus::switch_state(
+        &*w.guest(F),
+        &xenbus::frontend_dir(F, 0),
+        XenbusState::Closed,
+    )
+    .unwrap();
     reset_frontend(&w, F, 0);
     let err = TestFrontend::connect(w.hv.domain(F), w.guest(F), 0, 0, opts).unwrap_err();
     assert!(err.to_string().contains("ACCESS_PLATFORM"), "{err}");
-    assert_eq!(w.live_maps_of(F), 0, "nothing was mapped for refused setups");
+    assert_eq!(
+        w.live_maps_of(F),
+        0,
+        "nothing was mapped for refused setups"
+    );
 }
 
 #[test]
@@ -117,16 +177,25 @@ fn reconnect_after_the_frontend_closes() {
     for (round, strategy) in TestStrategy::ALL[..3].iter().cycle().take(6).enumerate() {
         let mut fe = w.connect(F, 0, options(*strategy));
         fe.blk_write(0, round as u64, &[round as u8; 512]).unwrap();
-        assert_eq!(fe.blk_read(0, round as u64, 512).unwrap(), vec![round as u8; 512]);
+        assert_eq!(
+            fe.blk_read(0, round as u64, 512).unwrap(),
+            vec![round as u8; 512]
+        );
         fe.close().unwrap();
         w.wait_backend_state(F, 0, XenbusState::InitWait);
         assert_eq!(w.live_maps_of(F), 0);
     }
     let generation = w
         .dom0
-        .read_string(TxId::NONE, &format!("{}/config-generation", xenbus::backend_dir(0, F, 0)))
+        .read_string(
+            TxId::NONE,
+            &format!("{}/config-generation", xenbus::backend_dir(0, F, 0)),
+        )
         .unwrap();
-    assert_eq!(generation, "7", "one publication per connection plus the last");
+    assert_eq!(
+        generation, "7",
+        "one publication per connection plus the last"
+    );
 }
 
 #[test]
@@ -144,14 +213,22 @@ fn backend_restart_resets_a_connected_device() {
     assert_eq!(w.backend_state(F, 0), Some(XenbusState::Closed));
     assert_eq!(w.live_maps_of(F), 0);
     // Now as if the earlier instance had crashed while connected.
-    xenbus::switch_state(&*w.dom0, &xenbus::backend_dir(0, F, 0), XenbusState::Connected).unwrap();
+    xenbus::switch_state(
+        &*w.dom0,
+        &xenbus::backend_dir(0, F, 0),
+        XenbusState::Connected,
+    )
+    .unwrap();
     w.start_daemon();
     // 8.5: the new instance resets the device; the frontend plays 8.3 and reconnects.
     w.wait_backend_state(F, 0, XenbusState::Closing);
     fe.close().unwrap();
     reset_frontend(&w, F, 0);
     let mut fe = w.connect(F, 0, options(TestStrategy::GrantPersistent));
-    assert_eq!(fe.blk_read(0, 0, 512).unwrap(), read_file_range(&img, 0, 512));
+    assert_eq!(
+        fe.blk_read(0, 0, 512).unwrap(),
+        read_file_range(&img, 0, 512)
+    );
     fe.close().unwrap();
 }
 
@@ -165,8 +242,12 @@ fn backend_restart_gives_up_on_a_silent_frontend() {
     w.stop_daemon();
     let bdir = xenbus::backend_dir(0, F, 0);
     xenbus::switch_state(&*w.dom0, &bdir, XenbusState::Connected).unwrap();
-    xenbus::switch_state(&*w.guest(F), &xenbus::frontend_dir(F, 0), XenbusState::Connected)
-        .unwrap();
+    xenbus::switch_state(
+        &*w.guest(F),
+        &xenbus::frontend_dir(F, 0),
+        XenbusState::Connected,
+    )
+    .unwrap();
     w.start_daemon();
     w.wait_backend_state(F, 0, XenbusState::Closing);
     w.wait_backend_state(F, 0, XenbusState::Closed);
@@ -201,12 +282,19 @@ fn frontend_domain_death_releases_everything_while_others_keep_serving() {
         let s = w.handle().stats();
         s.devices.iter().all(|d| d.domid != F)
     });
-    assert_eq!(w.live_maps_of(F), 0, "nothing of the dead domain stays mapped");
+    assert_eq!(
+        w.live_maps_of(F),
+        0,
+        "nothing of the dead domain stays mapped"
+    );
     assert_eq!(w.hv.stats(0).bound_ports, ports_before, "nor bound");
     assert_eq!(w.hv.stats(0).grant_maps, maps_before);
     drop((a, b, c));
     // The other domain's device never noticed.
-    assert_eq!(survivor.blk_read(0, 2, 512).unwrap(), read_file_range(&img2, 1024, 512));
+    assert_eq!(
+        survivor.blk_read(0, 2, 512).unwrap(),
+        read_file_range(&img2, 1024, 512)
+    );
     survivor.close().unwrap();
 }
 
@@ -228,7 +316,9 @@ fn online_0_detaches_the_device() {
     let _silent = w.connect(F, 1, options(TestStrategy::GrantPerRequest));
     request_removal(&*w.dom0, 0, F, 1).unwrap();
     remove(&*w.dom0, 0, F, 1).unwrap();
-    eventually("the removed device is forgotten", || w.device_stats(F, 1).is_none());
+    eventually("the removed device is forgotten", || {
+        w.device_stats(F, 1).is_none()
+    });
     assert_eq!(w.live_maps_of(F), 0);
 }
 
@@ -237,8 +327,14 @@ fn direct_needs_dom0_grant_usage_0_and_the_operator() {
     // Not allowed by the operator.
     let w = World::new();
     w.attach(F, 0, &TestDevice::rng().without_grant_usage());
-    let err = TestFrontend::connect(w.hv.domain(F), w.guest(F), 0, 0, options(TestStrategy::Direct))
-        .unwrap_err();
+    let err = TestFrontend::connect(
+        w.hv.domain(F),
+        w.guest(F),
+        0,
+        0,
+        options(TestStrategy::Direct),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("--allow-direct"), "{err}");
     assert_eq!(w.hv.stats(0).foreign_maps, 0);
     // Allowed by name, but grant_usage = 1.
@@ -257,9 +353,19 @@ fn direct_needs_dom0_grant_usage_0_and_the_operator() {
     fe.rng_read(8).unwrap();
     fe.close().unwrap();
     // Pinned to grant by the toolstack: direct is refused.
-    w.attach(F, 2, &TestDevice::rng().without_grant_usage().with_dma("grant"));
-    let err = TestFrontend::connect(w.hv.domain(F), w.guest(F), 0, 2, options(TestStrategy::Direct))
-        .unwrap_err();
+    w.attach(
+        F,
+        2,
+        &TestDevice::rng().without_grant_usage().with_dma("grant"),
+    );
+    let err = TestFrontend::connect(
+        w.hv.domain(F),
+        w.guest(F),
+        0,
+        2,
+        options(TestStrategy::Direct),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("pinned grant"), "{err}");
 
     // A backend in a driver domain (7) never accepts direct, even when allowed.
@@ -278,8 +384,14 @@ fn direct_needs_dom0_grant_usage_0_and_the_operator() {
     .spawn()
     .unwrap();
     attach(&*w.dom0, B, F, 3, &TestDevice::rng().without_grant_usage()).unwrap();
-    let err = TestFrontend::connect(w.hv.domain(F), w.guest(F), B, 3, options(TestStrategy::Direct))
-        .unwrap_err();
+    let err = TestFrontend::connect(
+        w.hv.domain(F),
+        w.guest(F),
+        B,
+        3,
+        options(TestStrategy::Direct),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("not Dom0"), "{err}");
     assert_eq!(w.hv.stats(B).foreign_maps, 0);
     // ... but serves grants.
@@ -384,7 +496,10 @@ fn a_panic_in_one_device_thread_is_that_device_s_error() {
         inner: w.hv.domain(0),
         armed: Arc::clone(&armed),
     };
-    let daemon = Daemon::new(platform, store, DaemonConfig::default()).unwrap().spawn().unwrap();
+    let daemon = Daemon::new(platform, store, DaemonConfig::default())
+        .unwrap()
+        .spawn()
+        .unwrap();
     w.attach(F, 0, &TestDevice::rng());
     w.attach(G, 0, &TestDevice::rng());
     let mut victim = w.connect(F, 0, options(TestStrategy::GrantPerRequest));
@@ -393,8 +508,15 @@ fn a_panic_in_one_device_thread_is_that_device_s_error() {
     armed.store(F, Ordering::SeqCst);
     assert!(victim.rng_read(8).is_err());
     let error = expect_error(&victim, "panic");
-    assert!(error.contains("internal error") && error.contains("injected fault"), "{error}");
-    assert_eq!(w.live_maps_of(F), 0, "the unwinding dropped the victim's mappings");
+    assert!(
+        error.contains("internal error") && error.contains("injected fault"),
+        "{error}"
+    );
+    assert_eq!(
+        w.live_maps_of(F),
+        0,
+        "the unwinding dropped the victim's mappings"
+    );
     assert_eq!(bystander.rng_read(8).unwrap().len(), 8);
     // The device recovers once the frontend starts over.
     armed.store(u16::MAX, Ordering::SeqCst);

@@ -10,8 +10,8 @@ use std::sync::atomic::{Ordering, fence};
 
 use xenvirtio_virtio::features::{self, transport};
 use xenvirtio_virtio::split::{
-    Descriptor, RingLayout, UsedElem, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY, need_event,
+    Descriptor, RingLayout, UsedElem, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY, need_event,
 };
 use xenvirtio_xen::mem::{MemError, SharedMem};
 
@@ -79,7 +79,11 @@ impl DriverRing {
 
     /// Writes `segments` as a chain and makes it available (without publishing the index;
     /// see [`DriverRing::publish`]). Returns the head.
-    pub fn add(&mut self, ring: &SharedMem<'_>, segments: &[Segment]) -> Result<u16, DriverRingError> {
+    pub fn add(
+        &mut self,
+        ring: &SharedMem<'_>,
+        segments: &[Segment],
+    ) -> Result<u16, DriverRingError> {
         if segments.is_empty() {
             return Err(DriverRingError::Empty);
         }
@@ -188,7 +192,10 @@ impl DriverRing {
     }
 
     /// Takes the next used entry, if any: `(head, written length)`.
-    pub fn pop_used(&mut self, ring: &SharedMem<'_>) -> Result<Option<(u16, u32)>, DriverRingError> {
+    pub fn pop_used(
+        &mut self,
+        ring: &SharedMem<'_>,
+    ) -> Result<Option<(u16, u32)>, DriverRingError> {
         let used_idx = ring.load_u16(self.layout.used_idx(), Ordering::Acquire)?;
         if used_idx == self.last_used {
             return Ok(None);

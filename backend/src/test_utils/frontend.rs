@@ -27,8 +27,7 @@ use xenvirtio_virtio::protocol::{
 use xenvirtio_virtio::split::{Descriptor, RingLayout, VIRTQ_DESC_F_NEXT};
 use xenvirtio_xen::mem::SharedMem;
 use xenvirtio_xen::platform::{
-    BoundPort, EventChannels, GrantAllocator, GrantedPages, PinnedAllocator, PinnedPages,
-    Platform,
+    BoundPort, EventChannels, GrantAllocator, GrantedPages, PinnedAllocator, PinnedPages, Platform,
 };
 use xenvirtio_xen::{Access, DomId, XenError};
 use xenvirtio_xenstore::xenbus::{self, XenbusState};
@@ -339,7 +338,10 @@ impl<P: Platform> TestFrontend<P> {
             } else {
                 Backing::Granted(grants.grant(backend, layout.pages(), Access::ReadWrite)?)
             };
-            ring_mem.mem().fill(0, layout.pages() * PAGE_SIZE, 0).map_err(TestError::Mem)?;
+            ring_mem
+                .mem()
+                .fill(0, layout.pages() * PAGE_SIZE, 0)
+                .map_err(TestError::Mem)?;
             queues.push(Queue {
                 ring: DriverRing::new(layout, features),
                 ring_mem,
@@ -418,7 +420,9 @@ impl<P: Platform> TestFrontend<P> {
         let strategy = self.options.strategy;
         transaction(store, 16, |tx| {
             for child in store.directory(tx, &self.fdir)? {
-                if child.starts_with("queue-") || child == "bounce" || child == fk::FEATURE_PERSISTENT
+                if child.starts_with("queue-")
+                    || child == "bounce"
+                    || child == fk::FEATURE_PERSISTENT
                 {
                     store.rm(tx, &key(&child))?;
                 }
@@ -558,7 +562,11 @@ impl<P: Platform> TestFrontend<P> {
         let (mem, index) = match &buf.pages {
             BufPages::Own(g) => (g.mem(), i),
             BufPages::Arena(pages) => (
-                self.arena.as_ref().expect("arena buffers have an arena").backing.mem(),
+                self.arena
+                    .as_ref()
+                    .expect("arena buffers have an arena")
+                    .backing
+                    .mem(),
                 pages[i],
             ),
         };
@@ -651,7 +659,12 @@ impl<P: Platform> TestFrontend<P> {
 
     /// Makes a chain of `readable` buffers then `writable` lengths available on `queue`,
     /// notifies, and returns its head (the request stays in flight).
-    fn submit(&mut self, queue: u16, readable: &[&[u8]], writable: &[usize]) -> Result<u16, TestError> {
+    fn submit(
+        &mut self,
+        queue: u16,
+        readable: &[&[u8]],
+        writable: &[usize],
+    ) -> Result<u16, TestError> {
         let mut bufs = Vec::new();
         for data in readable {
             let b = self.alloc_buf(data.len(), false)?;
@@ -822,7 +835,14 @@ impl<P: Platform> TestFrontend<P> {
         Self::blk_ok(s)
     }
 
-    fn ranges(&mut self, queue: u16, kind: u32, sector: u64, sectors: u32, flags: u32) -> Result<(), TestError> {
+    fn ranges(
+        &mut self,
+        queue: u16,
+        kind: u32,
+        sector: u64,
+        sectors: u32,
+        flags: u32,
+    ) -> Result<(), TestError> {
         let seg = DiscardWriteZeroes {
             sector,
             num_sectors: sectors,
@@ -918,11 +938,9 @@ impl<P: Platform> TestFrontend<P> {
             Hostile::WrongTag => {
                 let addr = match strategy.dma() {
                     DmaStrategy::Grant => DmaAddr::Bounce { offset: 0 }.encode(),
-                    DmaStrategy::Bounce | DmaStrategy::Direct => DmaAddr::Grant {
-                        gref: 1,
-                        offset: 0,
+                    DmaStrategy::Bounce | DmaStrategy::Direct => {
+                        DmaAddr::Grant { gref: 1, offset: 0 }.encode()
                     }
-                    .encode(),
                 };
                 self.raw_chain(q, &[(addr, 16, false), (addr, 1, true)])?;
             }

@@ -51,7 +51,8 @@ impl World {
         let hv = LoopbackXen::new();
         let xs = MemStore::new();
         let dom0: Arc<dyn XenStore> = Arc::new(xs.connect(0).unwrap());
-        dom0.write_str(TxId::NONE, "/local/domain/0/domid", "0").unwrap();
+        dom0.write_str(TxId::NONE, "/local/domain/0/domid", "0")
+            .unwrap();
         let mut w = World {
             hv,
             xs,
@@ -85,10 +86,20 @@ impl World {
 
     /// Creates guest `domid` and returns its xenstore connection.
     pub fn guest(&self, domid: DomId) -> Arc<dyn XenStore> {
-        if !self.xs.connect(0).unwrap().is_domain_introduced(domid).unwrap() {
+        if !self
+            .xs
+            .connect(0)
+            .unwrap()
+            .is_domain_introduced(domid)
+            .unwrap()
+        {
             self.xs.start_guest(domid).unwrap();
             self.dom0
-                .write_str(TxId::NONE, &format!("/local/domain/{domid}/name"), &format!("guest{domid}"))
+                .write_str(
+                    TxId::NONE,
+                    &format!("/local/domain/{domid}/name"),
+                    &format!("guest{domid}"),
+                )
                 .unwrap();
         }
         Arc::new(self.xs.connect(domid).unwrap())
@@ -97,7 +108,9 @@ impl World {
     /// An image of `sectors` sectors filled with a pattern.
     pub fn image(&self, name: &str, sectors: u64) -> PathBuf {
         let path = self.dir.path().join(name);
-        let data: Vec<u8> = (0..sectors * 512).map(|i| (i * 7 + i / 512) as u8).collect();
+        let data: Vec<u8> = (0..sectors * 512)
+            .map(|i| (i * 7 + i / 512) as u8)
+            .collect();
         std::fs::write(&path, data).unwrap();
         path
     }
@@ -113,8 +126,14 @@ impl World {
         devid: u32,
         opts: FrontendOptions,
     ) -> TestFrontend<LoopbackDomain> {
-        TestFrontend::connect(self.hv.domain(frontend), self.guest(frontend), 0, devid, opts)
-            .unwrap_or_else(|e| panic!("connecting {frontend}/{devid} failed: {}", chain(&e)))
+        TestFrontend::connect(
+            self.hv.domain(frontend),
+            self.guest(frontend),
+            0,
+            devid,
+            opts,
+        )
+        .unwrap_or_else(|e| panic!("connecting {frontend}/{devid} failed: {}", chain(&e)))
     }
 
     pub fn backend_state(&self, frontend: DomId, devid: u32) -> Option<XenbusState> {
@@ -124,8 +143,13 @@ impl World {
 
     pub fn wait_backend_state(&self, frontend: DomId, devid: u32, want: XenbusState) {
         let bdir = xenbus::backend_dir(0, frontend, devid);
-        xenbus::wait_for_state(&*self.dom0, &xenbus::state_path(&bdir), |s| s == want, Duration::from_secs(10))
-            .unwrap_or_else(|e| panic!("waiting for {frontend}/{devid} to reach {want}: {e}"));
+        xenbus::wait_for_state(
+            &*self.dom0,
+            &xenbus::state_path(&bdir),
+            |s| s == want,
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("waiting for {frontend}/{devid} to reach {want}: {e}"));
     }
 
     pub fn device_stats(&self, frontend: DomId, devid: u32) -> Option<DeviceStats> {

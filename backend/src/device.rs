@@ -22,7 +22,7 @@
 //! thread busy for more than [`QUEUE_BUDGET`] chains is resumed after the thread has looked at
 //! its messages. All queues of a device (blk multi-queue included) are served on this thread.
 //!
-//! It must never map anything before the frontend's keys passed [`read_frontend_setup`], and
+//! It must never map anything before the frontend's keys passed [`read_frontend_setup`](crate::handshake::read_frontend_setup), and
 //! never write `Sb = 6` before the frontend left Connected (or is gone).
 
 use std::collections::VecDeque;

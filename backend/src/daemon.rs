@@ -1011,3 +1011,91 @@ pub fn stats(args: &StatsArgs) -> anyhow::Result<()> {
     print!("{out}");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser, Debug)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    #[derive(Parser, Debug)]
+    struct Stats {
+        #[command(flatten)]
+        args: StatsArgs,
+    }
+
+    #[test]
+    fn every_option_is_documented_and_parses() {
+        Serve::command().debug_assert();
+        Stats::command().debug_assert();
+        let help = Serve::command().render_long_help().to_string();
+        for opt in [
+            "--socket",
+            "--allow-direct",
+            "--max-queue-size",
+            "--max-persistent-grants",
+            "--domid",
+            "--xenstore",
+            "--restart-timeout",
+            "--shutdown-grace",
+        ] {
+            let line = help
+                .lines()
+                .position(|l| l.trim_start().starts_with(opt))
+                .unwrap_or_else(|| panic!("{opt} missing from --help:\n{help}"));
+            let explained = help
+                .lines()
+                .nth(line + 1)
+                .is_some_and(|l| !l.trim().is_empty());
+            assert!(explained, "{opt} has no explanation:\n{help}");
+        }
+        let s = Serve::try_parse_from([
+            "serve",
+            "--allow-direct",
+            "7",
+            "--allow-direct",
+            "web1",
+            "--max-queue-size",
+            "256",
+        ])
+        .unwrap();
+        let c = s.args.config();
+        assert_eq!(
+            c.allow_direct,
+            vec![DomainSelector::Id(7), DomainSelector::Name("web1".into())]
+        );
+        assert_eq!(c.max_queue_size, 256);
+        assert_eq!(
+            c.control_socket.as_deref(),
+            Some(Path::new(DEFAULT_CONTROL_SOCKET))
+        );
+        let st = Stats::try_parse_from(["stats", "--json"]).unwrap();
+        assert!(st.args.json);
+        assert!(
+            Stats::command()
+                .render_long_help()
+                .to_string()
+                .contains("--json")
+        );
+    }
+
+    #[test]
+    fn a_bad_queue_size_is_refused_before_anything_starts() {
+        let hv = xenvirtio_xen::loopback::LoopbackXen::new();
+        let xs = xenvirtio_xenstore::MemStore::new();
+        let store: Arc<dyn XenStore> = Arc::new(xs.connect(0).unwrap());
+        let config = DaemonConfig {
+            max_queue_size: 100,
+            ..Default::default()
+        };
+        assert!(matches!(
+            Daemon::new(hv.domain(0), store, config),
+            Err(DaemonError::BadQueueSize(100))
+        ));
+    }
+}

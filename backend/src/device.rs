@@ -133,6 +133,8 @@ enum DeviceError {
     },
     #[error("event channel")]
     Event(#[source] XenError),
+    #[error("queue {queue}: more receive buffers outstanding than the queue size {size}")]
+    TooManyHeld { queue: usize, size: u16 },
 }
 
 /// Why a connection could not be set up.
@@ -1150,7 +1152,15 @@ fn serve_queue<P: Platform>(
             served += 1;
             let used = match model {
                 Model::Console(_) if q == usize::from(RECEIVEQ) => {
-                    // Held until input arrives; the queue size bounds how many.
+                    // Held until input arrives. A driver cannot have more chains outstanding
+                    // than the queue holds; one that offers the same heads again would make
+                    // this list grow without bound.
+                    if held_rx.len() >= usize::from(qr.queue.layout().size()) {
+                        return Err(DeviceError::TooManyHeld {
+                            queue: q,
+                            size: qr.queue.layout().size(),
+                        });
+                    }
                     held_rx.push_back(chain);
                     continue;
                 }

@@ -528,3 +528,17 @@ fn a_panic_in_one_device_thread_is_that_device_s_error() {
     bystander.close().unwrap();
     daemon.stop().unwrap();
 }
+
+#[test]
+fn a_console_driver_cannot_make_the_backend_hold_more_than_a_queue() {
+    let w = World::new();
+    w.attach(F, 0, &TestDevice::console());
+    let mut fe = w.connect(F, 0, options(TestStrategy::GrantPersistent));
+    fe.provoke(0, Hostile::RepeatHead).unwrap();
+    let error = expect_error(&fe, "RepeatHead");
+    assert!(
+        error.contains("more receive buffers outstanding"),
+        "{error}"
+    );
+    fe.close().unwrap();
+}

@@ -173,6 +173,9 @@ pub enum Hostile {
     WriteIntoReadOnlyGrant,
     /// A head index beyond the descriptor table.
     HeadOutOfRange,
+    /// One valid device-writable chain offered again and again, more times than the queue
+    /// holds (a console's receive queue, whose buffers the backend holds).
+    RepeatHead,
 }
 
 /// Memory of the frontend that the backend can reach.
@@ -239,6 +242,7 @@ pub struct TestFrontend<P: Platform> {
     arena: Option<Arena<P>>,
     console_rx: Vec<u8>,
     hostile_grants: Vec<<P::GrantAlloc as GrantAllocator>::Grant>,
+    hostile_buffers: Vec<Buf<P>>,
 }
 
 impl<P: Platform> std::fmt::Debug for TestFrontend<P> {
@@ -400,6 +404,7 @@ impl<P: Platform> TestFrontend<P> {
             arena,
             console_rx: Vec::new(),
             hostile_grants: Vec::new(),
+            hostile_buffers: Vec::new(),
         };
         fe.publish(num_queues, persistent_offered)?;
         wait_backend(
@@ -1002,6 +1007,38 @@ impl<P: Platform> TestFrontend<P> {
                 let size = qr.ring.layout().size();
                 qr.ring.skip_avail(size.wrapping_add(1));
                 self.kick(q)?;
+            }
+            Hostile::RepeatHead => {
+                let buf = self.alloc_buf(64, true)?;
+                let segs = self.segments(&buf);
+                let qr = &mut self.queues[q];
+                let mem = qr.ring_mem.mem();
+                let head = qr.ring.add(&mem, &segs)?;
+                let size = qr.ring.layout().size();
+                for _ in 1..size {
+                    qr.ring.offer_raw(&mem, head)?;
+                }
+                self.kick(q)?;
+                // Once the device has taken all of them (it asks to hear about the next one
+                // through avail_event), offer the head once more.
+                let qr = &mut self.queues[q];
+                let layout = qr.ring.layout();
+                let deadline = Instant::now() + self.options.timeout;
+                while qr
+                    .ring_mem
+                    .mem()
+                    .load_u16(layout.avail_event(), std::sync::atomic::Ordering::Acquire)
+                    .map_err(TestError::Mem)?
+                    != size
+                {
+                    if Instant::now() > deadline {
+                        return Err(TestError::Timeout("the device to take the ring".into()));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                qr.ring.offer_raw(&qr.ring_mem.mem(), head)?;
+                self.kick(q)?;
+                self.hostile_buffers.push(buf);
             }
             Hostile::HeadOutOfRange => {
                 let qr = &mut self.queues[q];

@@ -7,7 +7,7 @@
 //! The frontend here has its own small driver ring ([`DriverRing`]): it never depends on the
 //! frontend crate, so dependencies keep running one way. Nothing here is used by the daemon.
 //!
-//! ```no_run
+//! ```
 //! # use std::sync::Arc;
 //! # use xenvirtio_backend::daemon::{Daemon, DaemonConfig};
 //! # use xenvirtio_backend::test_utils::*;

@@ -231,8 +231,8 @@ struct QueueRuntime<E: EventChannels> {
 
 /// Everything mapped and bound for one connection. Dropping it unmaps and unbinds all of it.
 struct Connection<P: Platform> {
+    /// The event-channel handle; every port holds it too, so it closes after the last port.
     events: Arc<P::Events>,
-    // Declared before `space`/`events` users drop: rings and ports go first.
     queues: Vec<QueueRuntime<P::Events>>,
     space: AddressSpace<P::GrantMap, P::Foreign>,
     counters: MapCounters,

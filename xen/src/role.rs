@@ -4,7 +4,9 @@
 //! strategy policy (elsewhere) is a pure function of it. It reads:
 //! - `/sys/hypervisor/type`: must be `xen`, otherwise [`RoleError::NotXen`];
 //! - `/proc/xen/capabilities`: contains `control_d` in Dom0. It only exists once xenfs is
-//!   mounted on `/proc/xen` (`mount -t xenfs xenfs /proc/xen`), which the error says;
+//!   mounted on `/proc/xen` (`mount -t xenfs xenfs /proc/xen`). Dom0 (domid 0) must have it,
+//!   and the error says how; a guest (any other domid) is not Dom0 whether or not xenfs is
+//!   mounted, since guests rarely mount it (Debian's DomUs do not);
 //! - `/sys/hypervisor/guest_type`: `PV`, `PVH` or `HVM` (arm64 guests report `HVM`, even for
 //!   xl `type="pvh"`);
 //! - `/sys/hypervisor/version/{major,minor,extra}`.
@@ -185,6 +187,8 @@ impl DomainRole {
         let caps_path = root.join("proc/xen/capabilities");
         let caps = match std::fs::read_to_string(&caps_path) {
             Ok(s) => s,
+            // Only domid 0 can be Dom0; a guest without xenfs is just a guest.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && domid != 0 => String::new(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(RoleError::XenfsNotMounted { path: caps_path });
             }
@@ -329,14 +333,26 @@ mod tests {
     }
 
     #[test]
-    fn missing_xenfs_says_how_to_mount_it() {
-        let root = fake("PVH", None);
-        let e = DomainRole::detect_in(root.path(), 1).unwrap_err();
+    fn missing_xenfs_in_dom0_says_how_to_mount_it() {
+        let root = fake("PV", None);
+        let e = DomainRole::detect_in(root.path(), 0).unwrap_err();
         assert!(matches!(e, RoleError::XenfsNotMounted { .. }));
         assert!(
             e.to_string().contains("mount -t xenfs xenfs /proc/xen"),
             "{e}"
         );
+    }
+
+    /// Found on real Xen: a DomU without xenfs (Debian's DomUs do not mount it) could not run
+    /// the frontend at all. Its domid already says it is not Dom0.
+    #[test]
+    fn a_guest_without_xenfs_is_a_domu() {
+        for gt in ["PV", "PVH", "HVM"] {
+            let root = fake(gt, None);
+            let role = DomainRole::detect_in(root.path(), 3).unwrap();
+            assert!(!role.is_dom0);
+            assert_eq!(role.guest_type, GuestType::parse(gt).unwrap());
+        }
     }
 
     #[test]

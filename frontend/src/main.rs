@@ -113,7 +113,30 @@ enum Command {
     /// Measure a blk device with zero-copy requests: throughput, IOPS, latency percentiles,
     /// and what the frontend counted (notifications, bytes copied, grants).
     Bench(BenchArgs),
+    /// Relay a console device once, for scripts: stdin goes to port 0, what port 0 sends goes
+    /// to stdout, until --lines lines arrived (or --wait seconds passed, or SIGINT/SIGTERM);
+    /// then the device is closed.
+    #[command(after_help = CONSOLE_HELP)]
+    Console(ConsoleArgs),
+    /// Write random bytes from an rng device to stdout, then close the device.
+    #[command(after_help = RNG_HELP)]
+    Rng(RngArgs),
 }
+
+const CONSOLE_HELP: &str = "\
+Exit status: 0 when --lines lines arrived (or, without --lines, when stopped by a signal or at \
+the end of --wait); 1 when --wait ran out before --lines lines arrived; 2 on an error.
+
+Examples:
+  # Send a line to the host side (the pty in the backend's `tty` key) and print the first line
+  # that comes back, giving up after 30 s:
+  echo hello | xenvirtio-frontend console --devid 1 --lines 1 --wait 30
+  # An interactive relay until Ctrl-C:
+  xenvirtio-frontend console";
+
+const RNG_HELP: &str = "\
+Example:
+  xenvirtio-frontend rng --bytes 4096 > /tmp/random.bin";
 
 #[derive(Args, Debug)]
 struct ServeArgs {
@@ -177,6 +200,33 @@ struct VerifyArgs {
     check_image: Option<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+struct ConsoleArgs {
+    /// The console device; default: the first one.
+    #[arg(long, value_name = "N")]
+    devid: Option<u32>,
+    #[command(flatten)]
+    dma: DmaArgs,
+    /// Stop once this many lines (newline-terminated) came from the device.
+    #[arg(long, value_name = "N")]
+    lines: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    wait: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct RngArgs {
+    /// The rng device; default: the first one.
+    #[arg(long, value_name = "N")]
+    devid: Option<u32>,
+    #[command(flatten)]
+    dma: DmaArgs,
+    /// How many random bytes to write to stdout.
+    #[arg(long, value_name = "N")]
+    bytes: u64,
+}
+
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 enum BenchPattern {
     /// Random reads.
@@ -233,6 +283,8 @@ fn main() {
         Command::Serve(args) => serve(&cli.global, &args),
         Command::Verify(args) => verify(&cli.global, &args),
         Command::Bench(args) => bench(&cli.global, &args),
+        Command::Console(args) => console(&cli.global, &args),
+        Command::Rng(args) => rng(&cli.global, &args),
     };
     match result {
         Ok(0) => {}
@@ -360,15 +412,29 @@ fn placeholder_role(domid: u16) -> DomainRole {
 }
 
 fn first_blk(frontend: &Frontend<LinuxXen>, devid: Option<u32>) -> Result<u32> {
+    first_of_kind(frontend, devid, DeviceKind::Block)
+}
+
+/// `devid`, or the first device of `kind`.
+fn first_of_kind(
+    frontend: &Frontend<LinuxXen>,
+    devid: Option<u32>,
+    kind: DeviceKind,
+) -> Result<u32> {
     if let Some(d) = devid {
         return Ok(d);
     }
     frontend
         .devices()?
         .into_iter()
-        .find(|d| d.kind == Some(DeviceKind::Block))
+        .find(|d| d.kind == Some(kind))
         .map(|d| d.devid)
-        .ok_or_else(|| anyhow!("this domain has no blk device; see `xenvirtio-frontend list`"))
+        .ok_or_else(|| {
+            anyhow!(
+                "this domain has no {} device; see `xenvirtio-frontend list`",
+                kind.name()
+            )
+        })
 }
 
 fn connect_blk(
@@ -764,6 +830,140 @@ fn bench_queue(
         }
     }
     Ok((latencies, copied))
+}
+
+// ---- console and rng --------------------------------------------------------------------------
+
+fn console(global: &Global, args: &ConsoleArgs) -> Result<i32> {
+    let stop = stop_on_signals()?;
+    let frontend = open_frontend(global)?;
+    let devid = first_of_kind(&frontend, args.devid, DeviceKind::Console)?;
+    let dev = Arc::new(
+        frontend
+            .connect_console(devid, &args.dma.connect(global)?)
+            .with_context(|| format!("cannot connect console device {devid}"))?,
+    );
+    let n = dev.negotiated();
+    eprintln!(
+        "console {devid}: connected, dma {} ({})",
+        n.strategy, n.reason
+    );
+    let deadline = args.wait.map(|s| Instant::now() + Duration::from_secs(s));
+    // stdin -> port 0. The reader of stdin blocks in read() and holds no device; the sender
+    // hands what it read to the device, and on stop it still sends what was read already.
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let sender_stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let dev = Arc::clone(&dev);
+        let sender_stop = Arc::clone(&sender_stop);
+        std::thread::spawn(move || -> Result<()> {
+            loop {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(data) => dev.write(&data).context("sending to the console failed")?,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if sender_stop.load(Ordering::SeqCst) {
+                            return Ok(());
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+            }
+        })
+    };
+    // port 0 -> stdout.
+    let mut out = std::io::stdout().lock();
+    let mut buf = [0u8; 4096];
+    let mut lines = 0u64;
+    let mut result: Result<i32> = Ok(0);
+    loop {
+        if args.lines.is_some_and(|want| lines >= want) {
+            break;
+        }
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            if let Some(want) = args.lines {
+                eprintln!(
+                    "console {devid}: {lines} of {want} line(s) arrived within {}s",
+                    args.wait.unwrap_or(0)
+                );
+                result = Ok(1);
+            }
+            break;
+        }
+        let got = dev
+            .rx()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .read(&mut buf, Some(Duration::from_millis(200)));
+        match got {
+            Ok(0) => {}
+            Ok(n) => {
+                lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+                if let Err(e) = out.write_all(&buf[..n]).and_then(|()| out.flush()) {
+                    result = Err(e).context("writing to stdout failed");
+                    break;
+                }
+            }
+            Err(e) => {
+                result = Err(e).context("reading from the console failed");
+                break;
+            }
+        }
+    }
+    sender_stop.store(true, Ordering::SeqCst);
+    match sender.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => result = result.and(Err(e)),
+        Err(_) => result = result.and(Err(anyhow!("the console sender panicked"))),
+    }
+    Arc::try_unwrap(dev)
+        .map_err(|_| anyhow!("console {devid} is still in use"))?
+        .close()
+        .context("closing the console")?;
+    result
+}
+
+fn rng(global: &Global, args: &RngArgs) -> Result<i32> {
+    let frontend = open_frontend(global)?;
+    let devid = first_of_kind(&frontend, args.devid, DeviceKind::Rng)?;
+    let mut dev = frontend
+        .connect_rng(devid, &args.dma.connect(global)?)
+        .with_context(|| format!("cannot connect rng device {devid}"))?;
+    let n = dev.negotiated();
+    eprintln!("rng {devid}: connected, dma {} ({})", n.strategy, n.reason);
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut left = args.bytes;
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+        let got = dev
+            .read(&mut buf[..want], Some(Duration::from_secs(10)))
+            .context("reading from the rng device failed")?;
+        if got == 0 {
+            bail!(
+                "the rng device gave no bytes within 10s ({} of {} written)",
+                args.bytes - left,
+                args.bytes
+            );
+        }
+        out.write_all(&buf[..got])
+            .and_then(|()| out.flush())
+            .context("writing to stdout failed")?;
+        left -= got as u64;
+    }
+    dev.close().context("closing the rng device")?;
+    Ok(0)
 }
 
 // ---- serve ----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 #   B/ready = 1               written by the agent once it serves requests
 #   B/req/<seq>/timeout       Dom0: seconds the command may run
 #   B/req/<seq>/cmd           Dom0: base64 of the command for `sh -c`; written after timeout
-#   B/rsp/<seq>/out/<i>       agent: base64 of bytes [1536*i, 1536*(i+1)) of the output
+#   B/rsp/<seq>/out/<i>       agent: base64 of bytes [1152*i, 1152*(i+1)) of the output
 #   B/rsp/<seq>/chunks        agent: number of out/<i> nodes
 #   B/rsp/<seq>/rc            agent: exit status, written last (the completion marker)
 # Dom0 removes B/req/<seq> and B/rsp/<seq> once it has read the answer. Requests run one at a
@@ -18,8 +18,11 @@
 # shellcheck source=xv-lib.sh
 . "${XV_LIB:-/xv/lib/xv-lib.sh}"
 
-XV_AGENT_MAX_OUT=24576 # output bytes sent back (the tail); 16 chunks of 1536
-XV_AGENT_CHUNK=1536    # a multiple of 3: chunks concatenate into one valid base64 stream
+XV_AGENT_MAX_OUT=24576 # output bytes sent back (the tail); 22 chunks of 1152
+# A multiple of 3, so the chunks concatenate into one valid base64 stream; its 1536 base64
+# bytes stay below xenstored's per-node quota for guests (2048 bytes including the node's
+# header and permissions: 1536 bytes of output became 2048 and were refused with ENOSPC).
+XV_AGENT_CHUNK=1152
 
 if [ -n "${1:-}" ]; then
   base=$1
@@ -59,8 +62,14 @@ serve() {
       "$(dd if="$state/$seq.out" bs="$XV_AGENT_CHUNK" skip="$i" count=1 2>/dev/null | base64 -w0)"
     i=$((i + 1))
   done
-  xenstore-write "$@" "$base/rsp/$seq/chunks" "$n" "$base/rsp/$seq/rc" "$rc" ||
+  if ! xenstore-write "$@" "$base/rsp/$seq/chunks" "$n" "$base/rsp/$seq/rc" "$rc"; then
     echo "xv-agent: [$seq] cannot write the answer"
+    # Dom0 must not wait for an answer that will never come: a short one says why.
+    xenstore-write "$base/rsp/$seq/out/0" \
+      "$(printf 'xv-agent: cannot write the answer (%s bytes of output, status %s)' "$size" "$rc" | base64 -w0)" \
+      "$base/rsp/$seq/chunks" 1 "$base/rsp/$seq/rc" 125 ||
+      echo "xv-agent: [$seq] cannot write the error answer either"
+  fi
   rm -f "$state/$seq.out" "$state/$seq.cmd"
 }
 

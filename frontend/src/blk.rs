@@ -1432,7 +1432,7 @@ fn clone_error(e: &BlkError) -> BlkError {
     }
 }
 
-fn io_error(e: BlkError) -> std::io::Error {
+pub(crate) fn io_error(e: BlkError) -> std::io::Error {
     let errno = match &e {
         BlkError::ReadOnly => libc::EROFS,
         BlkError::OutOfRange { .. } | BlkError::Unaligned { .. } => libc::EINVAL,

@@ -69,6 +69,7 @@ pub mod pattern;
 pub mod policy;
 pub mod queue;
 pub mod rng;
+pub mod supervisor;
 pub mod transport;
 pub mod virtqueue;
 

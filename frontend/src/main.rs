@@ -17,6 +17,7 @@ use xenvirtio_frontend::Frontend;
 use xenvirtio_frontend::blk::{BlkDevice, BlkOptions};
 use xenvirtio_frontend::nbd::{BlockExport, NbdAddress, NbdClient, NbdServer, NbdServerConfig};
 use xenvirtio_frontend::pattern::{self, Comparer};
+use xenvirtio_frontend::supervisor::{DEFAULT_RETRY_WAIT, SupervisedBlk};
 use xenvirtio_frontend::transport::{ConnectOptions, DeviceInfo, self_domid};
 use xenvirtio_virtio::dma::DmaStrategy;
 use xenvirtio_virtio::ids::DeviceKind;
@@ -104,7 +105,9 @@ enum Command {
         dma: DmaArgs,
     },
     /// Connect devices and export them until SIGINT/SIGTERM, then close them cleanly: blk over
-    /// NBD, the console to stdio or a new pty, rng to a fifo.
+    /// NBD, the console to stdio or a new pty, rng to a fifo. A blk device whose backend goes
+    /// away (restart, re-attach) is connected again by itself; NBD requests meanwhile wait up
+    /// to 60 s for it.
     Serve(ServeArgs),
     /// Write seeded pseudo-random data over a blk device (or a range of it), read it back and
     /// compare checksums; exit 1 on any mismatch. With --check-image, check an image file
@@ -1031,9 +1034,33 @@ fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
     for d in &wanted {
         match d.kind {
             Some(DeviceKind::Block) => {
-                let dev = Arc::new(connect_blk(
-                    &frontend, global, &args.dma, d.devid, None, None,
-                )?);
+                // Kept connected: a backend restart or a re-attach is a pause, not an error.
+                let options = BlkOptions {
+                    connect: args.dma.connect(global)?,
+                    ..BlkOptions::default()
+                };
+                let own = Frontend::new(
+                    *frontend.platform(),
+                    Arc::clone(frontend.store()),
+                    frontend.role().clone(),
+                );
+                let dev = Arc::new(
+                    SupervisedBlk::connect(own, d.devid, options, DEFAULT_RETRY_WAIT)
+                        .with_context(|| format!("cannot connect blk device {}", d.devid))?,
+                );
+                if let Some(c) = dev.current() {
+                    let n = c.negotiated();
+                    eprintln!(
+                        "device {}: {} bytes, {} queue(s) of {}, dma {}{} ({})",
+                        d.devid,
+                        c.size(),
+                        c.num_queues(),
+                        n.queue_size,
+                        n.strategy,
+                        if n.persistent { " persistent" } else { "" },
+                        n.reason
+                    );
+                }
                 let blk_count = wanted
                     .iter()
                     .filter(|w| w.kind == Some(DeviceKind::Block))

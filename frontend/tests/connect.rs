@@ -648,3 +648,59 @@ fn a_blk_device_is_exported_over_nbd() {
     server.shutdown();
     Arc::try_unwrap(dev).unwrap().close().unwrap();
 }
+
+/// `SupervisedBlk` (what `serve` exports): when the backend leaves Connected (here it goes to
+/// Closing as a restarted backend does, PROTOCOL.md 8.5), the connection is closed by the
+/// rules and made again, and a writer that keeps going sees no error.
+#[test]
+fn a_supervised_device_reconnects_and_callers_do_not_notice() {
+    use xenvirtio_frontend::nbd::BlockExport;
+    use xenvirtio_frontend::supervisor::SupervisedBlk;
+    let env = Env::new();
+    let backend = Backend::start(&env, Script::blk(0));
+    let fe = Frontend::new(env.guest_platform(), Arc::clone(&env.guest), pvh());
+    let dev =
+        Arc::new(SupervisedBlk::connect(fe, 0, options(None), Duration::from_secs(10)).unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let dev = Arc::clone(&dev);
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut round = 0u8;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                round = round.wrapping_add(1);
+                let data = pattern(64 * 1024, round | 1);
+                dev.write_at(&data, 8192).unwrap();
+                let mut back = vec![0u8; data.len()];
+                dev.read_at(&mut back, 8192).unwrap();
+                assert!(back == data, "round {round}: read back something else");
+            }
+            round
+        })
+    };
+    for restart in 1..=2 {
+        std::thread::sleep(Duration::from_millis(200));
+        env.dom0
+            .write(TxId::NONE, &format!("{}/state", backend.be), b"5")
+            .unwrap();
+        wait_until(
+            "the supervisor to reconnect",
+            Duration::from_secs(10),
+            || dev.reconnects() == restart,
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rounds = writer.join().expect("the writer saw no error");
+    assert!(rounds > 2, "{rounds}");
+    assert_eq!(backend.seen.lock().unwrap().connections, 3);
+    assert!(backend.seen.lock().unwrap().errors.is_empty());
+    let dev = Arc::try_unwrap(dev).unwrap();
+    dev.close().unwrap();
+    let fdir = xenbus::frontend_dir(GUEST, 0);
+    assert_eq!(
+        read_str(&*env.guest, &format!("{fdir}/state")).unwrap(),
+        "6"
+    );
+    assert_eq!(env.xen.stats(GUEST).grants, 0, "every grant revoked");
+}

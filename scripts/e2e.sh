@@ -13,12 +13,17 @@ Boots real Xen under QEMU (software emulation, no KVM needed) and checks the pro
 For each arch it fetches Debian's packages (cached), builds every xenvirtio-* binary as a static
 musl executable, carries them into every domain, boots, and runs the checks of the mode.
 
+By default it runs the full matrix (issue 6): the backend daemon in Dom0, frontends in Dom0
+and in every DomU, blk, console and rng with every DMA strategy each role allows, the role's
+default strategy, and the lifecycle (NBD export, detach and attach, backend restart, xl destroy
+in the middle of I/O). docs/E2E.md lists every check.
+
   --arch A   x86_64, arm64 or all (default: all; the arches boot one after the other)
-  --smoke    the smoke checks (issue 3). Without it the full matrix would run; until it
-             exists (issue 6) the smoke checks run and the script says so.
+  --smoke    the smoke checks (issue 3) instead of the matrix
   --keep     keep the initramfs staging trees and archive this run's logs in WORK/runs/
   --mode M   run the test scripts of mode M (tests/M-dom0.sh, tests/M-domU.sh): for
-             developing a new mode
+             developing a new mode (scripts/demo.sh runs --mode demo)
+  --domus L  boot only these DomUs: a '+'-separated list of pv, pvh (x86_64) or arm (arm64)
   --help     this text
 
 Output: one line per check, "PASS|FAIL <arch> <domain> <check>: <detail>", then
@@ -29,7 +34,8 @@ channel and how to add checks.
 
 Environment:
   XENVIRTIO_E2E_WORK      work dir: package cache, images, logs (default /tmp/xenvirtio-e2e)
-  XENVIRTIO_E2E_TIMEOUT   seconds one arch's QEMU may run (default 600)
+  XENVIRTIO_E2E_TIMEOUT   seconds one arch's QEMU may run (default 600 for --smoke, 1500 for
+                          the matrix)
   CARGO_TARGET_DIR        honoured; CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER defaults to
                           aarch64-linux-gnu-gcc
   XENVIRTIO_E2E_X86_CPU   QEMU -cpu for x86_64 (default max,-smap,-smep,-xsave; see docs/E2E.md)
@@ -41,11 +47,12 @@ EOF
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 XQ=$ROOT/scripts/xen-qemu
 WORK=${XENVIRTIO_E2E_WORK:-/tmp/xenvirtio-e2e}
-TIMEOUT=${XENVIRTIO_E2E_TIMEOUT:-600}
+TIMEOUT=${XENVIRTIO_E2E_TIMEOUT:-}
 ARCH_OPT=all
 SMOKE=0
 KEEP=0
 MODE_OPT=
+DOMUS_OPT=
 
 die() {
   echo "e2e: error: $*" >&2
@@ -59,6 +66,7 @@ while [ $# -gt 0 ]; do
     --smoke) SMOKE=1; shift ;;
     --keep) KEEP=1; shift ;;
     --mode) [ $# -ge 2 ] || die "--mode needs a value"; MODE_OPT=$2; shift 2 ;;
+    --domus) [ $# -ge 2 ] || die "--domus needs a value"; DOMUS_OPT=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument '$1'" ;;
   esac
@@ -70,13 +78,21 @@ case $ARCH_OPT in
   aarch64) ARCHES=(arm64) ;;
   *) die "--arch must be x86_64, arm64 or all (got '$ARCH_OPT')" ;;
 esac
-[[ $TIMEOUT =~ ^[0-9]+$ ]] || die "XENVIRTIO_E2E_TIMEOUT must be a number of seconds"
-MODE=smoke
+MODE=matrix
+[ $SMOKE = 0 ] || MODE=smoke
 if [ -n "$MODE_OPT" ]; then
   [ -f "$XQ/tests/$MODE_OPT-dom0.sh" ] || die "no test script scripts/xen-qemu/tests/$MODE_OPT-dom0.sh"
   MODE=$MODE_OPT
-elif [ $SMOKE = 0 ]; then
-  echo "e2e: the full matrix (issue 6) is not written yet: running the smoke checks"
+fi
+# The matrix runs a few hundred frontend commands under TCG: give it room on a loaded machine.
+[ -n "$TIMEOUT" ] || case $MODE in smoke) TIMEOUT=600 ;; *) TIMEOUT=1500 ;; esac
+[[ $TIMEOUT =~ ^[0-9]+$ ]] || die "XENVIRTIO_E2E_TIMEOUT must be a number of seconds"
+if [ -n "$DOMUS_OPT" ]; then
+  for a in "${ARCHES[@]}"; do
+    for t in ${DOMUS_OPT//+/ }; do
+      [[ "+$(all_domus "$a")+" == *"+$t+"* ]] || die "--domus: $a has no DomU '$t' (it has $(all_domus "$a"))"
+    done
+  done
 fi
 
 # ---- per-arch facts ----
@@ -85,8 +101,9 @@ triple() { case $1 in x86_64) echo x86_64-unknown-linux-musl ;; arm64) echo aarc
 file_arch() { case $1 in x86_64) echo x86-64 ;; arm64) echo "ARM aarch64" ;; esac; }
 # The DomUs to boot (Dom0 cmdline xvdomus=, '+'-separated: no commas on a multiboot cmdline) and
 # every domain that must report "boot".
-domus_word() { case $1 in x86_64) echo pv+pvh ;; arm64) echo arm ;; esac; }
-domains() { case $1 in x86_64) echo dom0 domU-pv domU-pvh ;; arm64) echo dom0 domU-arm ;; esac; }
+all_domus() { case $1 in x86_64) echo pv+pvh ;; arm64) echo arm ;; esac; }
+domus_word() { echo "${DOMUS_OPT:-$(all_domus "$1")}"; }
+domains() { echo "dom0 $(domus_word "$1" | tr '+' '\n' | sed 's/^/domU-/' | paste -sd' ')"; }
 
 # ---- preflight ----
 missing=()
@@ -287,6 +304,12 @@ collect() {
   dups=$(cut -d' ' -f2-4 "$raw" | sort | uniq -d | tr '\n' ' ')
   if [ -n "$dups" ]; then
     host_check "$a" unique-checks FAIL "check names reported twice: $dups"
+  fi
+
+  # A test script that ran the backend daemon prints its log on failure: show it here.
+  if grep -q "^@@CHECK $a [^ ]* [^ ]* FAIL" "$raw" && grep -a -q '\[backend.log\] ' "$log"; then
+    echo "       --- the backend daemon's log (last lines; all of it is in $log)"
+    grep -a -o '\[backend.log\] .*' "$log" | tail -n 60 | tr -d '\r' | cut -c1-200 | sed 's/^\[backend.log\] /       | /'
   fi
 }
 

@@ -1,0 +1,333 @@
+#!/bin/sh
+# shellcheck shell=dash
+# matrix-dom0.sh: Dom0 side of the full matrix (issue 6; `scripts/e2e.sh` without --smoke).
+# The backend daemon runs here; frontends run here and in every DomU. For each role, every DMA
+# strategy the role allows is forced with --dma: blk (verify, then the image checked from
+# here), console (a line each way through the backend's pty) and rng (bytes that look random);
+# without --dma each role must pick the policy table's strategy. Then the lifecycle: NBD export,
+# detach and attach again under a running export, a backend restart under a running export, and
+# `xl destroy` of a DomU in the middle of I/O. docs/E2E.md lists every check.
+# shellcheck source=../guest/xv-lib.sh
+. /xv/lib/xv-lib.sh
+# shellcheck source=common.sh
+. /xv/tests/common.sh
+# shellcheck source=matrix-lib.sh
+. /xv/tests/matrix-lib.sh
+
+BOOT_TIMEOUT=${XV_BOOT_TIMEOUT:-300}
+AGENT_TIMEOUT=${XV_AGENT_TIMEOUT:-120}
+NBD=/run/xv/nbd.sock
+
+# The policy table (DESIGN.md "Role policy"): what each role picks without --dma, and every
+# strategy it may be forced to.
+mx_default_dma() {
+  case "$XV_ARCH/$1" in
+    */dom0) echo bounce ;;
+    x86_64/domU-pv | x86_64/domU-pvh) echo grant ;;
+    arm64/domU-arm) echo direct ;; # Dom0 serves it with --allow-direct
+  esac
+}
+mx_strategies() {
+  case "$XV_ARCH/$1" in
+    */dom0) echo bounce grant ;;
+    x86_64/domU-pv) echo grant bounce ;;
+    *) echo grant bounce direct ;;
+  esac
+}
+# The effective grant_usage: 0 only for the DomU the daemon trusts with direct.
+mx_expected_grant_usage() {
+  case "$1" in
+    domU-pvh | domU-arm) echo 0 ;;
+    *) echo 1 ;;
+  esac
+}
+
+mkdir -p "$MX_IMAGES"
+: >"$MX_BACKEND_LOG"
+
+# ---- the backend daemon ----
+MX_ALLOW_DIRECT=
+for t in $XV_DOMUS; do
+  [ "$t" = pv ] || MX_ALLOW_DIRECT="$MX_ALLOW_DIRECT --allow-direct domU-$t"
+done
+if mx_backend_start; then
+  xv_check backend-start PASS "xenvirtio-backend serve$MX_ALLOW_DIRECT (pid $MX_BACKEND_PID); log $MX_BACKEND_LOG"
+else
+  xv_check backend-start FAIL "the daemon did not answer on its control socket: $(tail -n 5 "$MX_BACKEND_LOG" | xv_oneline)"
+fi
+
+# ---- the DomUs ----
+xv_forward_start
+created=
+for t in $XV_DOMUS; do
+  n=domU-$t
+  if out=$(xv_domu_create "$n"); then
+    created="$created $n"
+  else
+    xv_check_for "$n" boot FAIL "$out"
+  fi
+done
+ready=
+for n in $created; do
+  xv_domu_wait_boot "$n" "$BOOT_TIMEOUT" || continue
+  if xv_agent_wait "$n" "$AGENT_TIMEOUT"; then
+    xv_check_for "$n" channel-ready PASS "agent ready in domid $(xv_domid "$n")"
+    ready="$ready $n"
+  else
+    xv_check_for "$n" channel-ready FAIL "agent did not publish ready=1 within ${AGENT_TIMEOUT}s"
+  fi
+done
+
+# ---- devices: blk, console and rng for Dom0 itself and each DomU ----
+for d in dom0 $ready; do
+  mx_attach_all "$d"
+done
+for d in dom0 $ready; do
+  mx_grant_usage_cell "$d" "$(mx_expected_grant_usage "$d")"
+done
+
+# ---- the matrix: every strategy each role allows, then the role's default ----
+for d in dom0 $ready; do
+  cell=0
+  for s in $(mx_strategies "$d"); do
+    mx_strategy_cells "$d" "$s" "$cell"
+    cell=$((cell + 1))
+  done
+  case $d in
+    dom0) mx_refusal_cell "$d" "Dom0 must bounce" ;;
+    domU-pv) mx_refusal_cell "$d" "pseudo-physical" ;;
+  esac
+  mx_auto_cells "$d" "$(mx_default_dma "$d")" "$cell"
+done
+
+# ---- lifecycle ----
+# One DomU exports NBD and then loses its device to detach and gets it back; another (or Dom0
+# on arm64, which has a single DomU) keeps an export through a backend restart; a DomU is
+# destroyed in the middle of I/O while the other export stays connected.
+case $XV_ARCH in
+  x86_64) lc_reattach=domU-pv lc_restart=domU-pvh lc_destroy=domU-pv lc_survivor=domU-pvh ;;
+  *) lc_reattach=domU-arm lc_restart=domU-arm lc_destroy=domU-arm lc_survivor=dom0 ;;
+esac
+case " $ready " in *" $lc_reattach "*) ;; *) lc_reattach= ;; esac
+case " $ready " in *" $lc_restart "*) ;; *) lc_restart= ;; esac
+case " $ready " in *" $lc_destroy "*) ;; *) lc_destroy= ;; esac
+
+# mx_serve_cell DOMAIN NAME: start `serve` for blk 0 in DOMAIN (check NAME).
+mx_serve_cell() {
+  local _out _rc
+  _out=$(mx_in "$1" 150 "mx_probe_serve 0 $NBD")
+  _rc=$?
+  if [ $_rc = 0 ]; then
+    mx_check "$1" "$2" PASS "xenvirtio-frontend serve --devid 0: $(echo "$_out" | tail -n 1 | xv_oneline)"
+  else
+    mx_check "$1" "$2" FAIL "rc=$_rc: $(echo "$_out" | tail -n 3 | xv_oneline)"
+  fi
+  return $_rc
+}
+
+# NBD, then detach and attach again under the running export.
+if [ -n "$lc_reattach" ] && mx_serve_cell "$lc_reattach" serve; then
+  d=$lc_reattach
+  mx_nbd_cell "$d" nbd "$NBD" 6
+  out=$($MX_BE detach --domain "$(mx_domid "$d")" --devid 0 2>&1)
+  rc=$?
+  if xenstore-read "$(mx_bdir "$d" 0)/state" >/dev/null 2>&1; then gone="still there"; else gone=gone; fi
+  if [ $rc = 0 ] && [ "$gone" = gone ] && [ -z "$(mx_device_json "$(mx_domid "$d")" 0)" ]; then
+    xv_check_for "$d" detach PASS "with the export connected: $(echo "$out" | xv_oneline); backend directory gone, the daemon forgot the device"
+  else
+    xv_check_for "$d" detach FAIL "rc=$rc: $(echo "$out" | xv_oneline); backend directory $gone; daemon: $(mx_device_json "$(mx_domid "$d")" 0)"
+  fi
+  out=$($MX_BE attach --quiet --domain "$(mx_domid "$d")" --type blk --devid 0 --image "$(mx_image "$d")" 2>&1)
+  rc=$?
+  if [ $rc = 0 ]; then
+    xv_check_for "$d" reattach PASS "devid $out attached again with the same image"
+  else
+    xv_check_for "$d" reattach FAIL "rc=$rc: $(echo "$out" | xv_oneline)"
+  fi
+  # The export's supervisor connects the new device; verify --nbd waits for it.
+  mx_nbd_cell "$d" nbd-after-reattach "$NBD" 7
+fi
+
+# mx_restart_cell DOMAIN SIGNAL NAME CELL: while a verify --nbd of 8 MiB runs through DOMAIN's
+# export (cells CELL and CELL+1), stop the daemon with SIGNAL (TERM: a restart, 8.3 then 8.5;
+# KILL: a crash, the new daemon finds the device Connected, 8.5) and start a new one. The
+# export reconnects by itself and the verify passes. Checks backend-NAME, NAME-verify,
+# image-NAME-verify and NAME-connected.
+mx_restart_cell() {
+  local _d _sig _name _seed _len _off _domid _end _req _stopped _out _n _st
+  _d=$1 _sig=$2 _name=$3
+  _seed=$(($(mx_domid "$_d") + 9000 + $4))
+  _len=$((2 * MX_CELL_BYTES))
+  _off=$(($4 * MX_CELL_BYTES))
+  _domid=$(mx_domid "$_d")
+  _n=$(mx_in "$_d" 20 "grep -c 'connected again' /run/xv/serve.log")
+  mx_in "$_d" 10 "($MX_FE verify --nbd $NBD --seed $_seed --offset $_off --length $_len >/run/xv/$_name-verify.out 2>&1; echo rc=\$? >>/run/xv/$_name-verify.out) </dev/null >/dev/null 2>&1 &" >/dev/null
+  # Once the verify's requests reach the backend.
+  _end=$(($(xv_uptime) + 60))
+  _req=$(mx_json_num requests "$(mx_device_json "$_domid" 0)")
+  while :; do
+    [ "$(mx_json_num requests "$(mx_device_json "$_domid" 0)")" -gt "$((${_req:-0} + 2))" ] 2>/dev/null && break
+    [ "$(xv_uptime)" -lt "$_end" ] || break
+    sleep 0.3
+  done
+  _req=$(mx_json_num requests "$(mx_device_json "$_domid" 0)")
+  if [ "$_sig" = KILL ]; then
+    kill -KILL "$MX_BACKEND_PID" 2>/dev/null
+    wait "$MX_BACKEND_PID" 2>/dev/null
+    _stopped="exit status $? (SIGKILL)"
+  else
+    mx_backend_stop
+    _stopped=$MX_BACKEND_STOPPED
+  fi
+  if mx_backend_start; then
+    xv_check "backend-$_name" PASS "SIG$_sig while $_d's export was busy (${_req:-0} requests served): the old daemon's $_stopped; the new daemon (pid $MX_BACKEND_PID) answers"
+  else
+    xv_check "backend-$_name" FAIL "old daemon: $_stopped; the new one did not start: $(tail -n 5 "$MX_BACKEND_LOG" | xv_oneline)"
+  fi
+  _out=$(mx_in "$_d" 240 "end=\$((\$(xv_uptime) + 200)); while ! grep -q '^rc=' /run/xv/$_name-verify.out; do [ \$(xv_uptime) -lt \$end ] || break; sleep 0.5; done; cat /run/xv/$_name-verify.out; grep -c 'connected again' /run/xv/serve.log")
+  _n=$(($(echo "$_out" | tail -n 1) - ${_n:-0}))
+  if mx_line '^rc=0$' "$_out" >/dev/null && mx_line '^OK: ' "$_out" >/dev/null && [ "$_n" -ge 1 ]; then
+    xv_check_for "$_d" "$_name-verify" PASS "a verify --nbd of 8 MiB spanning the SIG$_sig passed; the export reconnected $_n time(s); $(mx_line 'checked' "$_out" | sed 's/: expected.*//')"
+  else
+    xv_check_for "$_d" "$_name-verify" FAIL "reconnects=$_n: $(echo "$_out" | tail -n 4 | xv_oneline)"
+  fi
+  mx_image_cell "$_d" "image-$_name-verify" "$_seed" "$_off" "$_len"
+  _st=$(mx_device_json "$_domid" 0)
+  case $_st in
+    *'"state":"Connected"'*) xv_check_for "$_d" "$_name-connected" PASS "the new daemon serves $_d's blk: $(echo "$_st" | grep -o '"strategy":"[a-z]*","requests":[0-9]*')" ;;
+    *) xv_check_for "$_d" "$_name-connected" FAIL "the new daemon's record of $_d blk 0: ${_st:-none}" ;;
+  esac
+}
+
+# A backend restart while an export is connected and a verify runs through it.
+if [ -n "$lc_restart" ]; then
+  d=$lc_restart
+  started=0
+  if [ "$d" = "$lc_reattach" ]; then
+    started=1 # its export is running
+  elif mx_serve_cell "$d" serve; then
+    started=1
+  fi
+  if [ $started = 1 ]; then
+    mx_restart_cell "$d" TERM restart 8
+    mx_restart_cell "$d" KILL crash 10
+  fi
+fi
+
+# xl destroy in the middle of I/O: every mapping and binding of that domain goes, the other
+# export keeps working.
+if [ -n "$lc_destroy" ]; then
+  d=$lc_destroy
+  domid=$(mx_domid "$d")
+  # The victim's export (if any) stops first, so that what the daemon holds is exactly the
+  # other devices' share: the baseline.
+  # shellcheck disable=SC2016 # expanded in the DomU
+  mx_in "$d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while kill -0 $p 2>/dev/null; do sleep 0.3; done' >/dev/null
+  mx_wait_backend_state "$d" 0 2 30
+  # The survivor keeps an export connected throughout.
+  if [ "$lc_survivor" = dom0 ]; then
+    mx_serve_cell dom0 serve
+  fi
+  sleep 1
+  # shellcheck disable=SC2046 # three numbers
+  set -- $(mx_process_counts)
+  base_maps=$1 base_ports=$2 base_proc=$3
+  # The victim's check lines so far, for the accounting at the end (it cannot answer later).
+  xv_domu_run "$d" 30 "grep -c '^@@CHECK ' $XV_CHECKS" >"$XV_RUN/$d.emitted" 2>&1
+  mx_serve_cell "$d" serve-before-destroy
+  mx_in "$d" 10 "$MX_FE verify --nbd $NBD --length $((24 * 1024 * 1024)) --offset 0 --seed 1 </dev/null >/run/xv/destroy-io.out 2>&1 &" >/dev/null
+  running=0
+  end=$(($(xv_uptime) + 60))
+  while :; do
+    req=$(mx_json_num requests "$(mx_device_json "$domid" 0)")
+    if [ "${req:-0}" -gt 4 ]; then
+      running=1
+      break
+    fi
+    [ "$(xv_uptime)" -lt "$end" ] || break
+    sleep 0.3
+  done
+  # shellcheck disable=SC2046 # three numbers
+  set -- $(mx_process_counts)
+  mid_maps=$1 mid_ports=$2 mid_proc=$3
+  xl destroy "$d" >/dev/null 2>&1
+  t0=$(xv_uptime)
+  end=$((t0 + 30))
+  while mx_stats_json | tr '{' '\n' | grep -q "^\"domid\":$domid,"; do
+    [ "$(xv_uptime)" -lt "$end" ] || break
+    sleep 0.3
+  done
+  gone_after=$(($(xv_uptime) - t0))
+  left=$(mx_stats_json | tr '{' '\n' | grep -c "^\"domid\":$domid,")
+  # shellcheck disable=SC2046 # three numbers
+  set -- $(mx_process_counts)
+  after_maps=$1 after_ports=$2 after_proc=$3
+  why=
+  [ "$running" = 1 ] || why="the victim's I/O never reached the backend (requests: ${req:-none});"
+  [ "${mid_maps:-0}" -gt "${base_maps:-0}" ] || why="$why its connection added no mapping ($base_maps -> $mid_maps), so this proves nothing;"
+  [ "$left" = 0 ] || why="$why $left device record(s) of domid $domid remain;"
+  [ "$(xv_domu_state "$d")" = gone ] || why="$why xl still lists $d;"
+  [ "$after_maps" = "$base_maps" ] || why="$why mappings: $base_maps held by the other devices, $after_maps after;"
+  [ "$after_proc" = "$base_proc" ] || why="$why /proc/$MX_BACKEND_PID/maps: $base_proc lines before, $after_proc after;"
+  [ "$after_ports" = "$base_ports" ] || why="$why event-channel ports: $base_ports before, $after_ports after;"
+  if [ -z "$why" ]; then
+    xv_check_for "$d" destroy-released PASS "xl destroy during a verify --nbd (${req} requests served): the daemon dropped the domain in ${gone_after}s; Xen mappings $base_maps (other devices) -> $mid_maps (with $d) -> $after_maps, /proc/$MX_BACKEND_PID/maps $base_proc -> $mid_proc -> $after_proc, ports $base_ports -> $mid_ports -> $after_ports"
+  else
+    xv_check_for "$d" destroy-released FAIL "$why"
+  fi
+  # The backend directories of the dead domain are Closed: detach removes them at once.
+  bad=
+  for i in 0 1 2; do
+    $MX_BE detach --domain "$domid" --devid "$i" --timeout 5 >/dev/null 2>&1 || bad="$bad $i"
+  done
+  if [ -z "$bad" ] && ! xenstore-read "/local/domain/0/backend/virtio/$domid" >/dev/null 2>&1; then
+    xv_check_for "$d" detach-dead PASS "detach --domain $domid (by domid: the name is gone) removed devids 0-2 at once"
+  else
+    xv_check_for "$d" detach-dead FAIL "detach failed for devids:$bad; $(xenstore-ls "/local/domain/0/backend/virtio/$domid" 2>&1 | head -n 3 | xv_oneline)"
+  fi
+  # The survivor's export still works.
+  [ -z "$lc_survivor" ] || mx_nbd_cell "$lc_survivor" nbd-after-destroy "$NBD" 6
+fi
+
+# ---- the end: stop the daemon, account for every DomU check line ----
+for n in $ready; do
+  [ "$n" = "$lc_destroy" ] && continue
+  xv_domu_run "$n" 30 "grep -c '^@@CHECK ' $XV_CHECKS" >"$XV_RUN/$n.emitted" 2>&1
+done
+if [ "$lc_survivor" = dom0 ] && [ -f "$MX_RUN/serve.pid" ]; then
+  kill "$(cat "$MX_RUN/serve.pid")" 2>/dev/null
+  sleep 2
+fi
+for n in $created; do
+  [ "$n" = "$lc_destroy" ] && continue
+  xv_domu_destroy "$n"
+done
+sleep 1
+mx_backend_stop
+stopped=$MX_BACKEND_STOPPED
+case $stopped in
+  "exit status 0") xv_check backend-stop PASS "SIGTERM: the daemon $stopped" ;;
+  *) xv_check backend-stop FAIL "SIGTERM: the daemon's $stopped" ;;
+esac
+bad=$(grep -E ' (ERROR|WARN) |panicked' "$MX_BACKEND_LOG" | grep -v -E 'the backend did not confirm|frontend domain died' | head -n 3 | cut -c1-200)
+if [ -z "$bad" ]; then
+  xv_check backend-log PASS "no ERROR, WARN or panic in $(grep -c . "$MX_BACKEND_LOG") lines of $MX_BACKEND_LOG"
+else
+  xv_check backend-log FAIL "$bad"
+fi
+xv_forward_stop
+for n in $ready; do
+  [ -f "$XV_RUN/$n.emitted" ] || continue
+  emitted=$(cat "$XV_RUN/$n.emitted")
+  delivered=$(xv_forwarded_checks "$n")
+  if [ "$emitted" = "$delivered" ]; then
+    xv_check_for "$n" checks-delivered PASS "all $emitted check lines of $n reached Dom0's console"
+  else
+    xv_check_for "$n" checks-delivered FAIL "$n emitted '$emitted' check lines, its console delivered $delivered"
+  fi
+done
+# On any failure, the daemon's log goes to the serial log (e2e.sh prints it).
+if grep -q '^@@CHECK [^ ]* [^ ]* [^ ]* FAIL' "$XV_CHECKS"; then
+  tail -n 150 "$MX_BACKEND_LOG" | cut -c1-400 | sed 's/^/[backend.log] /'
+fi
+exit 0

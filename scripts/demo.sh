@@ -81,21 +81,21 @@ E2E=$!
 seen_log=0 seen_serial=0
 follow() {
   local lines line
-  lines=$(grep -c '' "$LOG" 2>/dev/null || echo 0)
-  if [ "$lines" -gt "$seen_log" ]; then
+  lines=$(grep -c '' "$LOG" 2>/dev/null) || true
+  if [ "${lines:-0}" -gt "$seen_log" ]; then
     tail -n +"$((seen_log + 1))" "$LOG" | head -n "$((lines - seen_log))" |
       grep -E '^e2e: (cargo build|booting)|^fetch-debs: downloading' |
       sed -e 's/^e2e: booting .*/booting Xen 4.17 + Dom0 + one DomU under QEMU (software-emulated CPU: about a minute)/' \
         -e 's/^e2e: //' -e 's/^fetch-debs: //' |
-      while IFS= read -r line; do say "[$(elapsed)]   $line"; done
+      while IFS= read -r line; do say "[$(elapsed)]   $line"; done || true
     seen_log=$lines
   fi
   [ -f "$SERIAL" ] || return 0
-  lines=$(grep -a -c '' "$SERIAL" 2>/dev/null || echo 0)
-  if [ "$lines" -gt "$seen_serial" ]; then
+  lines=$(grep -a -c '' "$SERIAL" 2>/dev/null) || true
+  if [ "${lines:-0}" -gt "$seen_serial" ]; then
     tail -n +"$((seen_serial + 1))" "$SERIAL" | head -n "$((lines - seen_serial))" | tr -d '\r' |
       grep -a -o '@@DEMO step .*' | sed 's/^@@DEMO step //' |
-      while IFS= read -r line; do say "[$(elapsed)]   $line"; done
+      while IFS= read -r line; do say "[$(elapsed)]   $line"; done || true
     seen_serial=$lines
   fi
 }
@@ -153,13 +153,16 @@ if req:
     print(f"  backend       {req} requests (xenvirtio-backend stats): per request {per('map_calls'):.2f} map calls")
     print(f"                ({per('pages_mapped'):.2f} pages mapped), {per('notifications_sent'):.2f} notifications sent,"
           f" {per('notifications_received'):.2f} received;")
-    print(f"                {be.get('resident_pages', 0)} pages kept mapped (rings, pool, persistent grants)")
+    print(f"                (with persistent grants the backend maps each page of the arena once and keeps")
+    print(f"                it; {be.get('resident_pages', 0)} pages are still mapped now that the frontend has closed)")
 fe = demo.get("frontend", "")
 fr = num(r"(\d+) requests", fe, int)
 if fr:
-    print(f"  frontend      {fr} requests: per request {num(r'(\d+) notifications sent', fe, int) / fr:.2f} notifications sent,"
-          f" {num(r'(\d+) received', fe, int) / fr:.2f} received;")
-    print(f"                {num(r'(\d+) bytes copied', fe, int)} bytes copied between the caller's buffers and DMA memory")
+    sent = num(r"(\d+) notifications sent", fe, int) or 0
+    received = num(r"(\d+) received", fe, int) or 0
+    copied = num(r"(\d+) bytes copied", fe, int) or 0
+    print(f"  frontend      {fr} requests: per request {sent / fr:.2f} notifications sent, {received / fr:.2f} received;")
+    print(f"                {copied} bytes copied between the caller's buffers and DMA memory")
 print(f"  checks        {len(checks) - len(failed)} passed, {len(failed)} failed")
 for c in failed:
     print(f"    {c[:200]}")

@@ -87,13 +87,6 @@ fi
 # The matrix runs a few hundred frontend commands under TCG: give it room on a loaded machine.
 [ -n "$TIMEOUT" ] || case $MODE in smoke) TIMEOUT=600 ;; *) TIMEOUT=1500 ;; esac
 [[ $TIMEOUT =~ ^[0-9]+$ ]] || die "XENVIRTIO_E2E_TIMEOUT must be a number of seconds"
-if [ -n "$DOMUS_OPT" ]; then
-  for a in "${ARCHES[@]}"; do
-    for t in ${DOMUS_OPT//+/ }; do
-      [[ "+$(all_domus "$a")+" == *"+$t+"* ]] || die "--domus: $a has no DomU '$t' (it has $(all_domus "$a"))"
-    done
-  done
-fi
 
 # ---- per-arch facts ----
 debarch() { case $1 in x86_64) echo amd64 ;; arm64) echo arm64 ;; esac; }
@@ -104,6 +97,14 @@ file_arch() { case $1 in x86_64) echo x86-64 ;; arm64) echo "ARM aarch64" ;; esa
 all_domus() { case $1 in x86_64) echo pv+pvh ;; arm64) echo arm ;; esac; }
 domus_word() { echo "${DOMUS_OPT:-$(all_domus "$1")}"; }
 domains() { echo "dom0 $(domus_word "$1" | tr '+' '\n' | sed 's/^/domU-/' | paste -sd' ')"; }
+
+if [ -n "$DOMUS_OPT" ]; then
+  for a in "${ARCHES[@]}"; do
+    for t in ${DOMUS_OPT//+/ }; do
+      [[ "+$(all_domus "$a")+" == *"+$t+"* ]] || die "--domus: $a has no DomU '$t' (it has $(all_domus "$a"))"
+    done
+  done
+fi
 
 # ---- preflight ----
 missing=()

@@ -151,8 +151,10 @@ fi
 # mx_restart_cell DOMAIN SIGNAL NAME CELL: while a verify --nbd of 8 MiB runs through DOMAIN's
 # export (cells CELL and CELL+1), stop the daemon with SIGNAL (TERM: a restart, 8.3 then 8.5;
 # KILL: a crash, the new daemon finds the device Connected, 8.5) and start a new one. The
-# export reconnects by itself and the verify passes. Checks backend-NAME, NAME-verify,
-# image-NAME-verify and NAME-connected.
+# verify is paused (SIGSTOP) from the moment its requests reach the old daemon until the new
+# one runs, so that its I/O spans the restart for sure. The export reconnects by itself and
+# the verify passes; the new daemon must have served part of it. Checks backend-NAME,
+# NAME-verify, image-NAME-verify and NAME-connected.
 mx_restart_cell() {
   local _d _sig _name _seed _len _off _domid _end _req _stopped _out _n _st
   _d=$1 _sig=$2 _name=$3
@@ -161,7 +163,7 @@ mx_restart_cell() {
   _off=$(($4 * MX_CELL_BYTES))
   _domid=$(mx_domid "$_d")
   _n=$(mx_in "$_d" 20 "grep -c 'connected again' /run/xv/serve.log")
-  mx_in "$_d" 10 "($MX_FE verify --nbd $NBD --seed $_seed --offset $_off --length $_len >/run/xv/$_name-verify.out 2>&1; echo rc=\$? >>/run/xv/$_name-verify.out) </dev/null >/dev/null 2>&1 &" >/dev/null
+  mx_in "$_d" 10 "($MX_FE verify --nbd $NBD --seed $_seed --offset $_off --length $_len >/run/xv/$_name-verify.out 2>&1 & echo \$! >/run/xv/$_name-verify.pid; wait \$!; echo rc=\$? >>/run/xv/$_name-verify.out) </dev/null >/dev/null 2>&1 &" >/dev/null
   # Once the verify's requests reach the backend.
   _end=$(($(xv_uptime) + 60))
   _req=$(mx_json_num requests "$(mx_device_json "$_domid" 0)")
@@ -170,6 +172,7 @@ mx_restart_cell() {
     [ "$(xv_uptime)" -lt "$_end" ] || break
     sleep 0.3
   done
+  mx_in "$_d" 10 "kill -STOP \$(cat /run/xv/$_name-verify.pid)" >/dev/null
   _req=$(mx_json_num requests "$(mx_device_json "$_domid" 0)")
   if [ "$_sig" = KILL ]; then
     kill -KILL "$MX_BACKEND_PID" 2>/dev/null
@@ -184,6 +187,7 @@ mx_restart_cell() {
   else
     xv_check "backend-$_name" FAIL "old daemon: $_stopped; the new one did not start: $(tail -n 5 "$MX_BACKEND_LOG" | xv_oneline)"
   fi
+  mx_in "$_d" 10 "kill -CONT \$(cat /run/xv/$_name-verify.pid)" >/dev/null
   _out=$(mx_in "$_d" 240 "end=\$((\$(xv_uptime) + 200)); while ! grep -q '^rc=' /run/xv/$_name-verify.out; do [ \$(xv_uptime) -lt \$end ] || break; sleep 0.5; done; cat /run/xv/$_name-verify.out; grep -c 'connected again' /run/xv/serve.log")
   _n=$(($(echo "$_out" | tail -n 1) - ${_n:-0}))
   if mx_line '^rc=0$' "$_out" >/dev/null && mx_line '^OK: ' "$_out" >/dev/null && [ "$_n" -ge 1 ]; then
@@ -193,8 +197,11 @@ mx_restart_cell() {
   fi
   mx_image_cell "$_d" "image-$_name-verify" "$_seed" "$_off" "$_len"
   _st=$(mx_device_json "$_domid" 0)
-  case $_st in
-    *'"state":"Connected"'*) xv_check_for "$_d" "$_name-connected" PASS "the new daemon serves $_d's blk: $(echo "$_st" | grep -o '"strategy":"[a-z]*","requests":[0-9]*')" ;;
+  case "$_st" in
+    *'"state":"Connected"'*'"requests":0,'* | *'"requests":0,'*'"state":"Connected"'*)
+      xv_check_for "$_d" "$_name-connected" FAIL "the new daemon served none of the verify: ${_st:-none}" ;;
+    *'"state":"Connected"'*)
+      xv_check_for "$_d" "$_name-connected" PASS "the new daemon serves $_d's blk and did part of the verify: $(echo "$_st" | grep -o '"strategy":"[a-z]*","requests":[0-9]*')" ;;
     *) xv_check_for "$_d" "$_name-connected" FAIL "the new daemon's record of $_d blk 0: ${_st:-none}" ;;
   esac
 }

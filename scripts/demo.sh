@@ -154,12 +154,13 @@ if req:
     print(f"                ({per('pages_mapped'):.2f} pages mapped), {per('notifications_sent'):.2f} notifications sent,"
           f" {per('notifications_received'):.2f} received;")
     how = {
-        "grant": "with persistent grants each page of the frontend's arena is mapped on first use and kept;"
+        "grant": "persistent grants: each page of the frontend's arena is mapped once and kept;"
         if "persistent" in demo.get("copied", "") else "each request's pages are mapped and unmapped again;",
         "bounce": "the bounce pool is mapped once, at connect;",
         "direct": "guest memory is foreign-mapped in 2 MiB chunks that stay cached;",
     }.get(demo.get("dma", ""), "")
-    print(f"                ({how} {be.get('resident_pages', 0)} pages stay mapped after the frontend closed)")
+    print(f"                ({how}")
+    print(f"                {be.get('resident_pages', 0)} pages stay mapped after the frontend closed)")
 fe = demo.get("frontend", "")
 fr = num(r"(\d+) requests", fe, int)
 if fr:

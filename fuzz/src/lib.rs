@@ -49,6 +49,20 @@ pub fn run_bytes(name: &str, data: &[u8]) {
     }
 }
 
+/// The structure fuzzer bytes read as, for reports.
+pub fn describe(name: &str, data: &[u8]) -> String {
+    match name {
+        "device_queue" => format!("{:?}", device_queue::QueueInput::from_bytes(data)),
+        "blk_request" => format!("{:?}", blk_request::BlkInput::from_bytes(data)),
+        "dma_map" => format!("{:?}", dma_map::DmaInput::from_bytes(data)),
+        "driver_queue" => format!("{:?}", driver_queue::DriverInput::from_bytes(data)),
+        "xenstore_client" => format!("{:?}", xenstore_client::XsInput::from_bytes(data)),
+        "wire_codecs" => format!("{:?}", wire_codecs::CodecInput::from_bytes(data)),
+        "nbd_server" => format!("{:?}", nbd_server::NbdInput::from_bytes(data)),
+        other => panic!("no fuzz target named {other:?}"),
+    }
+}
+
 fn encode<T: Structured + PartialEq + std::fmt::Debug>(
     seeds: Vec<(&'static str, T)>,
 ) -> Vec<(&'static str, Vec<u8>)> {

@@ -27,6 +27,8 @@ use crate::input::{Reader, Structured, Writer};
 
 /// Bytes of the exported image.
 const IMAGE_LEN: usize = 64 * 1024;
+/// Largest payload the harness generates (two of the server's 1 MiB chunks and a bit).
+pub const MAX_EXACT_PAYLOAD: u32 = (2 << 20) + 4096;
 
 /// One option of the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +64,8 @@ pub struct NbdRequest {
     pub near: bool,
     /// Payload sent after the header (a WRITE's data; may differ from `length`).
     pub payload: Vec<u8>,
-    /// Send `length` bytes of payload exactly (pattern) instead of `payload`.
+    /// Send `length` bytes of payload exactly (pattern) instead of `payload`, for a WRITE of
+    /// at most [`MAX_EXACT_PAYLOAD`] bytes.
     pub exact_payload: bool,
 }
 
@@ -147,6 +150,16 @@ impl NbdRequest {
         if self.known { self.command % 8 } else { self.command }
     }
 
+    /// The payload bytes the client sends after the header.
+    fn payload(&self) -> Vec<u8> {
+        let length = self.range().1;
+        if self.exact_payload && self.command() == proto::CMD_WRITE && length <= MAX_EXACT_PAYLOAD {
+            (0..length).map(|i| (i % 251) as u8).collect()
+        } else {
+            self.payload.clone()
+        }
+    }
+
     fn range(&self) -> (u64, u32) {
         if self.near {
             (
@@ -204,11 +217,7 @@ fn client_bytes(input: &NbdInput) -> Vec<u8> {
         out.extend_from_slice(&q.handle.to_be_bytes());
         out.extend_from_slice(&offset.to_be_bytes());
         out.extend_from_slice(&length.to_be_bytes());
-        if q.exact_payload && q.command() == proto::CMD_WRITE {
-            out.extend((0..length).map(|i| (i % 251) as u8));
-        } else {
-            out.extend_from_slice(&q.payload);
-        }
+        out.extend_from_slice(&q.payload());
     }
     out.extend_from_slice(&input.trailing);
     out
@@ -313,12 +322,12 @@ fn check_replies(input: &NbdInput, replies: &[u8]) {
             .iter()
             .all(|o| o.declared.is_none() && !o.bad_magic && o.known)
         && input.requests.iter().all(|q| {
-            let payload = if q.exact_payload && q.command() == proto::CMD_WRITE {
+            let want = if q.command() == proto::CMD_WRITE {
                 q.range().1 as usize
             } else {
-                q.payload.len()
+                0
             };
-            q.known && payload == if q.command() == proto::CMD_WRITE { q.range().1 as usize } else { 0 }
+            q.known && q.payload().len() == want
         });
     if !well_formed {
         return;

@@ -184,8 +184,13 @@ fn message(msg_type: u32, req_id: u32, tx_id: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The daemon's side: plays the script, then closes.
+/// The daemon's side: plays the script, then closes. Junk can make the client misframe a
+/// reply and wait for one that never comes (as any silent daemon can: the client waits as long
+/// as the connection lives); a daemon that waits for a request and gets none within 200 ms
+/// ends its script, so that the connection closes and the client's calls return.
 fn daemon(mut sock: UnixStream, script: Vec<DaemonAct>) {
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .expect("a read timeout");
     let mut framer = Framer::new();
     let mut unanswered: std::collections::VecDeque<MsgHeader> = Default::default();
     let mut buf = [0u8; 8192];
@@ -198,7 +203,10 @@ fn daemon(mut sock: UnixStream, script: Vec<DaemonAct>) {
             } => {
                 while unanswered.is_empty() {
                     let n = match sock.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
+                        Ok(0) | Err(_) => {
+                            let _ = sock.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
                         Ok(n) => n,
                     };
                     framer.push(&buf[..n]);

@@ -354,6 +354,13 @@ fn check_ok_effects(
     after: &[u8],
 ) {
     let body = spans.iter().map(|s| s.len).sum::<usize>() - 1;
+    // Overlapping writable windows (a lying frontend may send them) make the data that ends
+    // up in memory depend on the write order; the data checks need them apart.
+    let overlap = spans.iter().enumerate().any(|(i, a)| {
+        spans[i + 1..].iter().any(|b| {
+            a.len > 0 && b.len > 0 && a.offset < b.offset + b.len && b.offset < a.offset + a.len
+        })
+    });
     let req_type = u32::from_le_bytes(readable.get(0..4).map_or([0; 4], |b| b.try_into().expect("4")));
     if status != S_OK {
         return;
@@ -361,6 +368,9 @@ fn check_ok_effects(
     match req_type {
         T_IN => {
             assert_eq!(used, body + 1, "a READ fills its buffers");
+            if overlap {
+                return;
+            }
             let sector = u64::from_le_bytes(readable[8..16].try_into().expect("8 bytes"));
             let start = (sector * SECTOR_SIZE) as usize;
             assert_eq!(
@@ -378,6 +388,9 @@ fn check_ok_effects(
         T_GET_ID => {
             let n = body.min(ID_BYTES);
             assert_eq!(used, n + 1);
+            if overlap {
+                return;
+            }
             let mut id = [0u8; ID_BYTES];
             id[..IMAGE_NAME.len()].copy_from_slice(IMAGE_NAME.as_bytes());
             assert_eq!(writable_bytes(spans, after, 0, n), id[..n], "GET_ID");

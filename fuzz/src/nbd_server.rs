@@ -256,15 +256,21 @@ pub fn run(input: &NbdInput) {
     });
     let mut replies = Vec::new();
     let mut chunk = [0u8; 65536];
+    let mut ended_by = None;
     loop {
         match conn.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => replies.extend_from_slice(&chunk[..n]),
+            // libFuzzer's timers interrupt system calls.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
                 panic!("the server neither answered nor closed within 10 s")
             }
             // A reset after the server dropped a violating client.
-            Err(_) => break,
+            Err(e) => {
+                ended_by = Some(e);
+                break;
+            }
         }
         assert!(replies.len() < 64 << 20, "more than 64 MiB of replies");
     }
@@ -273,6 +279,7 @@ pub fn run(input: &NbdInput) {
     server.shutdown();
     assert!(!SERVER_PANICKED.load(Ordering::SeqCst), "a server thread panicked");
 
+    assert!(replies.len() >= 18, "no hello ({} bytes, then {ended_by:?})", replies.len());
     check_replies(input, &replies);
     let after = std::fs::read(&image_path).expect("the image");
     assert_eq!(after.len(), IMAGE_LEN, "the export changed size");

@@ -6,6 +6,7 @@ set -euo pipefail
 APT_PKGS=(
   # real Xen under QEMU (scripts/e2e.sh, scripts/demo.sh)
   qemu-system-x86 qemu-system-arm device-tree-compiler cpio kmod xz-utils perl python3
+  file binutils shellcheck
   # static aarch64 binaries for the arm64 images
   gcc-aarch64-linux-gnu libc6-dev-arm64-cross
   # Debian's real C xenstored and its tools, for the host integration tests

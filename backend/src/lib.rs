@@ -10,6 +10,14 @@
 pub mod admin;
 pub mod blk;
 pub mod chain_io;
+pub mod console;
+pub mod daemon;
+pub mod device;
 pub mod dma;
+pub mod event_loop;
+pub mod handshake;
 pub mod rng;
+pub mod stats;
+#[cfg(feature = "test-utils")]
+pub mod test_utils;
 pub mod virtqueue;

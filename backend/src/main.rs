@@ -66,7 +66,10 @@ enum Command {
     /// List the virtio devices this backend domain serves.
     #[command(after_help = LIST_HELP)]
     List(ListArgs),
-    // ---- daemon subcommands (`serve`, `stats`) are added here when backend-runtime merges ----
+    /// Run the backend daemon: serve every virtio device of this domain until SIGTERM.
+    Serve(xenvirtio_backend::daemon::ServeArgs),
+    /// Show the devices and counters of a running daemon (through its control socket).
+    Stats(xenvirtio_backend::daemon::StatsArgs),
 }
 
 const ATTACH_HELP: &str = "\
@@ -349,7 +352,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Attach(args) => run_attach(&connect(xenstore)?, args),
         Command::Detach(args) => run_detach(&connect(xenstore)?, args),
         Command::List(args) => run_list(&connect(xenstore)?, args),
-        // ---- daemon subcommands (`serve`, `stats`): dispatched here after the merge ----
+        Command::Serve(mut args) => {
+            args.xenstore = xenstore.cloned();
+            xenvirtio_backend::daemon::run(&args)
+        }
+        Command::Stats(args) => xenvirtio_backend::daemon::stats(&args),
     }
 }
 

@@ -394,6 +394,14 @@ impl<T> DriverQueue<T> {
         Ok(())
     }
 
+    /// The caller's token of the chain in flight at `head`, to attach more to it.
+    pub fn token_mut(&mut self, head: u16) -> Option<&mut T> {
+        self.in_flight
+            .get_mut(usize::from(head))?
+            .as_mut()
+            .map(|slot| &mut slot.token)
+    }
+
     /// Forgets every chain in flight (after the device stopped) and returns their tokens, so
     /// the caller can fail the requests they stand for.
     pub fn drain_in_flight(&mut self) -> Vec<T> {

@@ -77,8 +77,8 @@ pub trait GrantedPages: Send + Sync {
 
 /// Allocates grants of this domain's pages to peers.
 pub trait GrantAllocator: Send + Sync {
-    /// The grants handed out.
-    type Grant: GrantedPages;
+    /// The grants handed out (owned values, so they can be kept behind a trait object).
+    type Grant: GrantedPages + 'static;
     /// Allocates `pages` zeroed pages and grants them to `peer` with `access`.
     fn grant(&self, peer: DomId, pages: usize, access: Access) -> Result<Self::Grant, XenError>;
 }
@@ -229,12 +229,18 @@ pub trait PinnedPages: Send + Sync {
     fn mem(&self) -> SharedMem<'_>;
     /// The frame number of each 4 KiB page, in order.
     fn gfns(&self) -> &[Gfn];
+    /// Whether the kernel may still move these pages to other frames (compaction, NUMA
+    /// balancing, hot-unplug): true for the mlock'ed 4 KiB fallback, whose frame numbers can
+    /// change under a backend that maps them. Memory that cannot move returns false.
+    fn may_migrate(&self) -> bool {
+        false
+    }
 }
 
 /// Allocates [`PinnedPages`].
 pub trait PinnedAllocator: Send + Sync {
-    /// The memory handed out.
-    type Pinned: PinnedPages;
+    /// The memory handed out (owned values, so they can be kept behind a trait object).
+    type Pinned: PinnedPages + 'static;
     /// Allocates `pages` 4 KiB pages of pinned memory.
     fn alloc_pinned(&self, pages: usize) -> Result<Self::Pinned, XenError>;
 }

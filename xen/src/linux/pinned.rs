@@ -204,6 +204,10 @@ impl PinnedPages for LinuxPinned {
     fn gfns(&self) -> &[Gfn] {
         &self.gfns
     }
+
+    fn may_migrate(&self) -> bool {
+        self.backing == PinnedBacking::Locked4K
+    }
 }
 
 impl PinnedAllocator for LinuxPinnedAllocator {

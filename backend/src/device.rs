@@ -1,0 +1,1283 @@
+//! One device of the daemon, on its own thread: the state machine of `docs/PROTOCOL.md`
+//! section 8 (backend side) and, while connected, the data path.
+//!
+//! This module owns everything the backend holds for one device: the device model (image,
+//! console, rng), the rings, the [`AddressSpace`] of the negotiated strategy and the event-
+//! channel ports. They live in the thread's locals, so a protocol error, an I/O error or even a
+//! panic drops them (unmapping and unbinding everything) and the thread carries on in the
+//! error state; nothing here can stop another device or the daemon.
+//!
+//! **The loop.** A mio poll (through [`EventLoop`]) waits on the daemon's waker (messages: the
+//! backend directory changed, the frontend domain is gone, shut down), a private watch on the
+//! frontend's `state`, the device's event-channel handle, and the console's host side. Xenstore
+//! is re-read only when one of the first two fired; the state machine is level-triggered, so
+//! coalesced watch events lose nothing.
+//!
+//! **The data path**, per available-buffer notification: `pending()` names the ports, each port
+//! is a queue; for each chain `DeviceQueue::pop_chain` validates it (indirect tables fetched
+//! once through the address space), `AddressSpace::map_chain` maps it, the model serves it,
+//! the `MappedChain` is dropped (per-request grants unmapped), and only then is the chain
+//! added to the used ring; `needs_notification` decides whether to notify. Notifications are
+//! disabled while a queue is drained and re-enabled with a re-check. A queue that keeps the
+//! thread busy for more than [`QUEUE_BUDGET`] chains is resumed after the thread has looked at
+//! its messages. All queues of a device (blk multi-queue included) are served on this thread.
+//!
+//! It must never map anything before the frontend's keys passed [`read_frontend_setup`](crate::handshake::read_frontend_setup), and
+//! never write `Sb = 6` before the frontend left Connected (or is gone).
+
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
+use std::os::fd::AsRawFd;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use xenvirtio_virtio::console::{RECEIVEQ, TRANSMITQ};
+use xenvirtio_virtio::dma::DmaStrategy;
+use xenvirtio_virtio::ids::DeviceKind;
+use xenvirtio_virtio::protocol::backend_keys as bk;
+use xenvirtio_xen::platform::{
+    BoundPort, EventChannels, ForeignMapper, GrantMapper, MappedPages, Platform,
+};
+use xenvirtio_xen::{Access, DomId, XenError};
+use xenvirtio_xenstore::xenbus::{self, XenbusState};
+use xenvirtio_xenstore::{TxId, WatchEvents, XenStore, XsError};
+
+use crate::blk::{BlkChainError, BlockDevice};
+use crate::chain_io::ChainWriter;
+use crate::console::ConsoleDevice;
+use crate::daemon::DaemonConfig;
+use crate::dma::{AddressSpace, DIRECT_CACHE_CHUNKS, DmaMapError, MapCounters};
+use crate::event_loop::{EventHandler, EventLoop, LoopToken};
+use crate::handshake::{
+    self, ConnectError, DirectTrust, FrontendSetup, Offer, RingLocation, ToolstackConfig,
+};
+use crate::rng::RngDevice;
+use crate::stats::DeviceStats;
+use crate::virtqueue::{Chain, DeviceQueue, QueueError};
+
+/// Chains served from one queue before the thread looks at its messages again.
+pub const QUEUE_BUDGET: usize = 256;
+/// Bytes of console input moved to the guest per receive buffer at most.
+const CONSOLE_CHUNK: usize = 4096;
+
+/// What the daemon tells a device thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceMsg {
+    /// Something under the backend directory changed: re-read it.
+    BackendChanged,
+    /// The frontend domain is dead: drop everything now and forget the device (8.4).
+    DomainGone,
+    /// The daemon is shutting down (8.3).
+    Shutdown,
+}
+
+/// The tokens of a device thread's poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeviceToken {
+    Wake,
+    FrontendWatch,
+    Events,
+    ConsoleIo,
+    ConsoleListener,
+}
+
+impl LoopToken for DeviceToken {
+    const WAKE: Self = DeviceToken::Wake;
+    fn token(self) -> Token {
+        Token(self as usize)
+    }
+    fn from_token(token: Token) -> Option<Self> {
+        [
+            DeviceToken::Wake,
+            DeviceToken::FrontendWatch,
+            DeviceToken::Events,
+            DeviceToken::ConsoleIo,
+            DeviceToken::ConsoleListener,
+        ]
+        .into_iter()
+        .find(|t| t.token() == token)
+    }
+}
+
+/// A fatal error of a connected device: the device goes to its error state.
+#[derive(Debug, thiserror::Error)]
+enum DeviceError {
+    #[error("queue {queue}")]
+    Queue {
+        queue: usize,
+        #[source]
+        source: QueueError,
+    },
+    #[error("queue {queue}")]
+    Dma {
+        queue: usize,
+        #[source]
+        source: DmaMapError,
+    },
+    #[error("queue {queue}")]
+    Blk {
+        queue: usize,
+        #[source]
+        source: BlkChainError,
+    },
+    #[error("queue {queue}: {what}")]
+    Io {
+        queue: usize,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("event channel")]
+    Event(#[source] XenError),
+    #[error("queue {queue}: more receive buffers outstanding than the queue size {size}")]
+    TooManyHeld { queue: usize, size: u16 },
+}
+
+/// Why a connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("cannot map queue {queue}'s ring")]
+    Ring {
+        queue: usize,
+        #[source]
+        source: XenError,
+    },
+    #[error("cannot bind queue {queue}'s event channel {port}")]
+    Port {
+        queue: usize,
+        port: u32,
+        #[source]
+        source: XenError,
+    },
+    #[error("cannot set up the bounce pool")]
+    Bounce(#[source] DmaMapError),
+    #[error("cannot open the Xen devices")]
+    Platform(#[source] XenError),
+    #[error("cannot register the event channel")]
+    Poll(#[source] std::io::Error),
+}
+
+/// The full chain of an error's messages, for the `error` node and logs.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// The device model.
+#[derive(Debug)]
+enum Model {
+    Blk(BlockDevice),
+    Console(Box<ConsoleDevice>),
+    Rng(RngDevice),
+}
+
+impl Model {
+    fn open(ts: &ToolstackConfig) -> Result<Model, String> {
+        match ts.kind {
+            DeviceKind::Block => {
+                let path = ts.image.as_deref().ok_or("a blk device needs params")?;
+                BlockDevice::open(path, ts.read_only)
+                    .map(Model::Blk)
+                    .map_err(|e| error_chain(&e))
+            }
+            DeviceKind::Console => ConsoleDevice::open(&ts.console)
+                .map(|c| Model::Console(Box::new(c)))
+                .map_err(|e| error_chain(&e)),
+            DeviceKind::Rng => Ok(Model::Rng(RngDevice::new())),
+        }
+    }
+
+    fn offer(&self, ts: &ToolstackConfig, config: &DaemonConfig) -> Offer {
+        let qsize = config.max_queue_size;
+        let queues = u16::try_from(ts.queues).unwrap_or(1);
+        let (features, cfg) = match self {
+            Model::Blk(b) => (
+                b.features(queues),
+                b.config(queues, u16::try_from(qsize).unwrap_or(u16::MAX))
+                    .to_bytes()
+                    .to_vec(),
+            ),
+            Model::Console(c) => (c.features(), c.config()),
+            Model::Rng(_) => (0, Vec::new()),
+        };
+        let mut offer = Offer::new(ts, features, cfg, qsize, config.max_persistent_grants);
+        if let Model::Console(c) = self {
+            offer.tty = c.tty().map(|p| p.display().to_string());
+        }
+        offer
+    }
+}
+
+/// One queue of a connected device.
+struct QueueRuntime<E: EventChannels> {
+    ring: Box<dyn MappedPages>,
+    queue: DeviceQueue,
+    port: BoundPort<E>,
+    /// Chains are still waiting after the budget ran out.
+    busy: bool,
+}
+
+/// Everything mapped and bound for one connection. Dropping it unmaps and unbinds all of it.
+struct Connection<P: Platform> {
+    /// The event-channel handle; every port holds it too, so it closes after the last port.
+    events: Arc<P::Events>,
+    queues: Vec<QueueRuntime<P::Events>>,
+    space: AddressSpace<P::GrantMap, P::Foreign>,
+    counters: MapCounters,
+    /// Console receive chains waiting for input (validated, not mapped).
+    held_rx: VecDeque<Chain>,
+    strategy: DmaStrategy,
+}
+
+impl<P: Platform> Connection<P> {
+    fn resident_pages(&self) -> u64 {
+        let rings: usize = self.queues.iter().map(|q| q.ring.pages()).sum();
+        (rings + self.space.resident_pages()) as u64
+    }
+}
+
+/// Cumulative counters that outlive connections.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    map: MapCounters,
+    notifications_sent: u64,
+    notifications_received: u64,
+    requests: u64,
+    errors: u64,
+}
+
+/// Where the device is in section 8 (backend side).
+enum Phase<P: Platform> {
+    /// Nothing published yet (`Sb = 1`).
+    Idle,
+    /// Features published (`Sb = 2`), waiting for the frontend's Initialised.
+    InitWait,
+    /// Serving (`Sb = 4`).
+    Connected(Box<Connection<P>>),
+    /// `Sb = 5`: nothing held any more; waiting for the frontend to leave Connected.
+    Closing {
+        deadline: Option<Instant>,
+        error: bool,
+        /// The frontend was seen in a state other than Initialising since the close began.
+        frontend_left_init: bool,
+    },
+    /// `Sb = 6`: waiting for the frontend to reconnect (or for `online = 0`).
+    Closed {
+        error: bool,
+        frontend_left_init: bool,
+    },
+}
+
+impl<P: Platform> Phase<P> {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Idle => "Initialising",
+            Phase::InitWait => "InitWait",
+            Phase::Connected(_) => "Connected",
+            Phase::Closing { .. } => "Closing",
+            Phase::Closed { .. } => "Closed",
+        }
+    }
+}
+
+/// What a device thread needs, handed over by the daemon.
+pub(crate) struct DeviceContext<P: Platform> {
+    pub platform: Arc<P>,
+    pub store: Arc<dyn XenStore>,
+    pub config: Arc<DaemonConfig>,
+    pub frontend: DomId,
+    pub devid: u32,
+    pub inbox: Receiver<DeviceMsg>,
+    pub stats: Arc<Mutex<DeviceStats>>,
+}
+
+/// How a run of the state machine starts.
+#[derive(Debug, Clone)]
+enum Start {
+    /// Check for leftovers of an earlier instance (8.5).
+    Fresh,
+    /// The previous run panicked: go to the error state.
+    AfterPanic(String),
+}
+
+/// The device thread's body: runs the state machine until the device is forgotten, starting
+/// again in the error state after a panic.
+pub(crate) fn run_device<P: Platform>(ctx: DeviceContext<P>, mut evloop: EventLoop<DeviceToken>) {
+    let span = tracing::info_span!("device", domid = ctx.frontend, devid = ctx.devid);
+    let _enter = span.enter();
+    let bdir = xenbus::backend_dir(ctx.platform.domid(), ctx.frontend, ctx.devid);
+    let fdir = xenbus::frontend_dir(ctx.frontend, ctx.devid);
+    // The frontend's state, on a private queue registered in this thread's poll.
+    static NEXT_TOKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let token = format!(
+        "xenvirtio-backend/{}/{}/{}",
+        ctx.frontend,
+        ctx.devid,
+        NEXT_TOKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let fe_watch = match watch_frontend(&*ctx.store, &fdir, &token, evloop.registry()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %error_chain(&e), "cannot watch the frontend's state; it is polled on backend changes only");
+            None
+        }
+    };
+    let mut totals = Totals::default();
+    let mut start = Start::Fresh;
+    loop {
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let mut machine = Machine {
+                ctx: &ctx,
+                bdir: &bdir,
+                fdir: &fdir,
+                fe_watch: fe_watch.as_ref(),
+                phase: Phase::Idle,
+                model: None,
+                toolstack: None,
+                offer: None,
+                dirty: true,
+                start: Some(start.clone()),
+                shutting_down: false,
+                forget: false,
+                last_error: None,
+                totals: &mut totals,
+            };
+            let r = evloop.run(&mut machine);
+            machine.close_all(evloop.registry());
+            r
+        }));
+        match result {
+            Ok(Ok(())) => break,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the device's poll failed; the device is abandoned");
+                break;
+            }
+            Err(payload) => {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_owned());
+                tracing::error!(panic = %what, "the device thread panicked; the device goes to its error state");
+                totals.errors += 1;
+                start = Start::AfterPanic(format!("internal error in the backend: {what}"));
+            }
+        }
+    }
+    if fe_watch.is_some() {
+        if let Err(e) = ctx.store.unwatch(&xenbus::state_path(&fdir), &token) {
+            tracing::debug!(error = %e, "removing the frontend watch failed");
+        }
+    }
+    tracing::debug!("device forgotten");
+}
+
+fn watch_frontend(
+    store: &dyn XenStore,
+    fdir: &str,
+    token: &str,
+    registry: &Registry,
+) -> Result<WatchEvents, XsError> {
+    let mut events = store.watch_events_for(token)?;
+    store.watch(&xenbus::state_path(fdir), token)?;
+    registry
+        .register(
+            &mut events,
+            DeviceToken::FrontendWatch.token(),
+            Interest::READABLE,
+        )
+        .map_err(|source| XsError::Io {
+            what: "registering the frontend watch failed".into(),
+            source,
+        })?;
+    Ok(events)
+}
+
+/// Creates a device thread's poll (so the daemon can hold its waker before the thread runs).
+pub(crate) fn device_loop() -> std::io::Result<EventLoop<DeviceToken>> {
+    EventLoop::new()
+}
+
+/// The state of one run of a device thread.
+struct Machine<'a, P: Platform> {
+    ctx: &'a DeviceContext<P>,
+    bdir: &'a str,
+    fdir: &'a str,
+    fe_watch: Option<&'a WatchEvents>,
+    phase: Phase<P>,
+    model: Option<Model>,
+    toolstack: Option<ToolstackConfig>,
+    offer: Option<Offer>,
+    /// Xenstore may have changed: re-run the state machine.
+    dirty: bool,
+    start: Option<Start>,
+    shutting_down: bool,
+    forget: bool,
+    last_error: Option<String>,
+    totals: &'a mut Totals,
+}
+
+/// What the state machine reads on each evaluation.
+#[derive(Debug, Clone, Copy)]
+struct Observed {
+    sb: Option<XenbusState>,
+    online: bool,
+    sf: Option<XenbusState>,
+}
+
+impl<P: Platform> Machine<'_, P> {
+    fn store(&self) -> &dyn XenStore {
+        &*self.ctx.store
+    }
+
+    fn observe(&self) -> Observed {
+        let sb = match xenbus::read_state(self.store(), TxId::NONE, &xenbus::state_path(self.bdir))
+        {
+            Ok(s) => Some(s),
+            Err(e) if e.is_enoent() => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the backend state failed");
+                Some(XenbusState::Unknown)
+            }
+        };
+        let online = xenbus::read_bool(
+            self.store(),
+            TxId::NONE,
+            &format!("{}/{}", self.bdir, bk::ONLINE),
+        )
+        .unwrap_or(false);
+        // A frontend's state that is absent or garbage counts as "holds nothing".
+        let sf = xenbus::read_state(self.store(), TxId::NONE, &xenbus::state_path(self.fdir)).ok();
+        Observed { sb, online, sf }
+    }
+
+    fn switch(&mut self, state: XenbusState) {
+        match xenbus::switch_state(self.store(), self.bdir, state) {
+            Ok(()) => tracing::debug!(%state, "backend state"),
+            Err(XsError::NodeVanished { .. }) => self.forget = true,
+            Err(e) => {
+                tracing::warn!(%state, error = %error_chain(&e), "writing the backend state failed")
+            }
+        }
+    }
+
+    /// Drops the connection (deregistering its event channel) and folds its counters in.
+    fn drop_connection(&mut self, registry: &Registry) {
+        if let Phase::Connected(conn) = std::mem::replace(&mut self.phase, Phase::Idle) {
+            let _ = registry.deregister(&mut SourceFd(&conn.events.as_raw_fd()));
+            self.fold(&conn.counters);
+            drop(conn);
+            tracing::debug!("connection dropped: nothing of the frontend stays mapped or bound");
+        }
+    }
+
+    fn fold(&mut self, c: &MapCounters) {
+        let t = &mut self.totals.map;
+        t.map_calls += c.map_calls;
+        t.pages_mapped += c.pages_mapped;
+        t.chains += c.chains;
+        t.cache_hits += c.cache_hits;
+    }
+
+    /// Everything held goes (end of a run, a panic, a forgotten device).
+    fn close_all(&mut self, registry: &Registry) {
+        self.drop_connection(registry);
+        self.model = None;
+        self.publish_stats();
+    }
+
+    /// Enters Closing: stops serving, drops everything, writes `Sb = 5` (with the error node
+    /// first, in one transaction, for a fatal error).
+    fn begin_close(
+        &mut self,
+        registry: &Registry,
+        error: Option<String>,
+        deadline: Option<Instant>,
+    ) {
+        self.drop_connection(registry);
+        match &error {
+            Some(reason) => {
+                self.totals.errors += 1;
+                // A guest can cause this at will: debug, counted, and in the error node.
+                tracing::debug!(reason, "device error: going to Closing");
+                match handshake::publish_error(self.store(), self.bdir, reason) {
+                    Ok(()) => {}
+                    Err(XsError::NodeVanished { .. }) => self.forget = true,
+                    Err(e) => {
+                        tracing::warn!(error = %error_chain(&e), "writing the error node failed")
+                    }
+                }
+                self.last_error = Some(reason.clone());
+            }
+            None => self.switch(XenbusState::Closing),
+        }
+        self.phase = Phase::Closing {
+            deadline,
+            error: error.is_some(),
+            frontend_left_init: false,
+        };
+        self.dirty = true;
+    }
+
+    fn shutdown_deadline(&self) -> Option<Instant> {
+        Some(Instant::now() + self.ctx.config.shutdown_grace)
+    }
+
+    /// 8.1 step 2: opens the model and publishes the offer.
+    fn try_publish(&mut self, registry: &Registry) {
+        let ts = match handshake::read_toolstack_config(
+            self.store(),
+            self.bdir,
+            self.ctx.frontend,
+            self.ctx.devid,
+        ) {
+            Ok(ts) => ts,
+            Err(e) => {
+                if let handshake::ToolstackError::Xenstore(XsError::NodeVanished { .. }) = e {
+                    self.forget = true;
+                    return;
+                }
+                let reason = format!("bad device description: {}", error_chain(&e));
+                self.begin_close(registry, Some(reason), None);
+                return;
+            }
+        };
+        if self.model.is_none() {
+            match Model::open(&ts) {
+                Ok(mut m) => {
+                    if let Model::Console(c) = &mut m {
+                        if let Err(e) = c.register(
+                            registry,
+                            DeviceToken::ConsoleIo.token(),
+                            DeviceToken::ConsoleListener.token(),
+                        ) {
+                            let reason = format!("cannot poll the console: {e}");
+                            self.begin_close(registry, Some(reason), None);
+                            return;
+                        }
+                    }
+                    self.model = Some(m);
+                }
+                Err(reason) => {
+                    tracing::warn!(reason, "cannot open the device");
+                    self.begin_close(registry, Some(reason), None);
+                    return;
+                }
+            }
+        }
+        let Some(model) = &self.model else { return };
+        let offer = model.offer(&ts, &self.ctx.config);
+        match handshake::publish(self.store(), self.bdir, &offer) {
+            Ok(generation) => {
+                tracing::info!(
+                    kind = %ts.kind,
+                    features = %xenvirtio_virtio::features::describe(ts.kind.device_id(), offer.features),
+                    queues = offer.max_queues,
+                    generation,
+                    "published; waiting for the frontend (InitWait)"
+                );
+                self.toolstack = Some(ts);
+                self.offer = Some(offer);
+                self.phase = Phase::InitWait;
+            }
+            Err(XsError::NodeVanished { .. }) => self.forget = true,
+            Err(e) => {
+                let reason = format!("cannot publish the device: {}", error_chain(&e));
+                self.begin_close(registry, Some(reason), None);
+            }
+        }
+    }
+
+    fn direct_allowed(&self) -> bool {
+        self.ctx
+            .config
+            .allow_direct
+            .iter()
+            .any(|sel| sel.matches(self.store(), self.ctx.frontend))
+    }
+
+    /// 8.1 step 4: validates, maps and binds; then Connected.
+    fn try_connect(&mut self, registry: &Registry) {
+        let (Some(ts), Some(offer)) = (self.toolstack.clone(), self.offer.clone()) else {
+            return;
+        };
+        let trust = DirectTrust {
+            backend_is_dom0: self.ctx.platform.domid() == 0,
+            operator_allows: self.direct_allowed(),
+        };
+        let result = handshake::read_frontend_setup(self.store(), self.fdir, &offer, &ts, trust)
+            .map_err(SetupError::from)
+            .and_then(|setup| self.establish(&setup, registry).map(|c| (setup, c)));
+        match result {
+            Ok((setup, conn)) => {
+                let strategy = setup.strategy;
+                self.phase = Phase::Connected(Box::new(conn));
+                self.switch(XenbusState::Connected);
+                tracing::info!(
+                    %strategy,
+                    persistent = setup.persistent,
+                    queues = setup.queues.len(),
+                    features = %xenvirtio_virtio::features::describe(ts.kind.device_id(), setup.features),
+                    "connected"
+                );
+                // The frontend may have made buffers available before Connected.
+                if let Phase::Connected(conn) = &mut self.phase {
+                    for q in &mut conn.queues {
+                        q.busy = true;
+                    }
+                }
+            }
+            Err(e) => {
+                let reason = format!("connect refused: {}", error_chain(&e));
+                self.begin_close(registry, Some(reason), None);
+            }
+        }
+    }
+
+    fn establish(
+        &self,
+        setup: &FrontendSetup,
+        registry: &Registry,
+    ) -> Result<Connection<P>, SetupError> {
+        let peer = self.ctx.frontend;
+        let platform = &*self.ctx.platform;
+        let mut counters = MapCounters::default();
+        let grants = Arc::new(platform.grant_mapper().map_err(SetupError::Platform)?);
+        let foreign = if setup.strategy == DmaStrategy::Direct {
+            let f = platform.foreign_mapper().map_err(SetupError::Platform)?;
+            f.restrict(peer).map_err(SetupError::Platform)?;
+            Some(Arc::new(f))
+        } else {
+            None
+        };
+        let space = match (setup.strategy, &foreign) {
+            (DmaStrategy::Grant, _) => AddressSpace::grant(
+                Arc::clone(&grants),
+                peer,
+                setup.persistent,
+                self.ctx.config.max_persistent_grants as usize,
+            ),
+            (DmaStrategy::Bounce, _) => {
+                let pool = setup
+                    .bounce
+                    .as_ref()
+                    .expect("read_frontend_setup returns a pool under bounce");
+                AddressSpace::bounce(&*grants, &mut counters, peer, pool.pages, &pool.dir_refs)
+                    .map_err(SetupError::Bounce)?
+            }
+            (DmaStrategy::Direct, Some(f)) => {
+                AddressSpace::direct(Arc::clone(f), peer, DIRECT_CACHE_CHUNKS)
+            }
+            (DmaStrategy::Direct, None) => unreachable!("a foreign mapper is opened for direct"),
+        };
+        let events = Arc::new(platform.event_channels().map_err(SetupError::Platform)?);
+        let mut queues = Vec::with_capacity(setup.queues.len());
+        for (i, q) in setup.queues.iter().enumerate() {
+            let ring: Box<dyn MappedPages> = match (&q.ring, &foreign) {
+                (RingLocation::Grants(refs), _) => Box::new(
+                    grants
+                        .map(peer, refs, Access::ReadWrite)
+                        .map_err(|source| SetupError::Ring { queue: i, source })?,
+                ),
+                (RingLocation::Frames(gfns), Some(f)) => Box::new(
+                    f.map(peer, gfns, Access::ReadWrite)
+                        .map_err(|source| SetupError::Ring { queue: i, source })?,
+                ),
+                (RingLocation::Frames(_), None) => unreachable!("frames only under direct"),
+            };
+            counters.map_calls += 1;
+            counters.pages_mapped += ring.pages() as u64;
+            let port =
+                BoundPort::bind_interdomain(&events, peer, q.event_channel).map_err(|source| {
+                    SetupError::Port {
+                        queue: i,
+                        port: q.event_channel,
+                        source,
+                    }
+                })?;
+            queues.push(QueueRuntime {
+                ring,
+                queue: DeviceQueue::new(q.layout, setup.features),
+                port,
+                busy: false,
+            });
+        }
+        registry
+            .register(
+                &mut SourceFd(&events.as_raw_fd()),
+                DeviceToken::Events.token(),
+                Interest::READABLE,
+            )
+            .map_err(SetupError::Poll)?;
+        Ok(Connection {
+            events,
+            queues,
+            space,
+            counters,
+            held_rx: VecDeque::new(),
+            strategy: setup.strategy,
+        })
+    }
+
+    /// Startup (8.5) or the error state after a panic.
+    fn begin(&mut self, registry: &Registry, start: Start) {
+        match start {
+            Start::AfterPanic(reason) => self.begin_close(registry, Some(reason), None),
+            Start::Fresh => {
+                let o = self.observe();
+                match o.sb {
+                    None => self.forget = true,
+                    Some(
+                        XenbusState::InitWait
+                        | XenbusState::Initialised
+                        | XenbusState::Connected
+                        | XenbusState::Closing,
+                    ) => {
+                        tracing::info!(
+                            state = %o.sb.unwrap_or(XenbusState::Unknown),
+                            "found a device left by an earlier backend: resetting it"
+                        );
+                        let deadline = Some(Instant::now() + self.ctx.config.restart_timeout);
+                        self.begin_close(registry, None, deadline);
+                    }
+                    Some(XenbusState::Closed) => {
+                        let error = self
+                            .store()
+                            .exists(TxId::NONE, &format!("{}/{}", self.bdir, bk::ERROR))
+                            .unwrap_or(false);
+                        self.phase = Phase::Closed {
+                            error,
+                            frontend_left_init: true,
+                        };
+                    }
+                    Some(_) => self.phase = Phase::Idle,
+                }
+            }
+        }
+    }
+
+    /// Evaluates section 8 until nothing changes.
+    fn step(&mut self, registry: &Registry) {
+        for _ in 0..8 {
+            if self.forget {
+                return;
+            }
+            let o = self.observe();
+            let Some(sb) = o.sb else {
+                tracing::info!("the backend directory was removed: forgetting the device");
+                self.forget = true;
+                return;
+            };
+            let frontend_idle = matches!(
+                o.sf,
+                None | Some(
+                    XenbusState::Unknown
+                        | XenbusState::Initialising
+                        | XenbusState::Closing
+                        | XenbusState::Closed
+                )
+            );
+            let leave = self.shutting_down || !o.online;
+            let before = self.phase.name();
+            match &mut self.phase {
+                Phase::Idle => {
+                    if self.shutting_down {
+                        self.forget = true;
+                    } else if !o.online {
+                        if sb != XenbusState::Closed {
+                            self.switch(XenbusState::Closed);
+                        }
+                        self.forget = true;
+                    } else {
+                        self.try_publish(registry);
+                    }
+                }
+                Phase::InitWait => {
+                    if leave || sb == XenbusState::Closing {
+                        let deadline = self
+                            .shutting_down
+                            .then(|| self.shutdown_deadline())
+                            .flatten();
+                        self.begin_close(registry, None, deadline);
+                    } else if o.sf == Some(XenbusState::Initialised) {
+                        self.try_connect(registry);
+                    } else if o.sf == Some(XenbusState::Closing) {
+                        // A restarted frontend resets what its predecessor left (8.7).
+                        self.switch(XenbusState::Closed);
+                        self.phase = Phase::Closed {
+                            error: false,
+                            frontend_left_init: true,
+                        };
+                    }
+                }
+                Phase::Connected(_) => {
+                    if leave || sb == XenbusState::Closing {
+                        let deadline = self
+                            .shutting_down
+                            .then(|| self.shutdown_deadline())
+                            .flatten();
+                        self.begin_close(registry, None, deadline);
+                    } else if frontend_idle {
+                        // 8.2 step 2: the frontend closes; drop everything, then Closed.
+                        self.drop_connection(registry);
+                        self.switch(XenbusState::Closed);
+                        self.phase = Phase::Closed {
+                            error: false,
+                            frontend_left_init: o.sf != Some(XenbusState::Initialising),
+                        };
+                    }
+                }
+                Phase::Closing {
+                    deadline,
+                    error,
+                    frontend_left_init,
+                } => {
+                    *frontend_left_init |= o.sf != Some(XenbusState::Initialising);
+                    let left = *frontend_left_init;
+                    let expired = deadline.is_some_and(|d| Instant::now() >= d);
+                    if frontend_idle || expired {
+                        if expired && !frontend_idle {
+                            tracing::info!("the frontend did not answer in time: closing anyway");
+                        }
+                        let error = *error;
+                        self.switch(XenbusState::Closed);
+                        if leave {
+                            self.forget = true;
+                        } else {
+                            self.phase = Phase::Closed {
+                                error,
+                                frontend_left_init: left,
+                            };
+                        }
+                    }
+                }
+                Phase::Closed {
+                    error,
+                    frontend_left_init,
+                } => {
+                    if leave {
+                        self.forget = true;
+                    } else {
+                        if o.sf != Some(XenbusState::Initialising) {
+                            *frontend_left_init = true;
+                        }
+                        let reconnect = if *error {
+                            // After an error, only a frontend that starts over (8.3).
+                            o.sf == Some(XenbusState::Initialising) && *frontend_left_init
+                        } else {
+                            // 8.2 step 4.
+                            matches!(o.sf, Some(XenbusState::Initialising | XenbusState::Closed))
+                        };
+                        if reconnect {
+                            self.try_publish(registry);
+                        }
+                    }
+                }
+            }
+            if self.phase.name() == before && !self.forget {
+                return;
+            }
+        }
+    }
+
+    fn kind(&self) -> Option<DeviceKind> {
+        self.toolstack.as_ref().map(|t| t.kind)
+    }
+
+    /// Serves every queue that has work (after a notification, a connect, or a budget).
+    fn serve(&mut self, registry: &Registry, notified: &[usize]) {
+        let Phase::Connected(conn) = &mut self.phase else {
+            return;
+        };
+        let Some(model) = self.model.as_mut() else {
+            return;
+        };
+        for &q in notified {
+            if let Some(qr) = conn.queues.get_mut(q) {
+                qr.busy = true;
+            }
+        }
+        let mut result = Ok(());
+        for q in 0..conn.queues.len() {
+            if !conn.queues[q].busy {
+                continue;
+            }
+            conn.queues[q].busy = false;
+            result = serve_queue(conn, q, model, registry, self.totals);
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            if let Model::Console(c) = model {
+                result = deliver_console_input(conn, c, registry, self.totals);
+            }
+        }
+        if let Err(e) = result {
+            let reason = format!("protocol error: {}", error_chain(&e));
+            self.begin_close(registry, Some(reason), None);
+        }
+    }
+
+    fn handle_events(&mut self, registry: &Registry) {
+        let Phase::Connected(conn) = &mut self.phase else {
+            return;
+        };
+        let ports = match conn.events.pending() {
+            Ok(p) => p,
+            Err(e) => {
+                let reason = format!("event channel: {}", error_chain(&e));
+                self.begin_close(registry, Some(reason), None);
+                return;
+            }
+        };
+        self.totals.notifications_received += ports.len() as u64;
+        let queues: Vec<usize> = ports
+            .iter()
+            .filter_map(|p| conn.queues.iter().position(|q| q.port.port() == *p))
+            .collect();
+        self.serve(registry, &queues);
+        if let Phase::Connected(conn) = &self.phase {
+            if let Err(e) = conn.events.unmask(&ports) {
+                let reason = format!("event channel: {}", error_chain(&e));
+                self.begin_close(registry, Some(reason), None);
+            }
+        }
+    }
+
+    fn drain_inbox(&mut self, registry: &Registry) {
+        loop {
+            match self.ctx.inbox.try_recv() {
+                Ok(DeviceMsg::BackendChanged) => self.dirty = true,
+                Ok(DeviceMsg::Shutdown) => {
+                    self.shutting_down = true;
+                    self.dirty = true;
+                    // A device already closing waits for its frontend no longer than the grace.
+                    let grace = self.shutdown_deadline();
+                    if let Phase::Closing { deadline, .. } = &mut self.phase {
+                        *deadline = match (*deadline, grace) {
+                            (Some(d), Some(g)) => Some(d.min(g)),
+                            (d, g) => d.or(g),
+                        };
+                    }
+                }
+                Ok(DeviceMsg::DomainGone) => {
+                    tracing::info!("the frontend domain is gone: dropping everything");
+                    self.drop_connection(registry);
+                    if !matches!(self.phase, Phase::Closed { .. }) {
+                        self.switch(XenbusState::Closed);
+                    }
+                    self.forget = true;
+                }
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    // The daemon is gone: behave as on shutdown.
+                    self.shutting_down = true;
+                    self.dirty = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn publish_stats(&self) {
+        let mut s = DeviceStats {
+            domid: self.ctx.frontend,
+            devid: self.ctx.devid,
+            kind: self.kind().map_or("?", DeviceKind::name).to_owned(),
+            state: self.phase.name().to_owned(),
+            strategy: "-".to_owned(),
+            last_error: self.last_error.clone(),
+            ..Default::default()
+        };
+        let t = *self.totals;
+        let mut map = t.map;
+        if let Phase::Connected(conn) = &self.phase {
+            s.strategy = conn.strategy.name().to_owned();
+            s.resident_pages = conn.resident_pages();
+            s.ports = conn.queues.len() as u64;
+            map.map_calls += conn.counters.map_calls;
+            map.pages_mapped += conn.counters.pages_mapped;
+        }
+        s.map_calls = map.map_calls;
+        s.pages_mapped = map.pages_mapped;
+        s.notifications_sent = t.notifications_sent;
+        s.notifications_received = t.notifications_received;
+        s.requests = t.requests;
+        s.errors = t.errors;
+        match &self.model {
+            Some(Model::Blk(b)) => {
+                let c = b.counters();
+                s.bytes_read = c.bytes_read;
+                s.bytes_written = c.bytes_written;
+                s.errors += c.errors;
+            }
+            Some(Model::Console(c)) => {
+                let c = c.counters();
+                s.bytes_read = c.bytes_in;
+                s.bytes_written = c.bytes_out;
+            }
+            Some(Model::Rng(r)) => s.bytes_read = r.bytes_served(),
+            None => {}
+        }
+        let mut slot = self.ctx.stats.lock().unwrap_or_else(|p| p.into_inner());
+        // Byte counters of a model that was dropped (after an error) are kept.
+        if self.model.is_none() && slot.kind == s.kind {
+            s.bytes_read = s.bytes_read.max(slot.bytes_read);
+            s.bytes_written = s.bytes_written.max(slot.bytes_written);
+        }
+        *slot = s;
+    }
+}
+
+impl<P: Platform> EventHandler<DeviceToken> for Machine<'_, P> {
+    fn deadline(&self) -> Option<Instant> {
+        if self.dirty || self.start.is_some() {
+            return Some(Instant::now());
+        }
+        match &self.phase {
+            Phase::Connected(conn) if conn.queues.iter().any(|q| q.busy) => Some(Instant::now()),
+            Phase::Closing { deadline, .. } => *deadline,
+            _ => None,
+        }
+    }
+
+    fn handle_event(&mut self, token: DeviceToken, registry: &Registry) -> ControlFlow<()> {
+        match token {
+            DeviceToken::Wake => self.drain_inbox(registry),
+            DeviceToken::FrontendWatch => {
+                if let Some(w) = self.fe_watch {
+                    while let Ok(Some(_)) = w.try_next() {}
+                }
+                // The frontend wrote its state after the error: a write of `1` now is a
+                // request to start over, even if it rewrote the value it already had.
+                if let Phase::Closed {
+                    frontend_left_init, ..
+                } = &mut self.phase
+                {
+                    *frontend_left_init = true;
+                }
+                self.dirty = true;
+            }
+            DeviceToken::Events => self.handle_events(registry),
+            DeviceToken::ConsoleIo => {
+                if let Some(Model::Console(c)) = &mut self.model {
+                    c.io_ready(registry);
+                }
+                self.serve(registry, &[]);
+            }
+            DeviceToken::ConsoleListener => {
+                if let Some(Model::Console(c)) = &mut self.model {
+                    c.accept(registry);
+                }
+                self.serve(registry, &[]);
+            }
+        }
+        if self.forget {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    fn handle_timeout(&mut self, registry: &Registry) -> ControlFlow<()> {
+        if let Some(start) = self.start.take() {
+            self.begin(registry, start);
+        }
+        let deadline_passed = matches!(
+            self.phase,
+            Phase::Closing { deadline: Some(d), .. } if Instant::now() >= d
+        );
+        if self.dirty || deadline_passed {
+            self.dirty = false;
+            self.step(registry);
+        }
+        if matches!(&self.phase, Phase::Connected(c) if c.queues.iter().any(|q| q.busy)) {
+            self.serve(registry, &[]);
+        }
+        self.publish_stats();
+        if self.forget {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
+/// Drains one queue (up to [`QUEUE_BUDGET`] chains), notifying the frontend as it asks.
+fn serve_queue<P: Platform>(
+    conn: &mut Connection<P>,
+    q: usize,
+    model: &mut Model,
+    registry: &Registry,
+    totals: &mut Totals,
+) -> Result<(), DeviceError> {
+    let qerr = |source| DeviceError::Queue { queue: q, source };
+    let dma = |source| DeviceError::Dma { queue: q, source };
+    let Connection {
+        queues,
+        space,
+        counters,
+        held_rx,
+        ..
+    } = conn;
+    let qr = &mut queues[q];
+    let ring = qr.ring.mem();
+    let mut served = 0usize;
+    loop {
+        qr.queue.disable_notification(&ring).map_err(qerr)?;
+        loop {
+            if served >= QUEUE_BUDGET {
+                // Come back after a look at the messages; notifications stay disabled.
+                qr.busy = true;
+                break;
+            }
+            let chain = qr
+                .queue
+                .pop_chain(&ring, &mut |addr, len| space.read(addr, len, counters))
+                .map_err(qerr)?;
+            let Some(chain) = chain else { break };
+            served += 1;
+            let used = match model {
+                Model::Console(_) if q == usize::from(RECEIVEQ) => {
+                    // Held until input arrives. A driver cannot have more chains outstanding
+                    // than the queue holds; one that offers the same heads again would make
+                    // this list grow without bound.
+                    if held_rx.len() >= usize::from(qr.queue.layout().size()) {
+                        return Err(DeviceError::TooManyHeld {
+                            queue: q,
+                            size: qr.queue.layout().size(),
+                        });
+                    }
+                    held_rx.push_back(chain);
+                    continue;
+                }
+                Model::Console(c) if q == usize::from(TRANSMITQ) => {
+                    let mapped = space.map_chain(&chain, counters).map_err(dma)?;
+                    let mut buf = [0u8; CONSOLE_CHUNK];
+                    for w in mapped.readable() {
+                        let mut at = 0;
+                        while at < w.len() {
+                            let n = (w.len() - at).min(buf.len());
+                            w.read(at, &mut buf[..n])
+                                .map_err(|e| dma(DmaMapError::Mem(e)))?;
+                            c.write_output(registry, &buf[..n]);
+                            at += n;
+                        }
+                    }
+                    drop(mapped);
+                    0
+                }
+                Model::Console(_) => 0,
+                Model::Blk(b) => {
+                    let mapped = space.map_chain(&chain, counters).map_err(dma)?;
+                    let used = b
+                        .handle(&mapped.readable(), &mapped.writable())
+                        .map_err(|source| DeviceError::Blk { queue: q, source })?;
+                    drop(mapped);
+                    used
+                }
+                Model::Rng(r) => {
+                    let mapped = space.map_chain(&chain, counters).map_err(dma)?;
+                    let used = r
+                        .handle(&mapped.writable())
+                        .map_err(|source| DeviceError::Io {
+                            queue: q,
+                            what: "getrandom failed",
+                            source,
+                        })?;
+                    drop(mapped);
+                    used
+                }
+            };
+            // The request's own mappings are gone: only now is the chain returned.
+            qr.queue.add_used(&ring, chain.head, used).map_err(qerr)?;
+            totals.requests += 1;
+        }
+        if qr.queue.needs_notification(&ring).map_err(qerr)? {
+            qr.port.notify().map_err(DeviceError::Event)?;
+            totals.notifications_sent += 1;
+        }
+        if qr.busy || !qr.queue.enable_notification(&ring).map_err(qerr)? {
+            return Ok(());
+        }
+    }
+}
+
+/// Moves console input into held receive buffers, one buffer per read.
+fn deliver_console_input<P: Platform>(
+    conn: &mut Connection<P>,
+    console: &mut ConsoleDevice,
+    registry: &Registry,
+    totals: &mut Totals,
+) -> Result<(), DeviceError> {
+    let q = usize::from(RECEIVEQ);
+    let Connection {
+        queues,
+        space,
+        counters,
+        held_rx,
+        ..
+    } = conn;
+    let Some(qr) = queues.get_mut(q) else {
+        return Ok(());
+    };
+    let ring = qr.ring.mem();
+    let mut delivered = false;
+    let mut buf = [0u8; CONSOLE_CHUNK];
+    while console.input_ready() {
+        let Some(chain) = held_rx.front() else { break };
+        let room = (chain.writable_len() as usize).min(CONSOLE_CHUNK);
+        let n = if room == 0 {
+            0
+        } else {
+            let n = console.read_input(registry, &mut buf[..room]);
+            if n == 0 {
+                break;
+            }
+            n
+        };
+        let chain = held_rx.pop_front().expect("checked non-empty above");
+        if n > 0 {
+            let mapped = space
+                .map_chain(&chain, counters)
+                .map_err(|source| DeviceError::Dma { queue: q, source })?;
+            let windows = mapped.writable();
+            ChainWriter::new(&windows)
+                .write_all(&buf[..n])
+                .map_err(|e| DeviceError::Io {
+                    queue: q,
+                    what: "writing console input",
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+        }
+        // `n <= CONSOLE_CHUNK`.
+        qr.queue
+            .add_used(&ring, chain.head, n as u32)
+            .map_err(|source| DeviceError::Queue { queue: q, source })?;
+        totals.requests += 1;
+        delivered = true;
+    }
+    if delivered
+        && qr
+            .queue
+            .needs_notification(&ring)
+            .map_err(|source| DeviceError::Queue { queue: q, source })?
+    {
+        qr.port.notify().map_err(DeviceError::Event)?;
+        totals.notifications_sent += 1;
+    }
+    Ok(())
+}

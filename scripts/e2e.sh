@@ -1,0 +1,317 @@
+#!/usr/bin/env bash
+# e2e.sh: xenvirtio end to end on real Xen (Debian's Xen 4.17 + 6.1 kernels) under QEMU TCG.
+# See `scripts/e2e.sh --help` and docs/E2E.md. Written from the reference recipe in
+# shared/xen-qemu (boots, pitfalls and package lists); nothing here needs that directory.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: scripts/e2e.sh [--arch x86_64|arm64|all] [--smoke] [--keep] [--help]
+
+Boots real Xen under QEMU (software emulation, no KVM needed) and checks the project in it:
+  x86_64: Dom0 (PV) + a PV DomU + a PVH DomU     arm64: Dom0 + a DomU
+For each arch it fetches Debian's packages (cached), builds every xenvirtio-* binary as a static
+musl executable, carries them into every domain, boots, and runs the checks of the mode.
+
+  --arch A   x86_64, arm64 or all (default: all; the arches boot one after the other)
+  --smoke    the smoke checks (issue 3). Without it the full matrix would run; until it
+             exists (issue 6) the smoke checks run and the script says so.
+  --keep     keep the initramfs staging trees and archive this run's logs in WORK/runs/
+  --mode M   run the test scripts of mode M (tests/M-dom0.sh, tests/M-domU.sh): for
+             developing a new mode
+  --help     this text
+
+Output: one line per check, "PASS|FAIL <arch> <domain> <check>: <detail>", then
+"e2e: N passed, M failed". Logs and results stay in the work dir (paths are printed).
+Exit status: 0 only if every check passed and every domain booted; 1 if a check failed;
+2 on a usage, fetch or build error. docs/E2E.md describes the check lines, the command
+channel and how to add checks.
+
+Environment:
+  XENVIRTIO_E2E_WORK      work dir: package cache, images, logs (default /tmp/xenvirtio-e2e)
+  XENVIRTIO_E2E_TIMEOUT   seconds one arch's QEMU may run (default 600)
+  CARGO_TARGET_DIR        honoured; CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER defaults to
+                          aarch64-linux-gnu-gcc
+  XENVIRTIO_E2E_X86_CPU   QEMU -cpu for x86_64 (default max,-smap,-smep,-xsave; see docs/E2E.md)
+  XENVIRTIO_E2E_XEN_ARGS  appended to Xen's x86_64 command line (debugging)
+Host tools: scripts/install-deps.sh installs them.
+EOF
+}
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+XQ=$ROOT/scripts/xen-qemu
+WORK=${XENVIRTIO_E2E_WORK:-/tmp/xenvirtio-e2e}
+TIMEOUT=${XENVIRTIO_E2E_TIMEOUT:-600}
+ARCH_OPT=all
+SMOKE=0
+KEEP=0
+MODE_OPT=
+
+die() {
+  echo "e2e: error: $*" >&2
+  exit 2
+}
+
+while [ $# -gt 0 ]; do
+  case $1 in
+    --arch) [ $# -ge 2 ] || die "--arch needs a value"; ARCH_OPT=$2; shift 2 ;;
+    --arch=*) ARCH_OPT=${1#--arch=}; shift ;;
+    --smoke) SMOKE=1; shift ;;
+    --keep) KEEP=1; shift ;;
+    --mode) [ $# -ge 2 ] || die "--mode needs a value"; MODE_OPT=$2; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; die "unknown argument '$1'" ;;
+  esac
+done
+case $ARCH_OPT in
+  all) ARCHES=(x86_64 arm64) ;;
+  x86_64 | arm64) ARCHES=("$ARCH_OPT") ;;
+  amd64) ARCHES=(x86_64) ;;
+  aarch64) ARCHES=(arm64) ;;
+  *) die "--arch must be x86_64, arm64 or all (got '$ARCH_OPT')" ;;
+esac
+[[ $TIMEOUT =~ ^[0-9]+$ ]] || die "XENVIRTIO_E2E_TIMEOUT must be a number of seconds"
+MODE=smoke
+if [ -n "$MODE_OPT" ]; then
+  [ -f "$XQ/tests/$MODE_OPT-dom0.sh" ] || die "no test script scripts/xen-qemu/tests/$MODE_OPT-dom0.sh"
+  MODE=$MODE_OPT
+elif [ $SMOKE = 0 ]; then
+  echo "e2e: the full matrix (issue 6) is not written yet: running the smoke checks"
+fi
+
+# ---- per-arch facts ----
+debarch() { case $1 in x86_64) echo amd64 ;; arm64) echo arm64 ;; esac; }
+triple() { case $1 in x86_64) echo x86_64-unknown-linux-musl ;; arm64) echo aarch64-unknown-linux-musl ;; esac; }
+file_arch() { case $1 in x86_64) echo x86-64 ;; arm64) echo "ARM aarch64" ;; esac; }
+# The DomUs to boot (Dom0 cmdline xvdomus=, '+'-separated: no commas on a multiboot cmdline) and
+# every domain that must report "boot".
+domus_word() { case $1 in x86_64) echo pv+pvh ;; arm64) echo arm ;; esac; }
+domains() { case $1 in x86_64) echo dom0 domU-pv domU-pvh ;; arm64) echo dom0 domU-arm ;; esac; }
+
+# ---- preflight ----
+missing=()
+need=(cpio depmod gzip xz perl python3 readelf file apt-get dpkg cargo timeout flock)
+for a in "${ARCHES[@]}"; do
+  case $a in
+    x86_64) need+=(qemu-system-x86_64) ;;
+    arm64) need+=(qemu-system-aarch64 fdtput "${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER:-aarch64-linux-gnu-gcc}") ;;
+  esac
+done
+for c in "${need[@]}"; do
+  command -v "$c" >/dev/null 2>&1 || missing+=("$c")
+done
+[ ${#missing[@]} = 0 ] || die "missing host tools: ${missing[*]} (run scripts/install-deps.sh)"
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER:-aarch64-linux-gnu-gcc}
+
+mkdir -p "$WORK/logs"
+exec 9>"$WORK/.lock"
+flock -n 9 || die "another e2e run is using $WORK (set XENVIRTIO_E2E_WORK to run in parallel)"
+RESULTS=$WORK/results.txt
+: >"$RESULTS"
+RUN_START=$(date +%s)
+declare -A PHASE_S=()
+
+phase_start() { PHASE_T0=$(date +%s); }
+phase_end() { PHASE_S[$1]=$(($(date +%s) - PHASE_T0)); }
+
+# ---- check lines ----
+PASSED=0
+FAILED=0
+# report LINE: print one "@@CHECK <arch> <domain> <name> PASS|FAIL [detail]" line for people, and
+# record it.
+report() {
+  local line=$1 arch dom name st detail
+  read -r _ arch dom name st detail <<<"$line"
+  echo "$line" >>"$RESULTS"
+  if [ "$st" = PASS ]; then
+    PASSED=$((PASSED + 1))
+  else
+    FAILED=$((FAILED + 1))
+    st=FAIL
+  fi
+  printf '%s %-6s %-8s %-18s %s\n' "$st" "$arch" "$dom" "$name:" "$detail"
+}
+# host_check ARCH NAME PASS|FAIL DETAIL: a check made by this script (domain "host").
+host_check() {
+  report "@@CHECK $1 host $2 $3 $4"
+}
+# host_check_for ARCH DOMAIN NAME PASS|FAIL DETAIL: a check this script makes on a domain's behalf.
+host_check_for() {
+  report "@@CHECK $1 $2 $3 $4 $5"
+}
+# show_tail FILE [N]: the last N lines of FILE, indented, for a FAIL that needs context.
+show_tail() {
+  echo "       --- last ${2:-25} lines of $1"
+  { tail -n "${2:-25}" "$1" 2>&1 || true; } | tr -d '\r' | cut -c1-200 | sed 's/^/       | /'
+}
+
+# ---- 1. Debian packages (cached) ----
+phase_start
+for a in "${ARCHES[@]}"; do
+  "$XQ/fetch-debs.sh" "$(debarch "$a")" "$WORK/debs-$(debarch "$a")" ||
+    die "fetching the $(debarch "$a") packages failed"
+done
+phase_end fetch
+
+# ---- the harness's own shell library, under the guests' busybox when it runs here ----
+bb=$WORK/debs-amd64/stage/bin/busybox
+[ -x "$bb" ] && "$bb" true 2>/dev/null || bb=
+if out=$("$XQ/test-lib.sh" "$bb" 2>&1); then
+  host_check host harness-lib PASS "$(tail -n 1 <<<"$out") (scripts/xen-qemu/test-lib.sh${bb:+ under busybox sh})"
+else
+  host_check host harness-lib FAIL "$(grep -m 3 FAIL <<<"$out" | tr '\n' ' ')"
+fi
+
+# ---- 2. the project's binaries, static musl ----
+# build_bins ARCH: build every binary of the workspace for ARCH and copy the xenvirtio-* ones to
+# WORK/ARCH/bin. The list comes from cargo's own artifact messages, so new binaries are picked
+# up and stale files in the target dir are not.
+build_bins() {
+  local a=$1 t json blog exe bins=() f desc bad=
+  t=$(triple "$a")
+  json=$WORK/logs/cargo-$a.json
+  blog=$WORK/logs/cargo-$a.log
+  echo "e2e: cargo build --profile release-static --target $t --bins --workspace"
+  if ! (cd "$ROOT" && cargo build --profile release-static --target "$t" --bins --workspace \
+    --message-format=json-render-diagnostics >"$json" 2>"$blog"); then
+    tail -n 30 "$blog" >&2
+    die "cargo build for $t failed (full log: $blog)"
+  fi
+  mapfile -t bins < <(python3 -c '
+import json, os, sys
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    exe = m.get("executable")
+    if m.get("reason") == "compiler-artifact" and exe and os.path.basename(exe).startswith("xenvirtio-"):
+        print(exe)' "$json")
+  [ ${#bins[@]} -gt 0 ] || die "cargo built no xenvirtio-* binary for $t"
+  rm -rf "${WORK:?}/$a/bin"
+  mkdir -p "$WORK/$a/bin"
+  desc=
+  for exe in "${bins[@]}"; do
+    cp "$exe" "$WORK/$a/bin/"
+    f=$(file -b "$exe")
+    if [[ $f == *"$(file_arch "$a")"* ]] && [[ $f == *"statically linked"* || $f == *"static-pie linked"* ]]; then
+      desc="$desc $(basename "$exe")"
+    else
+      bad="$bad $(basename "$exe") ($f)"
+    fi
+  done
+  if [ -z "$bad" ]; then
+    host_check "$a" static-binaries PASS "static $(file_arch "$a"):$desc"
+  else
+    host_check "$a" static-binaries FAIL "not static or not $(file_arch "$a"):$bad"
+  fi
+}
+phase_start
+for a in "${ARCHES[@]}"; do build_bins "$a"; done
+phase_end build
+
+# ---- 3. initramfs ----
+phase_start
+for a in "${ARCHES[@]}"; do
+  "$XQ/build-initrd.sh" "$a" "$WORK/debs-$(debarch "$a")" "$WORK/$a" "$WORK/$a/bin" >"$WORK/logs/initrd-$a.log" 2>&1 ||
+    { tail -n 20 "$WORK/logs/initrd-$a.log" >&2; die "building the $a initramfs failed (log: $WORK/logs/initrd-$a.log)"; }
+  tail -n 1 "$WORK/logs/initrd-$a.log"
+  [ $KEEP = 1 ] || rm -rf "$WORK/$a/initrd-dom0" "$WORK/$a/initrd-domU"
+done
+phase_end initrd
+
+# ---- 4. boot and collect, one arch after the other ----
+# Patterns that mean a kernel or Xen went down (in Dom0, or in a DomU through the forwarder).
+# "Segmentation fault" is busybox sh reporting a process killed by SIGSEGV: the harness's own
+# tools must never crash (this is how the XSAVE problem of boot.sh showed up).
+CRASH_RE='Kernel panic|Oops:|BUG: |general protection fault|Segmentation fault|\(XEN\) Panic on CPU|\(XEN\) FATAL|\(XEN\) Xen BUG|domain_crash'
+
+# collect ARCH LOG QEMU_RC: turn one arch's serial log into check lines.
+collect() {
+  local a=$1 log=$2 qrc=$3 raw n_guest=0 bad summary s_checks s_failed dups crash d
+  raw=$WORK/logs/$a.checks
+  [ -f "$log" ] || echo "(boot.sh wrote no log)" >"$log"
+  # A check line starts at "@@CHECK"; what precedes it (timestamps, "[domU-pv] ") is dropped.
+  grep -a -o '@@CHECK .*' "$log" | tr -d '\r' >"$raw.all" || true
+  grep -E "^@@CHECK $a [^ ]+ [^ ]+ (PASS|FAIL)( |$)" "$raw.all" >"$raw" || true
+  bad=$(grep -vcE "^@@CHECK $a [^ ]+ [^ ]+ (PASS|FAIL)( |$)" "$raw.all" || true)
+  n_guest=$(grep -c . "$raw" || true)
+  # Shown grouped by domain, in the order of domains(), each in the order it was emitted.
+  for d in $(domains "$a"); do
+    grep "^@@CHECK $a $d " "$raw" || true
+  done >"$raw.sorted"
+  grep -v -E "^@@CHECK $a ($(domains "$a" | tr ' ' '|')) " "$raw" >>"$raw.sorted" || true
+  while IFS= read -r line; do report "$line"; done <"$raw.sorted"
+  rm -f "$raw.all" "$raw.sorted"
+
+  case $qrc in
+    0) host_check "$a" qemu PASS "Xen powered off cleanly after $(($(date +%s) - BOOT_T0))s" ;;
+    124) host_check "$a" qemu FAIL "timed out after ${TIMEOUT}s (XENVIRTIO_E2E_TIMEOUT); log: $log"
+      show_tail "$log" ;;
+    *) host_check "$a" qemu FAIL "QEMU exited $qrc; log: $log"
+      show_tail "$log" ;;
+  esac
+
+  crash=$(grep -a -m 3 -E "$CRASH_RE" "$log" | tr -d '\r' | cut -c1-160 | tr '\n' '|' || true)
+  if [ -z "$crash" ]; then
+    host_check "$a" no-crash PASS "no panic, oops, segfault or Xen crash in the serial log"
+  else
+    host_check "$a" no-crash FAIL "$crash log: $log"
+    grep -a -m 1 -B 5 -A 20 -E "$CRASH_RE" "$log" | tr -d '\r' | cut -c1-200 | sed 's/^/       | /'
+  fi
+
+  # Every domain must have reported "boot". One that never did is a FAIL, never a skip.
+  for d in $(domains "$a"); do
+    if ! grep -q "^@@CHECK $a $d boot " "$raw"; then
+      host_check_for "$a" "$d" boot FAIL "no boot report from $d on the serial log; log: $log"
+      # the tail was shown already when QEMU failed
+      [ "$d" != dom0 ] || [ "$qrc" != 0 ] || show_tail "$log"
+    fi
+  done
+
+  # Dom0 counted every line it emitted or forwarded; the host must have parsed as many.
+  summary=$(grep -a -o "@@SUMMARY $a checks=[0-9]* failed=[0-9]*" "$log" | tail -n1 || true)
+  if [ -z "$summary" ]; then
+    host_check "$a" summary FAIL "Dom0 never printed @@SUMMARY: its test script did not finish; log: $log"
+  else
+    s_checks=${summary#*checks=}
+    s_checks=${s_checks%% *}
+    s_failed=${summary#*failed=}
+    if [ "$s_checks" = "$n_guest" ] && [ "$bad" = 0 ]; then
+      host_check "$a" summary PASS "Dom0 counted $s_checks check lines ($s_failed failed), all parsed here"
+    else
+      host_check "$a" summary FAIL "Dom0 counted $s_checks check lines, the serial log gave $n_guest well-formed and $bad garbled ones; log: $log"
+    fi
+  fi
+
+  dups=$(cut -d' ' -f2-4 "$raw" | sort | uniq -d | tr '\n' ' ')
+  if [ -n "$dups" ]; then
+    host_check "$a" unique-checks FAIL "check names reported twice: $dups"
+  fi
+}
+
+for a in "${ARCHES[@]}"; do
+  log=$WORK/logs/$a.serial.log
+  # Dom0 stops its test script a minute before QEMU is killed, so that it still reports.
+  words="xvmode=$MODE xvdomus=$(domus_word "$a") xvtimeout=$((TIMEOUT > 120 ? TIMEOUT - 60 : TIMEOUT * 3 / 4))"
+  echo "e2e: booting $a (Xen 4.17, Dom0 + $(domains "$a" | cut -d' ' -f2- | sed 's/ / + /g')), timeout ${TIMEOUT}s; serial log: $log"
+  BOOT_T0=$(date +%s)
+  qrc=0
+  "$XQ/boot.sh" "$a" "$WORK/debs-$(debarch "$a")" "$WORK/$a" "$log" "$TIMEOUT" "$words" || qrc=$?
+  PHASE_S[boot-$a]=$(($(date +%s) - BOOT_T0))
+  collect "$a" "$log" "$qrc"
+done
+
+# ---- 5. summary ----
+if [ $KEEP = 1 ]; then
+  keepdir=$WORK/runs/$(date +%Y%m%d-%H%M%S)
+  mkdir -p "$keepdir"
+  cp "$WORK"/logs/* "$RESULTS" "$keepdir/"
+  echo "e2e: logs archived in $keepdir; staging trees kept in $WORK/<arch>/initrd-{dom0,domU}"
+fi
+times=
+for k in fetch build initrd "${ARCHES[@]/#/boot-}"; do times="$times $k=${PHASE_S[$k]:-?}s"; done
+echo "e2e: timings:$times total=$(($(date +%s) - RUN_START))s"
+echo "e2e: serial logs: $(for a in "${ARCHES[@]}"; do printf '%s ' "$WORK/logs/$a.serial.log"; done)results: $RESULTS"
+echo "e2e: $PASSED passed, $FAILED failed"
+[ "$FAILED" = 0 ]

@@ -1,0 +1,61 @@
+# shellcheck shell=dash
+# common.sh: expectations and per-domain checks shared by the test scripts of every mode.
+# Sourced after /xv/lib/xv-lib.sh and xv_setup (XV_ARCH, XV_DOM are set).
+
+# xv_expect_guest_type DOMAIN: what /sys/hypervisor/guest_type must say.
+xv_expect_guest_type() {
+  case "$XV_ARCH/$1" in
+    x86_64/dom0 | x86_64/domU-pv) echo PV ;;
+    x86_64/domU-pvh) echo PVH ;;
+    arm64/*) echo HVM ;; # Xen on Arm guests are all "HVM", even for xl type="pvh"
+    *) echo unknown ;;
+  esac
+}
+
+# xv_expect_hugetlb DOMAIN: yes when 2 MiB huge pages must be usable (not in x86 PV guests).
+xv_expect_hugetlb() {
+  case "$XV_ARCH/$1" in
+    x86_64/dom0 | x86_64/domU-pv) echo no ;;
+    *) echo yes ;;
+  esac
+}
+
+# xv_expect_uname_m DOMAIN: what `uname -m` prints in DOMAIN.
+xv_expect_uname_m() {
+  case $XV_ARCH in
+    arm64) echo aarch64 ;;
+    *) echo "$XV_ARCH" ;;
+  esac
+}
+
+# xv_check_domain_basics: the checks every domain runs on itself, in every mode.
+xv_check_domain_basics() {
+  local want missing n st
+  want="gntalloc gntdev evtchn xenbus"
+  [ "$XV_DOM" = dom0 ] && want="$want privcmd"
+  missing=
+  for n in $want; do
+    [ -c "/dev/xen/$n" ] || missing="$missing $n"
+  done
+  if [ -z "$missing" ]; then
+    xv_check dev-xen PASS "/dev/xen/{$(echo "$want" | tr ' ' ',')} are character devices"
+  else
+    xv_check dev-xen FAIL "missing:$missing; /dev/xen has: $(cd /dev/xen 2>&1 && echo *)"
+  fi
+
+  xv_check_eq gntalloc-limit "$(cat /xv/gntalloc-limit)" \
+    "$(cat /sys/module/xen_gntalloc/parameters/limit 2>&1)" "(xen-gntalloc limit= parameter)"
+
+  xv_check_eq guest-type "$(xv_expect_guest_type "$XV_DOM")" "$(cat /sys/hypervisor/guest_type 2>&1)" \
+    "(/sys/hypervisor/guest_type)"
+
+  xv_check_project_binaries
+
+  # A fact line: where huge pages exist. It fails only when the expectation does not hold.
+  st=$(xv_hugetlb_state)
+  if [ "${st%% *}" = "$(xv_expect_hugetlb "$XV_DOM")" ]; then
+    xv_check hugetlbfs PASS "available=$st (expected ${st%% *})"
+  else
+    xv_check hugetlbfs FAIL "available=$st, expected $(xv_expect_hugetlb "$XV_DOM")"
+  fi
+}

@@ -1,0 +1,97 @@
+#!/bin/sh
+# shellcheck shell=dash
+# smoke-dom0.sh: Dom0 side of `scripts/e2e.sh --smoke` (issue 3), run by dom0-init once the
+# toolstack is up. Checks Dom0 itself, boots the DomUs of $XV_DOMUS, and checks each of them from
+# here through the command channel. Every DomU that does not boot is a FAIL, never a skip.
+# shellcheck source=../guest/xv-lib.sh
+. /xv/lib/xv-lib.sh
+# shellcheck source=common.sh
+. /xv/tests/common.sh
+
+BOOT_TIMEOUT=${XV_BOOT_TIMEOUT:-300}
+AGENT_TIMEOUT=${XV_AGENT_TIMEOUT:-120}
+
+# ---- Dom0 itself ----
+xv_check_domain_basics
+out=$(xl info 2>&1)
+rc=$?
+ver=$(echo "$out" | sed -n 's/^xen_version *: *//p')
+case "$rc:$ver" in
+  0:4.17*) xv_check xl-info PASS "xen_version=$ver $(echo "$out" | grep -E '^(nr_cpus|total_memory|free_memory) ' | xv_oneline)" ;;
+  *) xv_check xl-info FAIL "rc=$rc xen_version='$ver' $(echo "$out" | tail -n 3 | xv_oneline)" ;;
+esac
+if grep -q control_d /proc/xen/capabilities 2>/dev/null; then
+  xv_check role-control-d PASS "/proc/xen/capabilities: $(xv_oneline </proc/xen/capabilities)"
+else
+  xv_check role-control-d FAIL "/proc/xen/capabilities: $(xv_oneline </proc/xen/capabilities 2>&1)"
+fi
+
+# ---- DomUs: create them all, then check each ----
+xv_forward_start
+created=
+for t in $XV_DOMUS; do
+  n=domU-$t
+  if out=$(xv_domu_create "$n"); then
+    created="$created $n"
+  else
+    xv_check_for "$n" boot FAIL "$out"
+  fi
+done
+
+for n in $created; do
+  xv_domu_wait_boot "$n" "$BOOT_TIMEOUT" || continue
+  if ! xv_agent_wait "$n" "$AGENT_TIMEOUT"; then
+    xv_check_for "$n" channel-ready FAIL "agent did not publish ready=1 within ${AGENT_TIMEOUT}s"
+    continue
+  fi
+  xv_check_for "$n" channel-ready PASS "agent ready in domid $(xv_domid "$n")"
+
+  # The command channel, both ways: output and exit status come back.
+  out=$(xv_domu_run "$n" 30 'uname -m')
+  rc=$?
+  want=$(xv_expect_uname_m "$n")
+  if [ "$rc" = 0 ] && [ "$out" = "$want" ]; then
+    xv_check_for "$n" channel-uname PASS "uname -m in $n: $out, rc=0"
+  else
+    xv_check_for "$n" channel-uname FAIL "rc=$rc out='$(echo "$out" | xv_oneline)' expected '$want' rc=0"
+  fi
+  # shellcheck disable=SC2016 # the DomU shell must see the backslash and the dollar verbatim
+  out=$(xv_domu_run "$n" 30 'echo "to stdout \\ \$x"; echo to-stderr >&2; exit 3')
+  rc=$?
+  # shellcheck disable=SC2016
+  want=$(printf '%s\n%s' 'to stdout \ $x' to-stderr)
+  if [ "$rc" = 3 ] && [ "$out" = "$want" ]; then
+    xv_check_for "$n" channel-status PASS "rc=3, stdout and stderr returned verbatim"
+  else
+    xv_check_for "$n" channel-status FAIL "rc=$rc (want 3) out='$(echo "$out" | xv_oneline)'"
+  fi
+
+  # How many check lines the DomU emitted, to compare with what its console delivered.
+  xv_domu_run "$n" 30 "grep -c '^@@CHECK ' $XV_CHECKS" >"$XV_RUN/$n.emitted" 2>&1
+done
+
+# ---- tear down, then account for every DomU check line ----
+for n in $created; do
+  xv_domu_destroy "$n"
+done
+sleep 1
+for n in $created; do
+  st=$(xv_domu_state "$n")
+  if [ "$st" = gone ]; then
+    xv_check_for "$n" destroy PASS "xl destroy: domain gone"
+  else
+    xv_check_for "$n" destroy FAIL "still listed after xl destroy, state $st"
+  fi
+done
+xv_forward_stop
+for n in $created; do
+  [ -f "$XV_RUN/$n.emitted" ] || continue
+  emitted=$(cat "$XV_RUN/$n.emitted")
+  delivered=$(xv_forwarded_checks "$n")
+  if [ "$emitted" = "$delivered" ]; then
+    xv_check_for "$n" checks-delivered PASS "all $emitted check lines of $n reached Dom0's console"
+  else
+    xv_check_for "$n" checks-delivered FAIL "$n emitted '$emitted' check lines, its console delivered $delivered"
+  fi
+done
+exit 0

@@ -17,6 +17,7 @@ pub mod blk_request;
 pub mod device_queue;
 pub mod dma_map;
 pub mod driver_queue;
+pub mod handshake;
 pub mod input;
 pub mod nbd_server;
 pub mod wire_codecs;
@@ -25,7 +26,7 @@ pub mod xenstore_client;
 use input::Structured;
 
 /// The targets, as `fuzz_targets/<name>.rs` names them.
-pub const TARGETS: [&str; 7] = [
+pub const TARGETS: [&str; 8] = [
     "device_queue",
     "blk_request",
     "dma_map",
@@ -33,6 +34,7 @@ pub const TARGETS: [&str; 7] = [
     "xenstore_client",
     "wire_codecs",
     "nbd_server",
+    "handshake",
 ];
 
 /// Runs target `name` on raw fuzzer bytes, exactly as its libFuzzer target does.
@@ -45,6 +47,7 @@ pub fn run_bytes(name: &str, data: &[u8]) {
         "xenstore_client" => xenstore_client::run(&Structured::from_bytes(data)),
         "wire_codecs" => wire_codecs::run(&Structured::from_bytes(data)),
         "nbd_server" => nbd_server::run(&Structured::from_bytes(data)),
+        "handshake" => handshake::run(&Structured::from_bytes(data)),
         other => panic!("no fuzz target named {other:?}"),
     }
 }
@@ -59,6 +62,7 @@ pub fn describe(name: &str, data: &[u8]) -> String {
         "xenstore_client" => format!("{:?}", xenstore_client::XsInput::from_bytes(data)),
         "wire_codecs" => format!("{:?}", wire_codecs::CodecInput::from_bytes(data)),
         "nbd_server" => format!("{:?}", nbd_server::NbdInput::from_bytes(data)),
+        "handshake" => format!("{:?}", handshake::HandshakeInput::from_bytes(data)),
         other => panic!("no fuzz target named {other:?}"),
     }
 }
@@ -87,6 +91,7 @@ pub fn seeds(name: &str) -> Vec<(&'static str, Vec<u8>)> {
         "xenstore_client" => encode(xenstore_client::seeds()),
         "wire_codecs" => encode(wire_codecs::seeds()),
         "nbd_server" => encode(nbd_server::seeds()),
+        "handshake" => encode(handshake::seeds()),
         other => panic!("no fuzz target named {other:?}"),
     }
 }

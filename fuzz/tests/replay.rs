@@ -59,3 +59,8 @@ fn wire_codecs() {
 fn nbd_server() {
     replay("nbd_server");
 }
+
+#[test]
+fn handshake() {
+    replay("handshake");
+}

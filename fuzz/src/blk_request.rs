@@ -165,7 +165,11 @@ pub fn run(input: &BlkInput) {
         let win = mem.slice(offset, len).expect("cut to the buffer");
         if w.writable {
             let mapped_writable = !w.read_only_mapping;
-            writable.push(if mapped_writable { win } else { win.read_only() });
+            writable.push(if mapped_writable {
+                win
+            } else {
+                win.read_only()
+            });
             spans.push(Span {
                 start: writable_len,
                 len,
@@ -204,8 +208,12 @@ pub fn run(input: &BlkInput) {
     };
     for (i, (b, a)) in image.iter().zip(&image_after).enumerate() {
         if b != a {
-            let inside = allowed.is_some_and(|(start, len)| (start..start + len).contains(&(i as u64)));
-            assert!(inside, "image byte {i} changed, allowed {allowed:?}: {input:?}");
+            let inside =
+                allowed.is_some_and(|(start, len)| (start..start + len).contains(&(i as u64)));
+            assert!(
+                inside,
+                "image byte {i} changed, allowed {allowed:?}: {input:?}"
+            );
         }
     }
 
@@ -229,8 +237,21 @@ pub fn run(input: &BlkInput) {
             );
             assert_eq!(after[at], *status, "status for {input:?}");
             let used = *used as usize;
-            assert!((1..=writable_len).contains(&used), "used length {used} of {writable_len}");
-            check_ok_effects(input, *status, *range, used, &image, &image_after, &readable_stream, &spans, &after);
+            assert!(
+                (1..=writable_len).contains(&used),
+                "used length {used} of {writable_len}"
+            );
+            check_ok_effects(
+                input,
+                *status,
+                *range,
+                used,
+                &image,
+                &image_after,
+                &readable_stream,
+                &spans,
+                &after,
+            );
         }
         _ => panic!("handle gave {result:?}, expected {answer:?}, for {input:?}"),
     }
@@ -267,7 +288,7 @@ fn body_writable(spans: &[Span], len: usize) -> bool {
 }
 
 fn in_range(capacity: u64, sector: u64, len: u64) -> Option<(u64, u64)> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return None;
     }
     let end = sector.checked_add(len / SECTOR_SIZE)?;
@@ -361,7 +382,11 @@ fn check_ok_effects(
             a.len > 0 && b.len > 0 && a.offset < b.offset + b.len && b.offset < a.offset + a.len
         })
     });
-    let req_type = u32::from_le_bytes(readable.get(0..4).map_or([0; 4], |b| b.try_into().expect("4")));
+    let req_type = u32::from_le_bytes(
+        readable
+            .get(0..4)
+            .map_or([0; 4], |b| b.try_into().expect("4")),
+    );
     if status != S_OK {
         return;
     }
@@ -383,7 +408,11 @@ fn check_ok_effects(
             assert_eq!(used, 1, "a WRITE writes only its status");
             let (start, len) = range.expect("a valid WRITE names a range");
             let (start, len) = (start as usize, len as usize);
-            assert_eq!(image_after[start..start + len], readable[16..], "WRITE data");
+            assert_eq!(
+                image_after[start..start + len],
+                readable[16..],
+                "WRITE data"
+            );
         }
         T_GET_ID => {
             let n = body.min(ID_BYTES);
@@ -400,7 +429,8 @@ fn check_ok_effects(
             let (start, len) = (start as usize, len as usize);
             for i in start..start + len {
                 // A discard may leave data (it is a hint); write-zeroes may not.
-                let ok = image_after[i] == 0 || (req_type == T_DISCARD && image_after[i] == image[i]);
+                let ok =
+                    image_after[i] == 0 || (req_type == T_DISCARD && image_after[i] == image[i]);
                 assert!(ok, "byte {i} after {}: {input:?}", req_type);
             }
         }
@@ -466,23 +496,44 @@ pub fn seeds() -> Vec<(&'static str, BlkInput)> {
         ("read_past_end", req(8, false, T_IN, 8, vec![], 512)),
         ("read_straddling_end", req(8, false, T_IN, 7, vec![], 1024)),
         ("read_partial_sector", req(8, false, T_IN, 0, vec![], 100)),
-        ("write_sector_overflow", req(8, false, T_OUT, u64::MAX, vec![0; 512], 0)),
+        (
+            "write_sector_overflow",
+            req(8, false, T_OUT, u64::MAX, vec![0; 512], 0),
+        ),
         ("unknown_type", req(8, false, 99, 0, vec![], 0)),
         ("no_status", no_status),
         ("short_header", short_header),
         ("read_only_write", req(8, true, T_OUT, 0, vec![1; 512], 0)),
         ("flush", req(8, false, T_FLUSH, 0, vec![], 0)),
         ("get_id", req(8, false, T_GET_ID, 0, vec![], 20)),
-        ("write_zeroes", req(16, false, T_WRITE_ZEROES, 0, seg(10, 2, 0), 0)),
-        ("write_zeroes_unmap", req(16, false, T_WRITE_ZEROES, 0, seg(12, 2, 1), 0)),
+        (
+            "write_zeroes",
+            req(16, false, T_WRITE_ZEROES, 0, seg(10, 2, 0), 0),
+        ),
+        (
+            "write_zeroes_unmap",
+            req(16, false, T_WRITE_ZEROES, 0, seg(12, 2, 1), 0),
+        ),
         ("discard", req(16, false, T_DISCARD, 0, seg(14, 2, 0), 0)),
-        ("discard_unmap", req(16, false, T_DISCARD, 0, seg(1, 1, 1), 0)),
-        ("write_zeroes_past_end", req(16, false, T_WRITE_ZEROES, 0, seg(15, 2, 0), 0)),
+        (
+            "discard_unmap",
+            req(16, false, T_DISCARD, 0, seg(1, 1, 1), 0),
+        ),
+        (
+            "write_zeroes_past_end",
+            req(16, false, T_WRITE_ZEROES, 0, seg(15, 2, 0), 0),
+        ),
         (
             "discard_two_segments",
-            req(16, false, T_DISCARD, 0, [seg(1, 1, 0), seg(2, 1, 0)].concat(), 0),
+            req(
+                16,
+                false,
+                T_DISCARD,
+                0,
+                [seg(1, 1, 0), seg(2, 1, 0)].concat(),
+                0,
+            ),
         ),
         ("status_read_only", read_only_status),
     ]
 }
-

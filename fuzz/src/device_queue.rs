@@ -319,8 +319,7 @@ fn model_pop(
     let mut total = 0u64;
     let mut push = |d: &Descriptor| -> bool {
         let writable = d.flags & VIRTQ_DESC_F_WRITE != 0;
-        if out.len() >= usize::from(size) || (!writable && out.last().is_some_and(|p| p.writable))
-        {
+        if out.len() >= usize::from(size) || (!writable && out.last().is_some_and(|p| p.writable)) {
             return false;
         }
         total += u64::from(d.len);
@@ -337,13 +336,12 @@ fn model_pop(
             return Expected::Refused;
         }
         let at = usize::from(index) * DESCRIPTOR_SIZE;
-        let raw: [u8; DESCRIPTOR_SIZE] = ring[at..at + DESCRIPTOR_SIZE]
-            .try_into()
-            .expect("16 bytes");
+        let raw: [u8; DESCRIPTOR_SIZE] =
+            ring[at..at + DESCRIPTOR_SIZE].try_into().expect("16 bytes");
         let d = Descriptor::from_bytes(&raw);
         if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
             let len_ok = d.len != 0
-                && d.len % DESCRIPTOR_SIZE as u32 == 0
+                && d.len.is_multiple_of(DESCRIPTOR_SIZE as u32)
                 && d.len <= u32::from(size) * DESCRIPTOR_SIZE as u32;
             if !input.indirect() || d.flags & VIRTQ_DESC_F_NEXT != 0 || !len_ok {
                 return Expected::Refused;
@@ -360,9 +358,8 @@ fn model_pop(
                 if j >= entries {
                     return Expected::Refused;
                 }
-                let raw: [u8; DESCRIPTOR_SIZE] = table[j * 16..j * 16 + 16]
-                    .try_into()
-                    .expect("16 bytes");
+                let raw: [u8; DESCRIPTOR_SIZE] =
+                    table[j * 16..j * 16 + 16].try_into().expect("16 bytes");
                 let e = Descriptor::from_bytes(&raw);
                 if e.flags & VIRTQ_DESC_F_INDIRECT != 0 || !push(&e) {
                     return Expected::Refused;
@@ -399,7 +396,9 @@ fn assert_changed_only(before: &[u8], after: &[u8], allowed: &[(usize, usize)], 
     for (i, (b, a)) in before.iter().zip(after).enumerate() {
         if b != a {
             assert!(
-                allowed.iter().any(|&(start, len)| (start..start + len).contains(&i)),
+                allowed
+                    .iter()
+                    .any(|&(start, len)| (start..start + len).contains(&i)),
                 "{what} changed ring byte {i} ({b:#x} -> {a:#x}), outside {allowed:?}"
             );
         }
@@ -419,7 +418,9 @@ fn check_chain_rules(chain: &Chain, size: u16) {
         .position(|d| d.writable)
         .unwrap_or(n);
     assert!(
-        chain.descriptors[first_writable..].iter().all(|d| d.writable),
+        chain.descriptors[first_writable..]
+            .iter()
+            .all(|d| d.writable),
         "readable after writable: {chain:?}"
     );
     let total: u64 = chain.descriptors.iter().map(|d| u64::from(d.len)).sum();
@@ -487,7 +488,10 @@ fn run_once(input: &QueueInput) -> Vec<String> {
                     fetches += 1;
                     input.serve(addr, len)
                 });
-                assert!(fetches <= 1, "{fetches} fetches of indirect tables in one pop");
+                assert!(
+                    fetches <= 1,
+                    "{fetches} fetches of indirect tables in one pop"
+                );
                 assert_eq!(before, snapshot(&ring), "popping wrote the ring");
                 match (&got, &expected) {
                     (Ok(None), Expected::Empty) | (Err(_), Expected::Refused) => {}
@@ -534,7 +538,8 @@ fn run_once(input: &QueueInput) -> Vec<String> {
                 let want = if input.event_idx() {
                     need_event(le16(&before, layout.used_event()), new, old)
                 } else {
-                    old != new && le16(&before, layout.avail_flags()) & VIRTQ_AVAIL_F_NO_INTERRUPT == 0
+                    old != new
+                        && le16(&before, layout.avail_flags()) & VIRTQ_AVAIL_F_NO_INTERRUPT == 0
                 };
                 let got = queue.needs_notification(&ring).expect("a readable ring");
                 assert_eq!(got, want, "needs_notification (old {old}, new {new})");
@@ -633,7 +638,10 @@ pub fn seeds() -> Vec<(&'static str, QueueInput)> {
                 ],
             ),
         ),
-        ("head_out_of_range", input(2, 3, vec![], vec![offer(4), QueueOp::Pop])),
+        (
+            "head_out_of_range",
+            input(2, 3, vec![], vec![offer(4), QueueOp::Pop]),
+        ),
         (
             "loop",
             input(
@@ -649,7 +657,12 @@ pub fn seeds() -> Vec<(&'static str, QueueInput)> {
                 2,
                 3,
                 vec![],
-                vec![d(0, 0, 1, n | w, 1), d(1, 0, 1, 0, 0), offer(0), QueueOp::Pop],
+                vec![
+                    d(0, 0, 1, n | w, 1),
+                    d(1, 0, 1, 0, 0),
+                    offer(0),
+                    QueueOp::Pop,
+                ],
             ),
         ),
         (
@@ -658,7 +671,12 @@ pub fn seeds() -> Vec<(&'static str, QueueInput)> {
                 2,
                 3,
                 vec![],
-                vec![d(0, 0, u32::MAX, n, 1), d(1, 0, 1, 0, 0), offer(0), QueueOp::Pop],
+                vec![
+                    d(0, 0, u32::MAX, n, 1),
+                    d(1, 0, 1, 0, 0),
+                    offer(0),
+                    QueueOp::Pop,
+                ],
             ),
         ),
         (

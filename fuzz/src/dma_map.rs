@@ -379,7 +379,10 @@ fn check_mapping(front: &Front, chain: &Chain, mapped: &MappedChain) {
             got.extend_from_slice(&b);
         }
         if let Some(want) = front.bytes(&pieces) {
-            assert!(got == want, "a window shows other bytes than the frontend's at its address");
+            assert!(
+                got == want,
+                "a window shows other bytes than the frontend's at its address"
+            );
         }
         if !writable {
             continue;
@@ -394,7 +397,10 @@ fn check_mapping(front: &Front, chain: &Chain, mapped: &MappedChain) {
                     w.write(0, &[!old]).expect("writable");
                     let seen = page.read_array::<1>(off).expect("inside")[0];
                     w.write(0, &[old]).expect("writable");
-                    assert_eq!(seen, !old, "a write through the window missed frame {gfn:#x}+{off}");
+                    assert_eq!(
+                        seen, !old,
+                        "a write through the window missed frame {gfn:#x}+{off}"
+                    );
                 }
             }
             pos += w.len();
@@ -482,7 +488,8 @@ pub fn run(input: &DmaInput) {
             let pattern: Vec<u8> = (0..4096u64)
                 .map(|k| ((gfn.wrapping_mul(0x9e37_79b9) ^ k.wrapping_mul(0x85eb_ca6b)) >> 3) as u8)
                 .collect();
-            mem.write(i * 4096, &pattern).expect("the owner writes its page");
+            mem.write(i * 4096, &pattern)
+                .expect("the owner writes its page");
             frames.insert(*gfn, (holder, i));
         }
     };
@@ -550,9 +557,13 @@ pub fn run(input: &DmaInput) {
                 _ => {}
             }
             let mapper = back.grant_mapper().expect("mapper");
-            let right = input.dir_count_delta % 3 == 0 || dir_refs.len() == directory_pages(pool_pages as usize);
+            let right = input.dir_count_delta.is_multiple_of(3)
+                || dir_refs.len() == directory_pages(pool_pages as usize);
             let lies_map = front.pool_refs.iter().all(|r| {
-                front.refs.get(r).is_some_and(|(_, ro, to_back)| *to_back && !ro)
+                front
+                    .refs
+                    .get(r)
+                    .is_some_and(|(_, ro, to_back)| *to_back && !ro)
             });
             let space = AddressSpace::bounce(&mapper, &mut counters, FRONT, pool_pages, &dir_refs);
             if right && lies_map && pool_pages > 0 {
@@ -592,7 +603,13 @@ pub fn run(input: &DmaInput) {
                     }
                 }
                 DmaOp::Read(d) => {
-                    let desc = build_addr(&front, &DescSpec { writable: false, ..d.clone() });
+                    let desc = build_addr(
+                        &front,
+                        &DescSpec {
+                            writable: false,
+                            ..d.clone()
+                        },
+                    );
                     let chain = Chain {
                         head: 0,
                         descriptors: vec![desc],
@@ -615,9 +632,15 @@ pub fn run(input: &DmaInput) {
                         };
                         let revoked = front.revoked.iter().any(|r| {
                             DmaAddr::decode(DmaStrategy::Grant, desc.addr)
-                                == Ok(DmaAddr::Grant { gref: *r, offset: (desc.addr & 0xfff) as u16 })
+                                == Ok(DmaAddr::Grant {
+                                    gref: *r,
+                                    offset: (desc.addr & 0xfff) as u16,
+                                })
                         });
-                        assert!(!ok_by_model || revoked, "a valid read was refused: {result:?}");
+                        assert!(
+                            !ok_by_model || revoked,
+                            "a valid read was refused: {result:?}"
+                        );
                     }
                 }
                 DmaOp::Release(n) => {
@@ -689,15 +712,25 @@ fn check_result<E: std::fmt::Debug>(
                     assert!(result.is_err(), "accepted: {why}");
                 }
             } else if !input.persistent && !uses_revoked(chain) {
-                assert!(result.is_ok(), "a valid grant chain was refused: {result:?}");
+                assert!(
+                    result.is_ok(),
+                    "a valid grant chain was refused: {result:?}"
+                );
             }
         }
         DmaStrategy::Bounce | DmaStrategy::Direct => {
             let valid = chain.descriptors.iter().all(|d| front.pieces(d).is_some());
             if !valid {
-                assert!(result.is_err(), "an invalid {} chain was accepted", front.strategy);
+                assert!(
+                    result.is_err(),
+                    "an invalid {} chain was accepted",
+                    front.strategy
+                );
             } else if front.strategy == DmaStrategy::Direct {
-                assert!(result.is_ok(), "a valid direct chain was refused: {result:?}");
+                assert!(
+                    result.is_ok(),
+                    "a valid direct chain was refused: {result:?}"
+                );
             }
         }
     }
@@ -709,14 +742,21 @@ fn check_records(hv: &LoopbackXen, front: &Front, strategy: DmaStrategy) {
         if r.mapper != BACK {
             continue;
         }
-        assert_eq!(r.owner, FRONT, "the backend mapped domain {}'s memory", r.owner);
+        assert_eq!(
+            r.owner, FRONT,
+            "the backend mapped domain {}'s memory",
+            r.owner
+        );
         match (&r.kind, strategy) {
             (MapKind::Grant { refs }, DmaStrategy::Grant | DmaStrategy::Bounce) => {
                 for gref in refs {
                     let Some(&(gfn, read_only, to_back)) = front.refs.get(gref) else {
                         panic!("the backend mapped ref {gref}, which the frontend never granted");
                     };
-                    assert!(to_back, "the backend mapped ref {gref} granted to another domain");
+                    assert!(
+                        to_back,
+                        "the backend mapped ref {gref} granted to another domain"
+                    );
                     assert!(
                         !(read_only && r.access == Access::ReadWrite),
                         "read-only ref {gref} mapped read-write"

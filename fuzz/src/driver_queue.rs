@@ -205,9 +205,8 @@ pub fn run(input: &DriverInput) {
     let mut next_token = 0u64;
     let mut last_used = 0u16;
 
-    let in_flight_descs = |m: &BTreeMap<u16, Flight>| -> u32 {
-        m.values().map(|f| u32::from(f.descriptors)).sum()
-    };
+    let in_flight_descs =
+        |m: &BTreeMap<u16, Flight>| -> u32 { m.values().map(|f| u32::from(f.descriptors)).sum() };
 
     for op in &input.ops {
         match op {
@@ -237,7 +236,7 @@ pub fn run(input: &DriverInput) {
                 } else {
                     q.add(&ring, &bufs, token)
                 };
-                let ordered = spec.windows(2).all(|p| !(p[0].1 && !p[1].1));
+                let ordered = spec.windows(2).all(|p| !p[0].1 || p[1].1);
                 let needed = if is_indirect { 1 } else { spec.len() };
                 let valid = !spec.is_empty()
                     && ordered
@@ -247,7 +246,10 @@ pub fn run(input: &DriverInput) {
                     Ok(head) => {
                         assert!(valid, "an invalid chain was accepted: {spec:?}");
                         assert!(head < size);
-                        assert!(!in_flight.contains_key(&head), "head {head} reused in flight");
+                        assert!(
+                            !in_flight.contains_key(&head),
+                            "head {head} reused in flight"
+                        );
                         let writable_len: u32 =
                             spec.iter().filter(|b| b.1).map(|b| u32::from(b.0)).sum();
                         in_flight.insert(
@@ -260,10 +262,20 @@ pub fn run(input: &DriverInput) {
                         );
                         added.insert(token);
                         assert_eq!(usize::from(free_before) - needed, usize::from(q.num_free()));
-                        check_published(&ring, layout, head, avail_before, &bufs, is_indirect.then_some((&table, table_addr)));
+                        check_published(
+                            &ring,
+                            layout,
+                            head,
+                            avail_before,
+                            &bufs,
+                            is_indirect.then_some((&table, table_addr)),
+                        );
                     }
                     Err(DriverQueueError::Full { .. }) => {
-                        assert!(valid && needed > usize::from(free_before), "Full with {free_before} free");
+                        assert!(
+                            valid && needed > usize::from(free_before),
+                            "Full with {free_before} free"
+                        );
                     }
                     Err(e) => assert!(!valid, "a valid chain was refused: {e}"),
                 }
@@ -282,12 +294,19 @@ pub fn run(input: &DriverInput) {
                     let h = *heads[usize::from(*pick) % heads.len()];
                     (u32::from(h), in_flight[&h].writable_len)
                 };
-                let len = if *honest && max > 0 { len % (max.saturating_add(1)) } else if *honest { 0 } else { *len };
+                let len = if *honest && max > 0 {
+                    len % (max.saturating_add(1))
+                } else if *honest {
+                    0
+                } else {
+                    *len
+                };
                 let idx = le16(&ring, layout.used_idx());
                 let mut elem = [0u8; 8];
                 elem[..4].copy_from_slice(&id.to_le_bytes());
                 elem[4..].copy_from_slice(&len.to_le_bytes());
-                ring.write(layout.used_ring(idx), &elem).expect("the used ring");
+                ring.write(layout.used_ring(idx), &elem)
+                    .expect("the used ring");
                 ring.store_u16(layout.used_idx(), idx.wrapping_add(1), Ordering::Release)
                     .expect("aligned");
             }
@@ -304,7 +323,8 @@ pub fn run(input: &DriverInput) {
                 let used_idx = le16(&ring, layout.used_idx());
                 let ahead = used_idx.wrapping_sub(last_used);
                 let mut raw = [0u8; 8];
-                ring.read(layout.used_ring(last_used), &mut raw).expect("used ring");
+                ring.read(layout.used_ring(last_used), &mut raw)
+                    .expect("used ring");
                 let id = u32::from_le_bytes(raw[..4].try_into().expect("4 bytes"));
                 let len = u32::from_le_bytes(raw[4..].try_into().expect("4 bytes"));
                 let result = q.pop_used(&ring);
@@ -313,16 +333,29 @@ pub fn run(input: &DriverInput) {
                     continue;
                 }
                 if ahead > size {
-                    assert!(matches!(result, Err(DriverQueueError::UsedIndexJump { .. })), "{result:?}");
+                    assert!(
+                        matches!(result, Err(DriverQueueError::UsedIndexJump { .. })),
+                        "{result:?}"
+                    );
                     continue;
                 }
                 last_used = last_used.wrapping_add(1);
-                let flight = u16::try_from(id).ok().and_then(|h| in_flight.get(&h).copied());
+                let flight = u16::try_from(id)
+                    .ok()
+                    .and_then(|h| in_flight.get(&h).copied());
                 match (flight, result) {
                     (None, Err(DriverQueueError::BogusHead { head })) => assert_eq!(head, id),
                     (Some(f), Ok(Some((token, got_len)))) => {
-                        assert!(len <= f.writable_len, "length {len} over {}", f.writable_len);
-                        assert_eq!((token, got_len), (f.token, len), "the completion of head {id}");
+                        assert!(
+                            len <= f.writable_len,
+                            "length {len} over {}",
+                            f.writable_len
+                        );
+                        assert_eq!(
+                            (token, got_len),
+                            (f.token, len),
+                            "the completion of head {id}"
+                        );
                         in_flight.remove(&(id as u16));
                         assert!(returned.insert(token), "token {token} returned twice");
                     }
@@ -330,7 +363,9 @@ pub fn run(input: &DriverInput) {
                         assert!(len > f.writable_len);
                         // The chain stays in flight: its token comes back through a drain.
                     }
-                    (f, r) => panic!("pop_used gave {r:?} for id {id} len {len} (in flight: {f:?})"),
+                    (f, r) => {
+                        panic!("pop_used gave {r:?} for id {id} len {len} (in flight: {f:?})")
+                    }
                 }
             }
             DriverOp::Enable => {
@@ -351,7 +386,11 @@ pub fn run(input: &DriverInput) {
                 in_flight.clear();
             }
         }
-        assert_eq!(q.in_flight(), in_flight.len(), "chains in flight after {op:?}");
+        assert_eq!(
+            q.in_flight(),
+            in_flight.len(),
+            "chains in flight after {op:?}"
+        );
         assert_eq!(
             u32::from(q.num_free()) + in_flight_descs(&in_flight),
             u32::from(size),
@@ -376,18 +415,28 @@ fn check_published(
     table: Option<(&SharedMem<'_>, u64)>,
 ) {
     assert_eq!(le16(ring, layout.avail_idx()), avail_before.wrapping_add(1));
-    let entry = u16::from_le_bytes(ring.read_array(layout.avail_ring(avail_before)).expect("ring"));
+    let entry = u16::from_le_bytes(
+        ring.read_array(layout.avail_ring(avail_before))
+            .expect("ring"),
+    );
     assert_eq!(entry, head);
-    let read = |mem: &SharedMem<'_>, at: usize| Descriptor::from_bytes(&mem.read_array(at).expect("descriptor"));
+    let read = |mem: &SharedMem<'_>, at: usize| {
+        Descriptor::from_bytes(&mem.read_array(at).expect("descriptor"))
+    };
     let d = read(ring, layout.desc(head));
     let descs: Vec<Descriptor> = match table {
         Some((t, addr)) => {
-            assert_eq!((d.addr, d.len, d.flags), (addr, 16 * bufs.len() as u32, VIRTQ_DESC_F_INDIRECT));
+            assert_eq!(
+                (d.addr, d.len, d.flags),
+                (addr, 16 * bufs.len() as u32, VIRTQ_DESC_F_INDIRECT)
+            );
             (0..bufs.len()).map(|k| read(t, 16 * k)).collect()
         }
         None => {
             let mut out = vec![d];
-            while out.last().is_some_and(|d| d.flags & VIRTQ_DESC_F_NEXT != 0) && out.len() <= bufs.len() {
+            while out.last().is_some_and(|d| d.flags & VIRTQ_DESC_F_NEXT != 0)
+                && out.len() <= bufs.len()
+            {
                 let next = out.last().expect("non-empty").next;
                 out.push(read(ring, layout.desc(next)));
             }
@@ -443,7 +492,12 @@ pub fn seeds() -> Vec<(&'static str, DriverInput)> {
                 size_log2: 2,
                 features: 3,
                 ops: vec![
-                    DriverOp::AddIndirect(vec![(16, false), (4096, true), (4096, true), (4096, true)]),
+                    DriverOp::AddIndirect(vec![
+                        (16, false),
+                        (4096, true),
+                        (4096, true),
+                        (4096, true),
+                    ]),
                     used(0, 3 * 4096, true),
                     DriverOp::Pop,
                 ],

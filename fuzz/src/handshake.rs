@@ -16,8 +16,8 @@
 use std::sync::Arc;
 
 use xenvirtio_backend::handshake::{
-    ConsoleTarget, DirectTrust, DmaPin, Offer, RingLocation, ToolstackConfig,
-    read_frontend_setup, read_toolstack_config,
+    ConsoleTarget, DirectTrust, DmaPin, Offer, RingLocation, ToolstackConfig, read_frontend_setup,
+    read_toolstack_config,
 };
 use xenvirtio_frontend::Frontend;
 use xenvirtio_virtio::dma::DmaStrategy;
@@ -316,15 +316,28 @@ fn frontend_setup(input: &HandshakeInput, store: &dyn XenStore, fdir: &str) -> b
     assert_eq!(f & !offer.features, 0, "features not offered were accepted");
     assert!(has(f, transport::VERSION_1), "VERSION_1 is required");
     if has(offer.features, transport::ACCESS_PLATFORM) {
-        assert!(has(f, transport::ACCESS_PLATFORM), "ACCESS_PLATFORM offered but not taken");
+        assert!(
+            has(f, transport::ACCESS_PLATFORM),
+            "ACCESS_PLATFORM offered but not taken"
+        );
     }
     assert_eq!(
         xenbus::read_hex_u64(store, TxId::NONE, &key("driver-features")).ok(),
         Some(f)
     );
-    let dma = store.read_string(TxId::NONE, &key("dma")).expect("dma was read");
-    assert_eq!(dma.trim(), setup.strategy.name(), "the strategy is what dma says");
-    assert!(pin.allows(setup.strategy), "{} accepted against the pin", setup.strategy);
+    let dma = store
+        .read_string(TxId::NONE, &key("dma"))
+        .expect("dma was read");
+    assert_eq!(
+        dma.trim(),
+        setup.strategy.name(),
+        "the strategy is what dma says"
+    );
+    assert!(
+        pin.allows(setup.strategy),
+        "{} accepted against the pin",
+        setup.strategy
+    );
     if setup.strategy == DmaStrategy::Direct {
         assert!(
             trust.backend_is_dom0
@@ -448,7 +461,8 @@ fn offer(store: &MemStore, bdir: &str) -> bool {
 /// Seeds: the handshake unit tests' keys (`backend/src/handshake.rs`, `frontend/src/transport.rs`).
 pub fn seeds() -> Vec<(&'static str, HandshakeInput)> {
     let key = |name: &str| KEYS.iter().position(|k| *k == name).expect("a known key") as u8;
-    let word = |w: &str| Value::Word(WORDS.iter().position(|x| *x == w).expect("a known word") as u8);
+    let word =
+        |w: &str| Value::Word(WORDS.iter().position(|x| *x == w).expect("a known word") as u8);
     let base = |side, kind, keys| HandshakeInput {
         side,
         kind,
@@ -498,7 +512,10 @@ pub fn seeds() -> Vec<(&'static str, HandshakeInput)> {
         0,
         2,
         vec![
-            (key("driver-features"), Value::Hex(bit(transport::VERSION_1))),
+            (
+                key("driver-features"),
+                Value::Hex(bit(transport::VERSION_1)),
+            ),
             (key("dma"), word("direct")),
             (key("num-queues"), Value::Dec(1)),
             (key("queue-0/size"), Value::Dec(64)),

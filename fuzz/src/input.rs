@@ -144,7 +144,11 @@ impl Writer {
 
     /// A byte string of at most `max` bytes.
     pub fn bytes(&mut self, b: &[u8], max: usize) {
-        assert!(b.len() <= max && max <= usize::from(u16::MAX), "{} bytes over {max}", b.len());
+        assert!(
+            b.len() <= max && max <= usize::from(u16::MAX),
+            "{} bytes over {max}",
+            b.len()
+        );
         self.u16(b.len() as u16);
         self.out.extend_from_slice(b);
     }
@@ -219,6 +223,9 @@ mod tests {
         assert_eq!(r.list(5, |r| r.u16()), vec![1, 2, 3]);
         assert_eq!(r.remaining(), 0);
         // Past the end everything reads as zero or empty.
-        assert_eq!((r.u64(), r.bytes(10), r.list(5, |r| r.u8())), (0, vec![], vec![]));
+        assert_eq!(
+            (r.u64(), r.bytes(10), r.list(5, |r| r.u8())),
+            (0, vec![], vec![])
+        );
     }
 }

@@ -75,7 +75,11 @@ fn encode<T: Structured + PartialEq + std::fmt::Debug>(
         .map(|(name, input)| {
             let bytes = input.to_bytes();
             // The seed must read back as the structure it was written from.
-            assert_eq!(T::from_bytes(&bytes), input, "seed {name} does not round-trip");
+            assert_eq!(
+                T::from_bytes(&bytes),
+                input,
+                "seed {name} does not round-trip"
+            );
             (name, bytes)
         })
         .collect()

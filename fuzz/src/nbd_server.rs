@@ -90,11 +90,11 @@ impl Structured for NbdInput {
     fn read(r: &mut Reader<'_>) -> Self {
         Self {
             client_flags: r.u32(),
-            known_flags: r.u8() % 8 != 0,
+            known_flags: !r.u8().is_multiple_of(8),
             read_only: r.bool(),
             options: r.list(6, |r| NbdOption {
                 option: r.u32(),
-                known: r.u8() % 8 != 0,
+                known: !r.u8().is_multiple_of(8),
                 data: r.bytes(512),
                 declared: r.bool().then(|| r.u32()),
                 bad_magic: r.u8() == 0xff,
@@ -102,11 +102,11 @@ impl Structured for NbdInput {
             requests: r.list(12, |r| NbdRequest {
                 flags: r.u16(),
                 command: r.u16(),
-                known: r.u8() % 8 != 0,
+                known: !r.u8().is_multiple_of(8),
                 handle: r.u64(),
                 offset: r.u64(),
                 length: r.u32(),
-                near: r.u8() % 8 != 0,
+                near: !r.u8().is_multiple_of(8),
                 payload: r.bytes(1024),
                 exact_payload: r.bool(),
             }),
@@ -147,7 +147,11 @@ crate::structured_input!(NbdInput);
 
 impl NbdRequest {
     fn command(&self) -> u16 {
-        if self.known { self.command % 8 } else { self.command }
+        if self.known {
+            self.command % 8
+        } else {
+            self.command
+        }
     }
 
     /// The payload bytes the client sends after the header.
@@ -263,7 +267,10 @@ pub fn run(input: &NbdInput) {
             Ok(n) => replies.extend_from_slice(&chunk[..n]),
             // libFuzzer's timers interrupt system calls.
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
                 panic!("the server neither answered nor closed within 10 s")
             }
             // A reset after the server dropped a violating client.
@@ -277,9 +284,16 @@ pub fn run(input: &NbdInput) {
     sending.join().expect("the sender");
     drop(conn);
     server.shutdown();
-    assert!(!SERVER_PANICKED.load(Ordering::SeqCst), "a server thread panicked");
+    assert!(
+        !SERVER_PANICKED.load(Ordering::SeqCst),
+        "a server thread panicked"
+    );
 
-    assert!(replies.len() >= 18, "no hello ({} bytes, then {ended_by:?})", replies.len());
+    assert!(
+        replies.len() >= 18,
+        "no hello ({} bytes, then {ended_by:?})",
+        replies.len()
+    );
     check_replies(input, &replies);
     let after = std::fs::read(&image_path).expect("the image");
     assert_eq!(after.len(), IMAGE_LEN, "the export changed size");
@@ -386,7 +400,11 @@ fn check_replies(input: &NbdInput, replies: &[u8]) {
         if q.command() == proto::CMD_DISC {
             break;
         }
-        assert!(replies.len() >= pos + 16, "request {:#x} got no reply", q.handle);
+        assert!(
+            replies.len() >= pos + 16,
+            "request {:#x} got no reply",
+            q.handle
+        );
         assert_eq!(be32(pos), proto::SIMPLE_REPLY_MAGIC, "reply magic at {pos}");
         let error = be32(pos + 4);
         assert_eq!(
@@ -439,10 +457,18 @@ pub fn seeds() -> Vec<(&'static str, NbdInput)> {
         requests,
         trailing: vec![],
     };
-    let go = || opt(proto::OPT_GO, go_data(b"xvda", &[proto::INFO_BLOCK_SIZE, proto::INFO_NAME]));
+    let go = || {
+        opt(
+            proto::OPT_GO,
+            go_data(b"xvda", &[proto::INFO_BLOCK_SIZE, proto::INFO_NAME]),
+        )
+    };
     let mut huge_option = base(vec![opt(proto::OPT_GO, vec![])], vec![]);
     huge_option.options[0].declared = Some(1 << 20);
-    let mut plain_newstyle = base(vec![opt(proto::OPT_EXPORT_NAME, b"xvda".to_vec())], vec![req(proto::CMD_READ, 0, 0, 512, false)]);
+    let mut plain_newstyle = base(
+        vec![opt(proto::OPT_EXPORT_NAME, b"xvda".to_vec())],
+        vec![req(proto::CMD_READ, 0, 0, 512, false)],
+    );
     plain_newstyle.client_flags = 0;
     let mut read_only = base(vec![go()], vec![req(proto::CMD_WRITE, 0, 0, 512, true)]);
     read_only.read_only = true;
@@ -456,7 +482,13 @@ pub fn seeds() -> Vec<(&'static str, NbdInput)> {
                     req(proto::CMD_READ, 0, 4096, 1024, false),
                     req(proto::CMD_FLUSH, 0, 0, 0, false),
                     req(proto::CMD_TRIM, 0, 8192, 4096, false),
-                    req(proto::CMD_WRITE_ZEROES, proto::CMD_FLAG_NO_HOLE, 16384, 512, false),
+                    req(
+                        proto::CMD_WRITE_ZEROES,
+                        proto::CMD_FLAG_NO_HOLE,
+                        16384,
+                        512,
+                        false,
+                    ),
                     req(proto::CMD_WRITE, proto::CMD_FLAG_FUA, 0, 512, true),
                     req(proto::CMD_DISC, 0, 0, 0, false),
                 ],

@@ -171,7 +171,10 @@ fn framer(chunks: &[Vec<u8>]) {
                             .try_into()
                             .expect("a header");
                         let len = MsgHeader::decode(&head).len as usize;
-                        assert!(len <= PAYLOAD_MAX && left < HEADER_LEN + len, "a whole message held back");
+                        assert!(
+                            len <= PAYLOAD_MAX && left < HEADER_LEN + len,
+                            "a whole message held back"
+                        );
                     }
                     break;
                 }
@@ -204,14 +207,21 @@ fn strings(b: &[u8]) {
     }
     if let Ok(perms) = Perm::parse_list(b) {
         for p in perms {
-            assert_eq!(Perm::parse(&p.to_string()).expect("a printed perm parses"), p);
+            assert_eq!(
+                Perm::parse(&p.to_string()).expect("a printed perm parses"),
+                p
+            );
         }
     }
 }
 
 fn dma(strategy: DmaStrategy, addr: u64, len: u32, pool_len: u64) {
     if let Ok(a) = DmaAddr::decode(strategy, addr) {
-        assert_eq!(a.encode(), addr, "{strategy} address {addr:#x} decoded lossily as {a:?}");
+        assert_eq!(
+            a.encode(),
+            addr,
+            "{strategy} address {addr:#x} decoded lossily as {a:?}"
+        );
         match a {
             DmaAddr::Grant { offset, .. } => assert!(offset < 4096),
             DmaAddr::Bounce { offset } => assert!(offset < 1 << 62),
@@ -232,7 +242,11 @@ fn dma(strategy: DmaStrategy, addr: u64, len: u32, pool_len: u64) {
 fn hex(b: &[u8]) {
     let s = String::from_utf8_lossy(b);
     if let Ok(bytes) = decode_hex(&s) {
-        assert_eq!(encode_hex(&bytes), s.trim().to_ascii_lowercase(), "hex {s:?}");
+        assert_eq!(
+            encode_hex(&bytes),
+            s.trim().to_ascii_lowercase(),
+            "hex {s:?}"
+        );
     }
 }
 
@@ -250,7 +264,8 @@ fn value(b: &[u8]) {
     if let Some(state) = XenbusState::from_node_value(b) {
         let t = text.expect("a state is UTF-8");
         assert!(
-            t.is_empty() || (t.bytes().all(|c| c.is_ascii_digit()) && t.parse::<u32>() == Ok(state.value())),
+            t.is_empty()
+                || (t.bytes().all(|c| c.is_ascii_digit()) && t.parse::<u32>() == Ok(state.value())),
             "{t:?} read as state {state}"
         );
     }
@@ -276,17 +291,28 @@ fn value(b: &[u8]) {
     let digits = |t: &str| !t.is_empty() && t.bytes().all(|c| c.is_ascii_digit());
     if let Ok(v) = xenbus::read_u64(&c, tx, path) {
         let t = text.expect("UTF-8");
-        assert!(digits(t) && t.parse::<u64>() == Ok(v), "{t:?} read as u64 {v}");
+        assert!(
+            digits(t) && t.parse::<u64>() == Ok(v),
+            "{t:?} read as u64 {v}"
+        );
     }
     if let Ok(v) = xenbus::read_u32(&c, tx, path) {
         let t = text.expect("UTF-8");
-        assert!(digits(t) && t.parse::<u32>() == Ok(v), "{t:?} read as u32 {v}");
+        assert!(
+            digits(t) && t.parse::<u32>() == Ok(v),
+            "{t:?} read as u32 {v}"
+        );
     }
     if let Ok(v) = xenbus::read_hex_u64(&c, tx, path) {
         let t = text.expect("UTF-8");
-        let d = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")).unwrap_or(t);
+        let d = t
+            .strip_prefix("0x")
+            .or_else(|| t.strip_prefix("0X"))
+            .unwrap_or(t);
         assert!(
-            !d.is_empty() && d.bytes().all(|c| c.is_ascii_hexdigit()) && u64::from_str_radix(d, 16) == Ok(v),
+            !d.is_empty()
+                && d.bytes().all(|c| c.is_ascii_hexdigit())
+                && u64::from_str_radix(d, 16) == Ok(v),
             "{t:?} read as hex {v:#x}"
         );
         assert_eq!(
@@ -302,7 +328,13 @@ fn value(b: &[u8]) {
         for w in &words {
             assert!(!w.is_empty() && !w.bytes().any(|c| c.is_ascii_whitespace()));
         }
-        assert_eq!(words.join(" "), text.expect("UTF-8").split_ascii_whitespace().collect::<Vec<_>>().join(" "));
+        assert_eq!(
+            words.join(" "),
+            text.expect("UTF-8")
+                .split_ascii_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
     if let Ok(state) = xenbus::read_state(&c, tx, path) {
         assert_eq!(XenbusState::from_node_value(b), Some(state));
@@ -312,10 +344,16 @@ fn value(b: &[u8]) {
 fn config(b: &[u8]) {
     let mut padded = b.to_vec();
     padded.resize(BLK_CONFIG_SIZE, 0);
-    assert_eq!(BlkConfig::from_bytes(b).to_bytes()[..], padded[..BLK_CONFIG_SIZE]);
+    assert_eq!(
+        BlkConfig::from_bytes(b).to_bytes()[..],
+        padded[..BLK_CONFIG_SIZE]
+    );
     let mut padded = b.to_vec();
     padded.resize(CONSOLE_CONFIG_SIZE.max(b.len()), 0);
-    assert_eq!(ConsoleConfig::from_bytes(b).to_bytes()[..], padded[..CONSOLE_CONFIG_SIZE]);
+    assert_eq!(
+        ConsoleConfig::from_bytes(b).to_bytes()[..],
+        padded[..CONSOLE_CONFIG_SIZE]
+    );
 }
 
 /// Seeds: values from the codecs' unit tests.
@@ -346,7 +384,14 @@ pub fn seeds() -> Vec<(&'static str, CodecInput)> {
         dir.extend_from_slice(&r.to_le_bytes());
     }
     vec![
-        ("framer_split", CodecInput::Framer(vec![two[..5].to_vec(), two[5..30].to_vec(), two[30..].to_vec()])),
+        (
+            "framer_split",
+            CodecInput::Framer(vec![
+                two[..5].to_vec(),
+                two[5..30].to_vec(),
+                two[30..].to_vec(),
+            ]),
+        ),
         ("framer_oversized", CodecInput::Framer(vec![oversized])),
         ("strings", CodecInput::Strings(b"a\0bb\0\0c".to_vec())),
         ("perms", CodecInput::Strings(b"n5\0r7\0b32752\0".to_vec())),
@@ -359,7 +404,10 @@ pub fn seeds() -> Vec<(&'static str, CodecInput)> {
         ("state", CodecInput::Value(b"4\n".to_vec())),
         ("hex_value", CodecInput::Value(b"0x1f".to_vec())),
         ("list_value", CodecInput::Value(b"a  b c".to_vec())),
-        ("type_string", CodecInput::Value(b"virtio,device1a".to_vec())),
+        (
+            "type_string",
+            CodecInput::Value(b"virtio,device1a".to_vec()),
+        ),
         ("strategy", CodecInput::Value(b"bounce".to_vec())),
         ("config", CodecInput::Config((0..72).collect())),
     ]

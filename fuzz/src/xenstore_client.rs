@@ -323,7 +323,10 @@ pub fn run(input: &XsInput) {
     for c in &input.calls {
         match call(&client, *c) {
             Err(e) if is_lost(&e) => lost = true,
-            Err(e) => assert!(!lost, "after the connection was lost a call failed with {e}"),
+            Err(e) => assert!(
+                !lost,
+                "after the connection was lost a call failed with {e}"
+            ),
             Ok(()) => assert!(!lost, "{c:?} succeeded after the connection was lost"),
         }
     }
@@ -377,11 +380,7 @@ pub fn seeds() -> Vec<(&'static str, XsInput)> {
             "directory_part_fallback",
             XsInput {
                 calls: vec![XsCall::Directory, XsCall::Directory],
-                script: vec![
-                    error(b"E2BIG\0"),
-                    reply(&dir_part),
-                    reply(b"x\0y\0"),
-                ],
+                script: vec![error(b"E2BIG\0"), reply(&dir_part), reply(b"x\0y\0")],
             },
         ),
         (

@@ -16,7 +16,9 @@ fn replay(target: &str) {
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return;
     };
-    let mut paths: Vec<_> = entries.map(|e| e.expect("a directory entry").path()).collect();
+    let mut paths: Vec<_> = entries
+        .map(|e| e.expect("a directory entry").path())
+        .collect();
     paths.sort();
     for path in paths {
         eprintln!("{target}: regression {}", path.display());

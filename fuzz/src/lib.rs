@@ -14,6 +14,7 @@
 //! it enforces, so a failure reads as a finding.
 
 pub mod blk_request;
+pub mod daemon_blk;
 pub mod device_queue;
 pub mod dma_map;
 pub mod driver_queue;
@@ -26,7 +27,7 @@ pub mod xenstore_client;
 use input::Structured;
 
 /// The targets, as `fuzz_targets/<name>.rs` names them.
-pub const TARGETS: [&str; 8] = [
+pub const TARGETS: [&str; 9] = [
     "device_queue",
     "blk_request",
     "dma_map",
@@ -35,6 +36,7 @@ pub const TARGETS: [&str; 8] = [
     "wire_codecs",
     "nbd_server",
     "handshake",
+    "daemon_blk",
 ];
 
 /// Runs target `name` on raw fuzzer bytes, exactly as its libFuzzer target does.
@@ -48,6 +50,7 @@ pub fn run_bytes(name: &str, data: &[u8]) {
         "wire_codecs" => wire_codecs::run(&Structured::from_bytes(data)),
         "nbd_server" => nbd_server::run(&Structured::from_bytes(data)),
         "handshake" => handshake::run(&Structured::from_bytes(data)),
+        "daemon_blk" => daemon_blk::run(&Structured::from_bytes(data)),
         other => panic!("no fuzz target named {other:?}"),
     }
 }
@@ -63,6 +66,7 @@ pub fn describe(name: &str, data: &[u8]) -> String {
         "wire_codecs" => format!("{:?}", wire_codecs::CodecInput::from_bytes(data)),
         "nbd_server" => format!("{:?}", nbd_server::NbdInput::from_bytes(data)),
         "handshake" => format!("{:?}", handshake::HandshakeInput::from_bytes(data)),
+        "daemon_blk" => format!("{:?}", daemon_blk::DaemonInput::from_bytes(data)),
         other => panic!("no fuzz target named {other:?}"),
     }
 }
@@ -96,6 +100,7 @@ pub fn seeds(name: &str) -> Vec<(&'static str, Vec<u8>)> {
         "wire_codecs" => encode(wire_codecs::seeds()),
         "nbd_server" => encode(nbd_server::seeds()),
         "handshake" => encode(handshake::seeds()),
+        "daemon_blk" => encode(daemon_blk::seeds()),
         other => panic!("no fuzz target named {other:?}"),
     }
 }

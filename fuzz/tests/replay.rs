@@ -66,3 +66,8 @@ fn nbd_server() {
 fn handshake() {
     replay("handshake");
 }
+
+#[test]
+fn daemon_blk() {
+    replay("daemon_blk");
+}

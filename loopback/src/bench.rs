@@ -385,7 +385,9 @@ pub fn run(
     mut progress: impl FnMut(&Sample),
 ) -> Result<Vec<Sample>, BenchError> {
     if config.workloads.is_empty() || config.variants.is_empty() {
-        return Err(BenchError::Empty("give at least one workload and one strategy"));
+        return Err(BenchError::Empty(
+            "give at least one workload and one strategy",
+        ));
     }
     if config.requests == 0 || config.rounds == 0 || config.depth == 0 || config.queues == 0 {
         return Err(BenchError::Empty(
@@ -407,7 +409,10 @@ pub fn run(
             });
         }
         let pages = config.dma_pages(w);
-        let grants_needed = config.variants.iter().any(|v| v.strategy() != DmaStrategy::Direct);
+        let grants_needed = config
+            .variants
+            .iter()
+            .any(|v| v.strategy() != DmaStrategy::Direct);
         // Rings and the bounce directory take a few more grants.
         if grants_needed && pages + 16 + config.queues as usize * 2 > limit {
             return Err(BenchError::TooManyGrants {
@@ -486,8 +491,7 @@ fn run_one(
         pair.hypervisor().clear_records();
         let before = snapshot(&dev);
         let started = Instant::now();
-        let (mut latencies, copied) =
-            drive(&dev, workload, config, config.requests, round, name)?;
+        let (mut latencies, copied) = drive(&dev, workload, config, config.requests, round, name)?;
         let elapsed = started.elapsed();
         let mut counters = snapshot(&dev).since(&before);
         counters.frontend.bytes_copied += copied;
@@ -553,7 +557,9 @@ fn drive(
                 let share = requests / queues + u64::from(q < requests % queues);
                 let seed = 0x9e37_79b9_7f4a_7c15u64 ^ ((u64::from(round) << 32) | (q + 1));
                 s.spawn(move || {
-                    drive_queue(dev, q as usize, workload, config, share, blocks, seed, variant)
+                    drive_queue(
+                        dev, q as usize, workload, config, share, blocks, seed, variant,
+                    )
                 })
             })
             .collect();
@@ -609,7 +615,9 @@ fn drive_queue(
     let mut latencies = Vec::with_capacity(requests as usize);
     let mut free = Vec::new();
     for _ in 0..queue.depth() {
-        let b = queue.alloc(bs).map_err(|source| BenchError::Dma { variant, source })?;
+        let b = queue
+            .alloc(bs)
+            .map_err(|source| BenchError::Dma { variant, source })?;
         b.write(0, &private).map_err(mem)?;
         free.push(b);
     }
@@ -838,7 +846,14 @@ mod tests {
             let again: Workload = w.to_string().parse().unwrap();
             assert_eq!(again, w);
         }
-        for bad in ["randread", "seek:4k", "read:0", "read:1000", "read:k", "read:-4k"] {
+        for bad in [
+            "randread",
+            "seek:4k",
+            "read:0",
+            "read:1000",
+            "read:k",
+            "read:-4k",
+        ] {
             let e = bad.parse::<Workload>().unwrap_err();
             assert!(matches!(e, BenchError::BadWorkload { .. }), "{bad}: {e}");
         }

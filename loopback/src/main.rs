@@ -319,7 +319,11 @@ fn serve(args: &ServeArgs) -> Result<i32> {
     println!(
         "attached {} as blk device {devid} of domain {domid} ({}, {} queue(s)): {}",
         image.display(),
-        if args.readonly { "read-only" } else { "read-write" },
+        if args.readonly {
+            "read-only"
+        } else {
+            "read-write"
+        },
         args.queues,
         attached.backend_dir
     );
@@ -339,7 +343,9 @@ fn serve(args: &ServeArgs) -> Result<i32> {
         Err(e) => {
             let e = anyhow::Error::new(e).context(format!(
                 "the frontend ({role}, --dma {}) cannot connect blk device {devid}",
-                args.dma.to_possible_value().map_or("?".into(), |v| v.get_name().to_owned())
+                args.dma
+                    .to_possible_value()
+                    .map_or("?".into(), |v| v.get_name().to_owned())
             ));
             if let Err(d) = pair.detach(&DetachRequest::new(domid, devid)) {
                 eprintln!("detaching after the failure: {d:#}");
@@ -418,7 +424,12 @@ fn serve(args: &ServeArgs) -> Result<i32> {
 
 /// Closes the device through the protocol, detaches it, stops the daemon, prints the counters
 /// and checks that nothing is left. Returns the exit status.
-fn teardown(pair: &mut Pair, dev: BlkDevice<LoopbackDomain>, domid: DomId, devid: u32) -> Result<i32> {
+fn teardown(
+    pair: &mut Pair,
+    dev: BlkDevice<LoopbackDomain>,
+    domid: DomId,
+    devid: u32,
+) -> Result<i32> {
     let mut clean = true;
     let frontend = FrontendCounts::from_blk(&dev.stats());
     let grants_before = pair.domain_stats(domid).grants;
@@ -525,7 +536,10 @@ fn run_bench(args: &BenchArgs) -> Result<i32> {
             s.mib_per_sec()
         );
     })?;
-    print!("{}", bench::render(&config, &bench::summarize(&config, &samples)));
+    print!(
+        "{}",
+        bench::render(&config, &bench::summarize(&config, &samples))
+    );
     println!(
         "\ncolumns per request: maps = the daemon's map calls; gmaps/unmaps/foreign = the \
          hypervisor's grant maps, grant unmaps and foreign maps of the guest's memory; \

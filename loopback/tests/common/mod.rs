@@ -15,8 +15,8 @@ use xenvirtio_loopback::role::RoleName;
 use xenvirtio_virtio::dma::DmaStrategy;
 use xenvirtio_xen::DomId;
 use xenvirtio_xen::loopback::{LoopbackConfig, LoopbackDomain};
-use xenvirtio_xenstore::xenbus::{self, XenbusState};
 use xenvirtio_xenstore::TxId;
+use xenvirtio_xenstore::xenbus::{self, XenbusState};
 
 /// Installs a test subscriber once (`RUST_LOG=debug cargo test` shows both ends' events).
 pub fn logs() {
@@ -114,7 +114,9 @@ impl World {
     }
 
     pub fn guest(&self, domid: DomId) {
-        self.pair.add_guest(domid, &format!("guest{domid}")).unwrap();
+        self.pair
+            .add_guest(domid, &format!("guest{domid}"))
+            .unwrap();
     }
 
     /// Attaches a blk device over `image` for `domid` and returns its devid.
@@ -150,12 +152,22 @@ impl World {
 
     pub fn backend_state(&self, domid: DomId, devid: u32) -> Option<XenbusState> {
         let bdir = xenbus::backend_dir(0, domid, devid);
-        xenbus::read_state(self.pair.toolstack(), TxId::NONE, &xenbus::state_path(&bdir)).ok()
+        xenbus::read_state(
+            self.pair.toolstack(),
+            TxId::NONE,
+            &xenbus::state_path(&bdir),
+        )
+        .ok()
     }
 
     pub fn frontend_state(&self, domid: DomId, devid: u32) -> Option<XenbusState> {
         let fdir = xenbus::frontend_dir(domid, devid);
-        xenbus::read_state(self.pair.toolstack(), TxId::NONE, &xenbus::state_path(&fdir)).ok()
+        xenbus::read_state(
+            self.pair.toolstack(),
+            TxId::NONE,
+            &xenbus::state_path(&fdir),
+        )
+        .ok()
     }
 }
 

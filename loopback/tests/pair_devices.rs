@@ -20,6 +20,8 @@ use xenvirtio_xen::loopback::MapKind;
 use xenvirtio_xenstore::xenbus::XenbusState;
 
 const F: u16 = 1;
+/// A guest the daemon was not told to trust with `direct`.
+const UNTRUSTED: u16 = 3;
 
 /// What Dom0 mapped of domain `F` since the records were cleared: (grant maps, of which
 /// unmapped, foreign maps, live).
@@ -133,7 +135,7 @@ fn blk_over_every_strategy_matches_the_image_on_disk() {
             }
             Strategy::Direct => {
                 assert_eq!(grants, 0);
-                assert!(foreign >= 1 && foreign <= 3, "{foreign} foreign maps");
+                assert!((1..=3).contains(&foreign), "{foreign} foreign maps");
             }
         }
         dev.close().unwrap();
@@ -345,22 +347,6 @@ fn each_role_gets_its_default_strategy_from_the_real_backend() {
         assert_eq!(strategy, want, "{role}: {reason}");
         assert!(!reason.is_empty());
     }
-    // An Arm guest the daemon does not trust gets grant_usage=1 and falls back to grant.
-    let untrusted = 3;
-    let devid = w.attach_blk(untrusted, &img, None);
-    let fe = w.frontend_as(RoleName::ArmDomU, untrusted);
-    let mut opts = Strategy::GrantPersistent.blk();
-    opts.connect.dma = None;
-    let dev = fe
-        .connect_blk(devid, &opts)
-        .unwrap_or_else(|e| panic!("{}", chain(&e)));
-    assert_eq!(dev.negotiated().strategy, DmaStrategy::Grant);
-    assert!(
-        dev.negotiated().reason.contains("grant_usage=1"),
-        "{}",
-        dev.negotiated().reason
-    );
-    dev.close().unwrap();
 }
 
 #[test]
@@ -402,6 +388,31 @@ fn the_policy_refuses_what_the_role_forbids_with_the_reason() {
         dev.write_at(&data(512, 9), 0).unwrap();
         dev.close().unwrap();
     }
+}
+
+/// PROTOCOL 2.2 and 10.5: the backend publishes the effective `grant_usage`, `1` for a guest
+/// it does not trust with `direct`, so an Arm guest's policy picks `grant` by itself instead
+/// of proposing `direct` and being refused at connect.
+#[test]
+fn an_untrusted_arm_guest_falls_back_to_grant_by_itself() {
+    let w = World::new();
+    let img = w.image("untrusted.img", 1 << 20);
+    let devid = w.attach_blk(UNTRUSTED, &img, None);
+    let fe = w.frontend_as(RoleName::ArmDomU, UNTRUSTED);
+    let mut opts = Strategy::GrantPersistent.blk();
+    opts.connect.dma = None;
+    let dev = fe
+        .connect_blk(devid, &opts)
+        .unwrap_or_else(|e| panic!("{}", chain(&e)));
+    assert_eq!(dev.negotiated().strategy, DmaStrategy::Grant);
+    assert!(
+        dev.negotiated().reason.contains("grant_usage=1"),
+        "{}",
+        dev.negotiated().reason
+    );
+    dev.write_at(&data(4096, 3), 4096).unwrap();
+    dev.close().unwrap();
+    assert_eq!(read_file_range(&img, 4096, 4096), data(4096, 3));
 }
 
 /// Regression: a zero-copy caller holding a queue while a blocking caller polls the same

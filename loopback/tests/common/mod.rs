@@ -87,11 +87,15 @@ pub struct World {
 }
 
 impl World {
-    /// A pair whose daemon trusts domains 1 and 2 with `direct`.
+    /// A pair whose daemon trusts domains 1, 2 and 10 to 19 with `direct` (not 3).
     pub fn new() -> World {
         logs();
         let config = DaemonConfig {
-            allow_direct: vec![DomainSelector::Id(1), DomainSelector::Id(OTHER)],
+            allow_direct: [1, OTHER]
+                .into_iter()
+                .chain(10..20)
+                .map(DomainSelector::Id)
+                .collect(),
             shutdown_grace: Duration::from_millis(2000),
             restart_timeout: Duration::from_secs(5),
             ..DaemonConfig::default()

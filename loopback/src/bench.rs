@@ -2,7 +2,7 @@
 //! in one run, with what each request cost in map calls, notifications and copies.
 //!
 //! This module owns the workload (zero-copy requests through [`BlkQueue`], one thread per
-//! queue, a fixed number of requests per run), the order of the runs (strategies interleaved
+//! queue, for a fixed time per run after a fixed number of warm-up requests), the order of the runs (strategies interleaved
 //! round by round, so that a noisy neighbour hurts every strategy alike), and the report: the
 //! median of each strategy's rounds, the counts per request, and the ratios between
 //! strategies. It asserts nothing about speed: it measures and prints. Each run attaches a
@@ -185,8 +185,8 @@ pub struct BenchConfig {
     pub workloads: Vec<Workload>,
     /// The variants, in report order (the first is the baseline of the ratios).
     pub variants: Vec<Variant>,
-    /// Timed requests per run (split over the queues).
-    pub requests: u64,
+    /// How long each timed run lasts.
+    pub duration: Duration,
     /// Untimed requests before each run (fills persistent-grant and direct-map caches).
     pub warmup: u64,
     /// Requests in flight per queue.
@@ -220,7 +220,7 @@ impl Default for BenchConfig {
                 },
             ],
             variants: Variant::ALL.to_vec(),
-            requests: 20_000,
+            duration: Duration::from_secs(1),
             warmup: 2_000,
             depth: 32,
             queues: 1,
@@ -389,9 +389,9 @@ pub fn run(
             "give at least one workload and one strategy",
         ));
     }
-    if config.requests == 0 || config.rounds == 0 || config.depth == 0 || config.queues == 0 {
+    if config.duration.is_zero() || config.rounds == 0 || config.depth == 0 || config.queues == 0 {
         return Err(BenchError::Empty(
-            "requests, rounds, depth and queues must be positive",
+            "the duration, rounds, depth and queues must be positive",
         ));
     }
     let size = std::fs::metadata(image)
@@ -486,12 +486,20 @@ fn run_one(
     };
     let outcome = (|| -> Result<Sample, BenchError> {
         if config.warmup > 0 {
-            drive(&dev, workload, config, config.warmup, round, name)?;
+            drive(
+                &dev,
+                workload,
+                config,
+                Stop::After(config.warmup),
+                round,
+                name,
+            )?;
         }
         pair.hypervisor().clear_records();
         let before = snapshot(&dev);
         let started = Instant::now();
-        let (mut latencies, copied) = drive(&dev, workload, config, config.requests, round, name)?;
+        let until = Stop::At(Instant::now() + config.duration);
+        let (mut latencies, copied) = drive(&dev, workload, config, until, round, name)?;
         let elapsed = started.elapsed();
         let mut counters = snapshot(&dev).since(&before);
         counters.frontend.bytes_copied += copied;
@@ -539,13 +547,22 @@ fn settled_backend(pair: &Pair, domid: u16, devid: u32, requests: u64) -> Backen
     }
 }
 
-/// Runs `requests` requests of `workload` spread over the device's queues, one thread each.
-/// Returns the latencies and the bytes the caller copied (`copy` mode).
+/// When a queue's thread stops submitting.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// After this many requests over all queues.
+    After(u64),
+    /// At this instant.
+    At(Instant),
+}
+
+/// Runs `workload` on every queue of the device, one thread each, until `stop`. Returns the
+/// latencies and the bytes the caller copied (`copy` mode).
 fn drive(
     dev: &BlkDevice<LoopbackDomain>,
     workload: Workload,
     config: &BenchConfig,
-    requests: u64,
+    stop: Stop,
     round: u32,
     variant: &'static str,
 ) -> Result<(Vec<Duration>, u64), BenchError> {
@@ -554,7 +571,10 @@ fn drive(
     let results: Vec<Result<(Vec<Duration>, u64), BenchError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..queues)
             .map(|q| {
-                let share = requests / queues + u64::from(q < requests % queues);
+                let share = match stop {
+                    Stop::After(n) => Stop::After(n / queues + u64::from(q < n % queues)),
+                    at => at,
+                };
                 let seed = 0x9e37_79b9_7f4a_7c15u64 ^ ((u64::from(round) << 32) | (q + 1));
                 s.spawn(move || {
                     drive_queue(
@@ -584,7 +604,7 @@ fn drive_queue(
     q: usize,
     workload: Workload,
     config: &BenchConfig,
-    requests: u64,
+    stop: Stop,
     blocks: u64,
     seed: u64,
     variant: &'static str,
@@ -612,7 +632,7 @@ fn drive_queue(
     let mut queue = dev.lock_queue(q);
     let mut private = vec![0x5au8; bs];
     let mut copied = 0u64;
-    let mut latencies = Vec::with_capacity(requests as usize);
+    let mut latencies = Vec::new();
     let mut free = Vec::new();
     for _ in 0..queue.depth() {
         let b = queue
@@ -623,8 +643,12 @@ fn drive_queue(
     }
     let mut submitted = 0u64;
     let mut in_flight = 0usize;
-    while submitted < requests || in_flight > 0 {
-        while submitted < requests {
+    let more = |submitted: u64| match stop {
+        Stop::After(n) => submitted < n,
+        Stop::At(t) => Instant::now() < t,
+    };
+    while more(submitted) || in_flight > 0 {
+        while more(submitted) {
             let Some(buf) = free.pop() else { break };
             if write && config.copy {
                 buf.write(0, &private).map_err(mem)?;
@@ -679,6 +703,8 @@ pub struct Summary {
     pub variant: Variant,
     /// Median IOPS over the rounds.
     pub iops: f64,
+    /// Lowest and highest IOPS of a round (how noisy the machine was).
+    pub iops_range: (f64, f64),
     /// Median MiB/s over the rounds.
     pub mib_per_sec: f64,
     /// Median of the rounds' median latencies.
@@ -689,6 +715,8 @@ pub struct Summary {
     pub per_request: PerRequest,
     /// Rounds.
     pub rounds: usize,
+    /// The hypervisor's record buffer overflowed in some round: its counts are low.
+    pub truncated: bool,
 }
 
 fn median_f64(mut v: Vec<f64>) -> f64 {
@@ -726,11 +754,16 @@ pub fn summarize(config: &BenchConfig, samples: &[Sample]) -> Vec<Summary> {
                 workload: *w,
                 variant: v,
                 iops: median_f64(mine.iter().map(|s| s.iops()).collect()),
+                iops_range: mine
+                    .iter()
+                    .map(|s| s.iops())
+                    .fold((f64::INFINITY, 0.0), |(lo, hi), x| (lo.min(x), hi.max(x))),
                 mib_per_sec: median_f64(mine.iter().map(|s| s.mib_per_sec()).collect()),
                 p50: median_duration(mine.iter().map(|s| s.p50).collect()),
                 p99: median_duration(mine.iter().map(|s| s.p99).collect()),
                 per_request: PerRequest::of(&total),
                 rounds: mine.len(),
+                truncated: total.hypervisor.truncated,
             });
         }
     }
@@ -748,10 +781,10 @@ pub fn render(config: &BenchConfig, summaries: &[Summary]) -> String {
         }
         let _ = writeln!(
             o,
-            "\n{w}: depth {} x {} queue(s), {} requests per run, median of {} round(s), {}",
+            "\n{w}: depth {} x {} queue(s), {:.1}s per run, median of {} round(s), {}",
             config.depth,
             config.queues,
-            config.requests,
+            config.duration.as_secs_f64(),
             rows[0].rounds,
             if config.copy {
                 "copying through private buffers"
@@ -761,9 +794,10 @@ pub fn render(config: &BenchConfig, summaries: &[Summary]) -> String {
         );
         let _ = writeln!(
             o,
-            "  {:<17} {:>9} {:>9} {:>8} {:>8} | per request: {:>6} {:>6} {:>6} {:>7} {:>6} {:>6} {:>7}",
+            "  {:<17} {:>9} {:>17} {:>9} {:>8} {:>8} | per request: {:>6} {:>6} {:>6} {:>7} {:>6} {:>6} {:>7}",
             "strategy",
             "IOPS",
+            "(rounds min-max)",
             "MiB/s",
             "p50 us",
             "p99 us",
@@ -779,9 +813,10 @@ pub fn render(config: &BenchConfig, summaries: &[Summary]) -> String {
             let p = &s.per_request;
             let _ = writeln!(
                 o,
-                "  {:<17} {:>9.0} {:>9.1} {:>8.1} {:>8.1} |              {:>6.2} {:>6.2} {:>6.2} {:>7.3} {:>6.2} {:>6.2} {:>7.0}",
+                "  {:<17} {:>9.0} {:>17} {:>9.1} {:>8.1} {:>8.1} |              {:>6.2} {:>6.2} {:>6.2} {:>7.3} {:>6.2} {:>6.2} {:>7.0}",
                 s.variant.name(),
                 s.iops,
+                format!("({:.0}-{:.0})", s.iops_range.0, s.iops_range.1),
                 s.mib_per_sec,
                 s.p50.as_secs_f64() * 1e6,
                 s.p99.as_secs_f64() * 1e6,
@@ -792,6 +827,13 @@ pub fn render(config: &BenchConfig, summaries: &[Summary]) -> String {
                 p.notifications_to_backend,
                 p.notifications_to_frontend,
                 p.bytes_copied
+            );
+        }
+        if rows.iter().any(|s| s.truncated) {
+            let _ = writeln!(
+                o,
+                "  (the hypervisor's record buffer overflowed: gmaps/unmaps/foreign are low; \
+                 use fewer --seconds)"
             );
         }
         if rows.len() > 1 {

@@ -183,9 +183,9 @@ struct BenchArgs {
         value_name = "LIST"
     )]
     variants: Vec<Variant>,
-    /// Timed requests per run.
-    #[arg(long, default_value_t = 20_000, value_name = "N")]
-    requests: u64,
+    /// Seconds each timed run lasts (fractions allowed).
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    seconds: f64,
     /// Untimed requests before each run (warms persistent-grant and direct-map caches).
     #[arg(long, default_value_t = 2_000, value_name = "N")]
     warmup: u64,
@@ -272,13 +272,17 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>> {
 }
 
 /// A pair whose daemon trusts `frontend` with `direct` (as `serve --allow-direct` would).
-fn start_pair(frontend: DomId, stats_socket: Option<PathBuf>) -> Result<Pair> {
+fn start_pair(
+    frontend: DomId,
+    stats_socket: Option<PathBuf>,
+    loopback: LoopbackConfig,
+) -> Result<Pair> {
     let config = DaemonConfig {
         allow_direct: vec![DomainSelector::Id(frontend)],
         control_socket: stats_socket,
         ..DaemonConfig::default()
     };
-    Pair::start(LoopbackConfig::default(), config).context("cannot start the loopback pair")
+    Pair::start(loopback, config).context("cannot start the loopback pair")
 }
 
 fn nbd_uri(socket: &Path, export: &str) -> String {
@@ -306,7 +310,7 @@ fn serve(args: &ServeArgs) -> Result<i32> {
          domain {domid} ({role}) in this process, over the loopback hypervisor and an in-memory \
          xenstore"
     );
-    let mut pair = start_pair(domid, args.stats_socket.clone())?;
+    let mut pair = start_pair(domid, args.stats_socket.clone(), LoopbackConfig::default())?;
     pair.add_guest(domid, "loopback-guest")
         .context("cannot create the guest domain")?;
     let mut req = AttachRequest::blk(domid, image);
@@ -494,7 +498,10 @@ fn run_bench(args: &BenchArgs) -> Result<i32> {
     let config = BenchConfig {
         workloads: args.workloads.clone(),
         variants: args.variants.clone(),
-        requests: args.requests,
+        duration: Duration::try_from_secs_f64(args.seconds)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| anyhow!("--seconds must be a positive number of seconds"))?,
         warmup: args.warmup,
         depth: args.depth,
         queues: args.queues,
@@ -514,7 +521,12 @@ fn run_bench(args: &BenchArgs) -> Result<i32> {
                 .context("cannot create the scratch image")?
         }
     };
-    let pair = start_pair(args.role.domid(), None)?;
+    // Per-request grants leave two records per request: keep enough for a few seconds.
+    let loopback = LoopbackConfig {
+        record_limit: 500_000,
+        ..LoopbackConfig::default()
+    };
+    let pair = start_pair(args.role.domid(), None, loopback)?;
     println!(
         "xenvirtio-loopback bench: backend daemon (Dom0) and frontend (domain {}, {}) in this \
          process over the loopback hypervisor; image {}",

@@ -583,8 +583,8 @@ fn bench_prints_every_strategy_and_the_ratios() {
     let out = Command::new(BIN)
         .args([
             "bench",
-            "--requests",
-            "300",
+            "--seconds",
+            "0.1",
             "--warmup",
             "50",
             "--rounds",

@@ -562,7 +562,7 @@ fn help_explains_every_option_and_that_no_xen_is_needed() {
     for needle in [
         "--workload",
         "--strategies",
-        "--requests",
+        "--seconds",
         "--rounds",
         "--depth",
         "--copy",

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use xenvirtio_backend::admin::{AttachRequest, DetachRequest};
+use xenvirtio_backend::admin::{AttachRequest, DetachRequest, Removal};
 use xenvirtio_backend::daemon::{DaemonConfig, DomainSelector};
 use xenvirtio_frontend::ConnectOptions;
 use xenvirtio_frontend::blk::{BlkDevice, BlkOptions};
@@ -458,7 +458,7 @@ fn teardown(
         hypervisor: HypervisorCounts::read(pair.hypervisor(), domid),
     };
     match pair.detach(&DetachRequest::new(domid, devid)) {
-        Ok(out) => println!("detached device {devid} ({:?})", out.removal),
+        Ok(out) => println!("detached device {devid}: {}", removal_text(&out.removal)),
         Err(e) => {
             clean = false;
             println!("detach failed: {e:#}");
@@ -492,6 +492,21 @@ fn teardown(
         );
     }
     Ok(if clean { 0 } else { 1 })
+}
+
+fn removal_text(removal: &Removal) -> String {
+    match removal {
+        Removal::Immediate { backend_state } => format!(
+            "removed at once, the backend held nothing (state {})",
+            backend_state.map_or("absent".into(), |s| s.to_string())
+        ),
+        Removal::Closed { waited } => {
+            format!("the backend reached Closed in {waited:?}, both directories removed")
+        }
+        Removal::Forced { last, .. } => format!("forced (the backend was {last})"),
+        Removal::RemovedMeanwhile => "someone else removed it meanwhile".into(),
+        Removal::OrphanFrontend => "only the frontend directory was left; removed".into(),
+    }
 }
 
 fn run_bench(args: &BenchArgs) -> Result<i32> {

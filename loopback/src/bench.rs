@@ -462,7 +462,9 @@ fn run_one(
             persistent: variant.persistent(),
             dma_pages: config.dma_pages(&workload),
             num_queues: Some(config.queues),
-            queue_size: Some(config.depth.next_power_of_two().max(64)),
+            // Room for every request in flight as a direct chain (header, data, status and
+            // a spare), so that short requests need no indirect table.
+            queue_size: Some((config.depth * 4).next_power_of_two().clamp(64, 1024)),
             ..ConnectOptions::default()
         },
         depth: config.depth,

@@ -459,3 +459,30 @@ fn zero_copy_and_blocking_callers_share_a_queue_without_losing_wakeups() {
     });
     dev.close().unwrap();
 }
+
+/// A frontend in Dom0 served by the backend in Dom0 (both directories owned by Dom0, grants
+/// from Dom0 to itself), with every strategy its role allows.
+#[test]
+fn a_dom0_frontend_uses_every_strategy_its_role_allows() {
+    let w = World::new();
+    let img = w.image("dom0.img", 1 << 20);
+    let fe = w.frontend(RoleName::Dom0);
+    for strategy in [
+        Strategy::Bounce,
+        Strategy::GrantPerRequest,
+        Strategy::GrantPersistent,
+    ] {
+        let devid = w.attach_blk(0, &img, None);
+        let dev = w.connect_blk(&fe, devid, strategy);
+        assert_eq!(dev.negotiated().strategy, strategy.dma());
+        let d = data(100_000, devid as u8);
+        dev.write_at(&d, 4096).unwrap();
+        dev.flush().unwrap();
+        assert!(read_file_range(&img, 4096, d.len()) == d, "{strategy:?}");
+        dev.close().unwrap();
+        eventually("Dom0's own memory is released", || {
+            w.pair.backend_holdings(0).is_nothing()
+        });
+        assert_eq!(w.pair.domain_stats(0).grants, 0, "{strategy:?}");
+    }
+}

@@ -199,7 +199,7 @@ impl Model {
         }
     }
 
-    fn offer(&self, ts: &ToolstackConfig, config: &DaemonConfig) -> Offer {
+    fn offer(&self, ts: &ToolstackConfig, trust: DirectTrust, config: &DaemonConfig) -> Offer {
         let qsize = config.max_queue_size;
         let queues = u16::try_from(ts.queues).unwrap_or(1);
         let (features, cfg) = match self {
@@ -212,7 +212,14 @@ impl Model {
             Model::Console(c) => (c.features(), c.config()),
             Model::Rng(_) => (0, Vec::new()),
         };
-        let mut offer = Offer::new(ts, features, cfg, qsize, config.max_persistent_grants);
+        let mut offer = Offer::new(
+            ts,
+            trust,
+            features,
+            cfg,
+            qsize,
+            config.max_persistent_grants,
+        );
         if let Model::Console(c) = self {
             offer.tty = c.tty().map(|p| p.display().to_string());
         }
@@ -578,13 +585,14 @@ impl<P: Platform> Machine<'_, P> {
             }
         }
         let Some(model) = &self.model else { return };
-        let offer = model.offer(&ts, &self.ctx.config);
+        let offer = model.offer(&ts, self.direct_trust(), &self.ctx.config);
         match handshake::publish(self.store(), self.bdir, &offer) {
             Ok(generation) => {
                 tracing::info!(
                     kind = %ts.kind,
                     features = %xenvirtio_virtio::features::describe(ts.kind.device_id(), offer.features),
                     queues = offer.max_queues,
+                    grant_usage = offer.grant_usage,
                     generation,
                     "published; waiting for the frontend (InitWait)"
                 );
@@ -600,12 +608,16 @@ impl<P: Platform> Machine<'_, P> {
         }
     }
 
-    fn direct_allowed(&self) -> bool {
-        self.ctx
-            .config
-            .allow_direct
-            .iter()
-            .any(|sel| sel.matches(self.store(), self.ctx.frontend))
+    fn direct_trust(&self) -> DirectTrust {
+        DirectTrust {
+            backend_is_dom0: self.ctx.platform.domid() == 0,
+            operator_allows: self
+                .ctx
+                .config
+                .allow_direct
+                .iter()
+                .any(|sel| sel.matches(self.store(), self.ctx.frontend)),
+        }
     }
 
     /// 8.1 step 4: validates, maps and binds; then Connected.
@@ -613,10 +625,7 @@ impl<P: Platform> Machine<'_, P> {
         let (Some(ts), Some(offer)) = (self.toolstack.clone(), self.offer.clone()) else {
             return;
         };
-        let trust = DirectTrust {
-            backend_is_dom0: self.ctx.platform.domid() == 0,
-            operator_allows: self.direct_allowed(),
-        };
+        let trust = self.direct_trust();
         let result = handshake::read_frontend_setup(self.store(), self.fdir, &offer, &ts, trust)
             .map_err(SetupError::from)
             .and_then(|setup| self.establish(&setup, registry).map(|c| (setup, c)));

@@ -97,7 +97,8 @@ impl DmaPin {
 pub struct ToolstackConfig {
     /// The device.
     pub kind: DeviceKind,
-    /// `grant_usage`: the device offers `ACCESS_PLATFORM` (default true).
+    /// The toolstack's `grant_usage` (`toolstack-grant-usage` once the backend has rewritten
+    /// `grant_usage`; absent counts as true): `false` lets a trusted frontend use `direct`.
     pub grant_usage: bool,
     /// `dma`.
     pub dma: DmaPin,
@@ -146,9 +147,17 @@ pub fn read_toolstack_config(
             return Err(ToolstackError::WrongTransport(t));
         }
     }
-    let grant_usage =
-        xenbus::optional(xenbus::read_bool(store, TxId::NONE, &key(bk::GRANT_USAGE)))?
-            .unwrap_or(true);
+    // The toolstack's value: the backend keeps it aside before it publishes the effective one
+    // in `grant_usage` (section 2.2), so that a restarted backend starts from it again.
+    let grant_usage = match xenbus::optional(xenbus::read_bool(
+        store,
+        TxId::NONE,
+        &key(bk::TOOLSTACK_GRANT_USAGE),
+    ))? {
+        Some(v) => v,
+        None => xenbus::optional(xenbus::read_bool(store, TxId::NONE, &key(bk::GRANT_USAGE)))?
+            .unwrap_or(true),
+    };
     let dma = match read_opt_string(store, &key(bk::DMA))?.as_deref() {
         None | Some("auto") | Some("") => DmaPin::Auto,
         Some(s) => DmaPin::Only(
@@ -198,8 +207,14 @@ pub fn read_toolstack_config(
 /// What the backend publishes before InitWait (section 2.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offer {
-    /// `device-features`: transport and device bits.
+    /// `device-features`: transport and device bits (`ACCESS_PLATFORM` exactly when
+    /// `grant_usage`).
     pub features: u64,
+    /// The effective `grant_usage` (section 2.2): `false` only when the frontend may use
+    /// `direct` ([`DirectTrust::allows_direct`]).
+    pub grant_usage: bool,
+    /// The toolstack's own `grant_usage`, kept in `toolstack-grant-usage`.
+    pub toolstack_grant_usage: bool,
     /// `max-queues`.
     pub max_queues: u32,
     /// `max-queue-size`.
@@ -213,20 +228,25 @@ pub struct Offer {
 }
 
 impl Offer {
-    /// The offer of a device whose model offers `device_features` and `config`.
+    /// The offer of a device whose model offers `device_features` and `config`, to a frontend
+    /// trusted as `trust` says.
     pub fn new(
         toolstack: &ToolstackConfig,
+        trust: DirectTrust,
         device_features: u64,
         config: Vec<u8>,
         max_queue_size: u32,
         max_persistent_grants: u32,
     ) -> Self {
+        let grant_usage = !trust.allows_direct(toolstack);
         let mut features = TRANSPORT_FEATURES | device_features;
-        if toolstack.grant_usage {
+        if grant_usage {
             features |= features::bit(transport::ACCESS_PLATFORM);
         }
         Offer {
             features,
+            grant_usage,
+            toolstack_grant_usage: toolstack.grant_usage,
             max_queues: toolstack.queues,
             max_queue_size: max_queue_size.clamp(1, MAX_QUEUE_SIZE),
             max_persistent_grants,
@@ -236,8 +256,10 @@ impl Offer {
     }
 }
 
-/// Publishes `offer` and switches to InitWait in one transaction (section 2.2), clearing an
-/// `error` node of an earlier connection and incrementing `config-generation`. Fails with
+/// Publishes `offer` and switches to InitWait in one transaction (section 2.2): the effective
+/// `grant_usage` (the toolstack's value kept in `toolstack-grant-usage`), the features,
+/// limits and config, clearing an `error` node of an earlier connection and incrementing
+/// `config-generation`. Fails with
 /// [`XsError::NodeVanished`] if the directory was removed meanwhile (nothing is recreated).
 pub fn publish(store: &dyn XenStore, bdir: &str, offer: &Offer) -> Result<u32, XsError> {
     let key = |k: &str| format!("{bdir}/{k}");
@@ -253,6 +275,13 @@ pub fn publish(store: &dyn XenStore, bdir: &str, offer: &Offer) -> Result<u32, X
             .flatten()
             .unwrap_or(0)
             .wrapping_add(1);
+        let flag = |b: bool| if b { "1" } else { "0" };
+        store.write_str(
+            tx,
+            &key(bk::TOOLSTACK_GRANT_USAGE),
+            flag(offer.toolstack_grant_usage),
+        )?;
+        store.write_str(tx, &key(bk::GRANT_USAGE), flag(offer.grant_usage))?;
         store.write_str(
             tx,
             &key(bk::DEVICE_FEATURES),
@@ -309,6 +338,18 @@ pub struct DirectTrust {
     pub backend_is_dom0: bool,
     /// The operator named this frontend domain with `--allow-direct`.
     pub operator_allows: bool,
+}
+
+impl DirectTrust {
+    /// Section 10.5: whether a frontend may use `direct` with this device: the backend is
+    /// Dom0, the toolstack wrote `grant_usage = 0`, the operator allowed the domain, and the
+    /// `dma` key is `auto` or `direct`. The effective `grant_usage` is the negation.
+    pub fn allows_direct(self, toolstack: &ToolstackConfig) -> bool {
+        self.backend_is_dom0
+            && self.operator_allows
+            && !toolstack.grant_usage
+            && toolstack.dma.allows(DmaStrategy::Direct)
+    }
 }
 
 /// Where a queue's ring area is.
@@ -566,12 +607,14 @@ fn read_setup_in(
         }
     }
     if strategy == DmaStrategy::Direct {
+        // The operator's trust is named first: without it the effective grant_usage is 1
+        // too, and "not allowed" says what to change.
         let why = if !trust.backend_is_dom0 {
             Some("the backend is not Dom0")
-        } else if toolstack.grant_usage || access_platform {
-            Some("grant_usage is 1 (the device needs translated addresses)")
         } else if !trust.operator_allows {
             Some("the backend's operator did not allow direct for this domain (--allow-direct)")
+        } else if toolstack.grant_usage || access_platform {
+            Some("grant_usage is 1 (the device needs translated addresses)")
         } else {
             None
         };
@@ -704,7 +747,18 @@ mod tests {
     }
 
     fn offer(ts: &ToolstackConfig) -> Offer {
-        Offer::new(ts, features::bit(features::blk::FLUSH), vec![1, 2], 256, 64)
+        let trust = DirectTrust {
+            backend_is_dom0: true,
+            operator_allows: true,
+        };
+        Offer::new(
+            ts,
+            trust,
+            features::bit(features::blk::FLUSH),
+            vec![1, 2],
+            256,
+            64,
+        )
     }
 
     struct Env {

@@ -418,6 +418,9 @@ impl<P: Platform> BlkQueue<P> {
             if self.in_flight() == 0 {
                 return Ok(Vec::new());
             }
+            // A blocking caller polling this queue may take the notification meant for these
+            // requests while this thread holds the queue; `seen` makes the wait notice.
+            let seen = self.vq.events().deliveries();
             if self.vq.enable_callbacks()? {
                 continue;
             }
@@ -426,7 +429,7 @@ impl<P: Platform> BlkQueue<P> {
                 return Ok(Vec::new());
             }
             let events = Arc::clone(self.vq.events());
-            events.wait(left)?;
+            events.wait(seen, left)?;
             self.vq.disable_callbacks()?;
         }
     }
@@ -1056,12 +1059,11 @@ impl<P: Platform> BlkDevice<P> {
             chunks.push((at, len));
             at += len as u64;
         }
-        for window in chunks.chunks(BLOCKING_WINDOW) {
-            let mut ops = Vec::with_capacity(window.len());
-            for &(at, len) in window {
-                ops.push((BlkOp::Read, Some(self.staging(len)?), at / SECTOR_SIZE, 0));
-            }
-            for (c, &(chunk_start, _)) in self.run(ops)?.into_iter().zip(window) {
+        self.run_staged(
+            BlkOp::Read,
+            &chunks,
+            |_, _| Ok(()),
+            |chunk_start, c| {
                 let buf = c.buf.expect("reads return their buffer");
                 // The part of [chunk_start, chunk_start + len) inside [offset, offset + dst.len()).
                 let lo = chunk_start.max(offset);
@@ -1070,8 +1072,9 @@ impl<P: Platform> BlkDevice<P> {
                     let d = &mut dst[(lo - offset) as usize..(hi - offset) as usize];
                     buf.bounce_out((lo - chunk_start) as usize, d)?;
                 }
-            }
-        }
+                Ok(())
+            },
+        )?;
         Ok(())
     }
 
@@ -1107,10 +1110,11 @@ impl<P: Platform> BlkDevice<P> {
             chunks.push((at, len));
             at += len as u64;
         }
-        for window in chunks.chunks(BLOCKING_WINDOW) {
-            let mut ops = Vec::with_capacity(window.len());
-            for &(at, len) in window {
-                let buf = self.staging(len)?;
+        self.run_staged(
+            BlkOp::Write,
+            &chunks,
+            |at, buf| {
+                let len = buf.len();
                 // Sectors of this chunk that are only partly covered get the old bytes first.
                 if at == start && first_partial {
                     buf.write(0, &head)?;
@@ -1124,10 +1128,10 @@ impl<P: Platform> BlkDevice<P> {
                     (lo - at) as usize,
                     &src[(lo - offset) as usize..(hi - offset) as usize],
                 )?;
-                ops.push((BlkOp::Write, Some(buf), at / SECTOR_SIZE, 0));
-            }
-            self.run(ops)?;
-        }
+                Ok(())
+            },
+            |_, _| Ok(()),
+        )?;
         Ok(())
     }
 
@@ -1216,6 +1220,55 @@ impl<P: Platform> BlkDevice<P> {
     fn staging(&self, len: usize) -> Result<DmaBuf, BlkError> {
         let timeout = self.io_timeout.unwrap_or(Duration::from_secs(3600));
         Ok(self.transport.dma().alloc_wait(len, timeout)?)
+    }
+
+    /// Runs one request of `op` per chunk `(byte offset, length)`, each with a staging buffer
+    /// of the DMA memory that `prepare` fills before submission; `finish` gets each
+    /// completion with its chunk's offset, in order. Requests go in windows of at most
+    /// [`BLOCKING_WINDOW`], and a window also ends where the DMA memory is full: what it
+    /// already holds is run first and gives its buffers back. (Allocating a whole window
+    /// before running any of it waited for buffers this very call held, whenever the window
+    /// needed more than the DMA memory: a 1 MiB write with 1 MiB of bounce pool hung until
+    /// the I/O timeout on real Xen.)
+    fn run_staged(
+        &self,
+        op: BlkOp,
+        chunks: &[(u64, usize)],
+        mut prepare: impl FnMut(u64, &DmaBuf) -> Result<(), BlkError>,
+        mut finish: impl FnMut(u64, Completion) -> Result<(), BlkError>,
+    ) -> Result<(), BlkError> {
+        let mut ops: Vec<(BlkOp, Option<DmaBuf>, u64, u32)> = Vec::new();
+        let mut starts: Vec<u64> = Vec::new();
+        let mut run_window = |ops: &mut Vec<_>, starts: &mut Vec<u64>| -> Result<(), BlkError> {
+            let done = self.run(std::mem::take(ops))?;
+            for (c, at) in done.into_iter().zip(std::mem::take(starts)) {
+                finish(at, c)?;
+            }
+            Ok(())
+        };
+        for &(at, len) in chunks {
+            let buf = match self.transport.dma().alloc(len) {
+                Ok(buf) => buf,
+                Err(DmaError::Exhausted { .. }) => {
+                    if !ops.is_empty() {
+                        run_window(&mut ops, &mut starts)?;
+                    }
+                    // Other callers may hold the rest; wait for them.
+                    self.staging(len)?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            prepare(at, &buf)?;
+            ops.push((op, Some(buf), at / SECTOR_SIZE, 0));
+            starts.push(at);
+            if ops.len() == BLOCKING_WINDOW {
+                run_window(&mut ops, &mut starts)?;
+            }
+        }
+        if !ops.is_empty() {
+            run_window(&mut ops, &mut starts)?;
+        }
+        Ok(())
     }
 
     fn pick_queue(&self) -> &QueueSlot<P> {
@@ -1310,6 +1363,7 @@ impl<P: Platform> BlkDevice<P> {
                 slot.reaped.notify_all();
                 continue;
             }
+            let seen = q.vq.events().deliveries();
             if q.vq.enable_callbacks()? {
                 q.reap()?;
                 slot.reaped.notify_all();
@@ -1318,10 +1372,13 @@ impl<P: Platform> BlkDevice<P> {
             q.polling = true;
             let events = Arc::clone(q.vq.events());
             drop(q);
-            let waited = events.wait(Some(
-                left.unwrap_or(Duration::from_secs(1))
-                    .min(Duration::from_secs(1)),
-            ));
+            let waited = events.wait(
+                seen,
+                Some(
+                    left.unwrap_or(Duration::from_secs(1))
+                        .min(Duration::from_secs(1)),
+                ),
+            );
             q = slot.queue.lock().unwrap_or_else(PoisonError::into_inner);
             q.polling = false;
             let reaped =

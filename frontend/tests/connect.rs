@@ -169,6 +169,37 @@ fn bounce_pool_directory_is_read_only_and_copies_are_counted() {
     assert_eq!(env.xen.stats(GUEST).grants, 0);
 }
 
+/// A blocking transfer larger than the device's whole DMA memory goes through in pieces.
+/// Regression: `write_at` allocated the staging buffers of a window of up to 8 requests before
+/// running any of them; with the default 256 pages (and requests of a quarter of it), a 1 MiB
+/// write waited for buffers it held itself until the I/O timeout (found on real Xen, Dom0
+/// bouncing).
+#[test]
+fn transfers_larger_than_the_dma_memory_do_not_wait_for_themselves() {
+    for strategy in [DmaStrategy::Bounce, DmaStrategy::Grant] {
+        let env = Env::new();
+        let backend = Backend::start(&env, Script::blk(0));
+        let fe = Frontend::new(env.guest_platform(), Arc::clone(&env.guest), pvh());
+        let mut o = options(Some(strategy));
+        o.connect.dma_pages = 64;
+        o.io_timeout = Some(Duration::from_secs(5));
+        let dev = fe.connect_blk(0, &o).unwrap();
+        let data = pattern(3 * 1024 * 1024 + 1000, 5);
+        let started = std::time::Instant::now();
+        dev.write_at(&data, 512 * 3 + 7).unwrap();
+        let mut back = vec![0u8; data.len()];
+        dev.read_at(&mut back, 512 * 3 + 7).unwrap();
+        assert!(back == data, "{strategy}: the data read back differs");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{strategy}: took {:?}",
+            started.elapsed()
+        );
+        dev.close().unwrap();
+        assert!(backend.seen.lock().unwrap().errors.is_empty());
+    }
+}
+
 #[test]
 fn caller_slices_are_bounced_through_the_grant_arena() {
     let env = Env::new();

@@ -29,8 +29,12 @@ pub mod backend_keys {
     /// `xenbus` (toolstack).
     pub const TRANSPORT: &str = "transport";
     /// `1`: the backend needs translated addresses (grant or bounce); `0`: a trusted Dom0
-    /// backend also accepts `direct` (toolstack, libxl's meaning).
+    /// backend also accepts `direct`. Written by the toolstack (libxl's meaning), then
+    /// rewritten by the backend with the effective value before InitWait (PROTOCOL.md 2.2).
     pub const GRANT_USAGE: &str = "grant_usage";
+    /// The toolstack's own `grant_usage`, kept by the backend the first time it rewrites
+    /// `grant_usage`, so that a restarted backend recomputes the effective value from it.
+    pub const TOOLSTACK_GRANT_USAGE: &str = "toolstack-grant-usage";
     /// Strategy the operator pinned for this device: `auto`, `grant`, `bounce` or `direct`
     /// (toolstack).
     pub const DMA: &str = "dma";

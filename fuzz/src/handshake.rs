@@ -296,17 +296,18 @@ fn frontend_setup(input: &HandshakeInput, store: &dyn XenStore, fdir: &str) -> b
         console: ConsoleTarget::Pty,
         queues: 1 + u32::from(input.max_queues % 16),
     };
+    let trust = DirectTrust {
+        backend_is_dom0: input.trust & 1 != 0,
+        operator_allows: input.trust & 2 != 0,
+    };
     let offer = Offer::new(
         &toolstack,
+        trust,
         input.offered & !(bit(transport::ACCESS_PLATFORM)),
         vec![],
         1 << (input.max_queue_size_log2 % 11),
         u32::from(input.max_persistent),
     );
-    let trust = DirectTrust {
-        backend_is_dom0: input.trust & 1 != 0,
-        operator_allows: input.trust & 2 != 0,
-    };
     let Ok(setup) = read_frontend_setup(store, fdir, &offer, &toolstack, trust) else {
         return false;
     };
@@ -345,6 +346,10 @@ fn frontend_setup(input: &HandshakeInput, store: &dyn XenStore, fdir: &str) -> b
                 && !toolstack.grant_usage
                 && !has(offer.features, transport::ACCESS_PLATFORM),
             "direct accepted without the trust of section 10.5"
+        );
+        assert!(
+            !offer.grant_usage,
+            "direct under an effective grant_usage of 1"
         );
     }
     let n = setup.queues.len() as u32;

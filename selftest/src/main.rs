@@ -274,3 +274,57 @@ fn run_agent(state_dir: PathBuf) -> ExitCode {
         std::thread::sleep(Duration::from_secs(1));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "xenvirtio-selftest",
+            "role",
+            "--expect-dom0",
+            "no",
+            "--expect-type",
+            "PVH",
+            "--expect-arch",
+            "arm64",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Cmd::Role {
+                expect_dom0: YesNo::No,
+                expect_type: GuestType::Pvh,
+                expect_arch: Arch::Aarch64,
+                ..
+            }
+        ));
+        assert!(
+            Cli::try_parse_from([
+                "x",
+                "role",
+                "--expect-dom0",
+                "no",
+                "--expect-type",
+                "KVM",
+                "--expect-arch",
+                "x86_64"
+            ])
+            .is_err()
+        );
+        let cli = Cli::try_parse_from(["x", "cross-dom0", "--domid", "3", "--foreign", "refused"])
+            .unwrap();
+        assert!(matches!(
+            cli.command,
+            Cmd::CrossDom0 {
+                domid: 3,
+                foreign: ForeignExpect::Refused,
+                timeout: 120
+            }
+        ));
+    }
+}

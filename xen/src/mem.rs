@@ -199,6 +199,31 @@ impl<'a> SharedMem<'a> {
         Ok(())
     }
 
+    /// Stores `value` at `offset` with a plain CPU store, even if the window is read-only.
+    ///
+    /// Only the bounds are checked. On a mapping without `PROT_WRITE` the store faults and the
+    /// kernel kills the process with SIGSEGV (or SIGBUS). This method exists for one purpose:
+    /// proving, in a throwaway child process, that a read-only mapping (a read-only grant, for
+    /// instance) is enforced by the MMU and not only by [`SharedMem::write`]'s check. Device
+    /// code never calls it.
+    ///
+    /// # Safety
+    /// The process may be killed by the fault: call it only in a process that has nothing else
+    /// to lose (a child spawned for the probe). If the store does go through, it changes a page
+    /// shared with a peer exactly as [`SharedMem::write`] would.
+    pub unsafe fn write_byte_bypassing_protection(
+        &self,
+        offset: usize,
+        value: u8,
+    ) -> Result<(), MemError> {
+        self.check(offset, 1)?;
+        // SAFETY: the byte is inside the window (checked), which stays mapped for 'a; a store to
+        // a read-only page faults and kills the process, which the caller accepts (contract).
+        // The volatile store keeps the compiler from eliding or reordering it.
+        unsafe { std::ptr::write_volatile(self.ptr.as_ptr().add(offset), value) };
+        Ok(())
+    }
+
     /// Sets `len` bytes at `offset` to `byte`.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), MemError> {
         self.check_write(offset, len)?;

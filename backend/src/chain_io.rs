@@ -208,44 +208,15 @@ pub enum ChainWriteError {
     Mem(#[from] MemError),
 }
 
-/// Reads `len` bytes of `file` at `pos` straight into the windows (`pread`), stopping early at
-/// end of file. Returns the bytes read.
-pub fn pread_into(windows: &[SharedMem<'_>], file: &File, mut pos: u64) -> io::Result<usize> {
-    let mut total = 0;
-    for w in windows {
-        let mut off = 0;
-        while off < w.len() {
-            let n = w.read_from_file_at(off, w.len() - off, file, pos)?;
-            if n == 0 {
-                return Ok(total);
-            }
-            off += n;
-            total += n;
-            pos += n as u64;
-        }
-    }
-    Ok(total)
+/// Reads `file` at `pos` straight into the windows (`preadv`, one call for a whole chain in
+/// the common case), stopping early at end of file. Returns the bytes read.
+pub fn pread_into(windows: &[SharedMem<'_>], file: &File, pos: u64) -> io::Result<usize> {
+    xenvirtio_xen::mem::read_vectored_from_file_at(windows, file, pos)
 }
 
-/// Writes the windows to `file` at `pos` (`pwrite`). Returns the bytes written.
-pub fn pwrite_from(windows: &[SharedMem<'_>], file: &File, mut pos: u64) -> io::Result<usize> {
-    let mut total = 0;
-    for w in windows {
-        let mut off = 0;
-        while off < w.len() {
-            let n = w.write_to_file_at(off, w.len() - off, file, pos)?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "pwrite wrote nothing",
-                ));
-            }
-            off += n;
-            total += n;
-            pos += n as u64;
-        }
-    }
-    Ok(total)
+/// Writes the windows to `file` at `pos` (`pwritev`). Returns the bytes written.
+pub fn pwrite_from(windows: &[SharedMem<'_>], file: &File, pos: u64) -> io::Result<usize> {
+    xenvirtio_xen::mem::write_vectored_to_file_at(windows, file, pos)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use xenvirtio_backend::daemon::{DaemonConfig, DomainSelector};
-use xenvirtio_backend::test_utils::{TestDevice, TestError, TestStrategy};
+use xenvirtio_backend::test_utils::{DriverRingError, TestDevice, TestError, TestStrategy};
 use xenvirtio_virtio::blk::S_IOERR;
 use xenvirtio_xenstore::TxId;
 use xenvirtio_xenstore::xenbus::XenbusState;
@@ -275,4 +275,24 @@ fn the_control_socket_answers_stats_as_a_table_and_as_json() {
         !socket.exists(),
         "the socket is removed when the daemon stops"
     );
+}
+
+/// Fuzz finding (`daemon_blk`): the test frontend panicked building an empty indirect table for
+/// a request without bytes; it now refuses it as an empty chain, and the device goes on.
+#[test]
+fn test_regression_empty_indirect_request_is_refused() {
+    let w = World::new();
+    let image = w.image("e.img", 16);
+    w.attach(F, 0, &TestDevice::blk(&image));
+    let mut fe = w.connect(F, 0, options(TestStrategy::GrantPersistent).indirect());
+    assert!(matches!(
+        fe.request(0, &[], &[]),
+        Err(TestError::Ring(DriverRingError::Empty))
+    ));
+    assert!(matches!(
+        fe.request(0, &[&[]], &[0]),
+        Err(TestError::Ring(DriverRingError::Empty))
+    ));
+    assert_eq!(fe.blk_read(0, 1, 512).unwrap().len(), 512);
+    fe.close().unwrap();
 }

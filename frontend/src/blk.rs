@@ -418,6 +418,9 @@ impl<P: Platform> BlkQueue<P> {
             if self.in_flight() == 0 {
                 return Ok(Vec::new());
             }
+            // A blocking caller polling this queue may take the notification meant for these
+            // requests while this thread holds the queue; `seen` makes the wait notice.
+            let seen = self.vq.events().deliveries();
             if self.vq.enable_callbacks()? {
                 continue;
             }
@@ -426,7 +429,7 @@ impl<P: Platform> BlkQueue<P> {
                 return Ok(Vec::new());
             }
             let events = Arc::clone(self.vq.events());
-            events.wait(left)?;
+            events.wait(seen, left)?;
             self.vq.disable_callbacks()?;
         }
     }
@@ -1360,6 +1363,7 @@ impl<P: Platform> BlkDevice<P> {
                 slot.reaped.notify_all();
                 continue;
             }
+            let seen = q.vq.events().deliveries();
             if q.vq.enable_callbacks()? {
                 q.reap()?;
                 slot.reaped.notify_all();
@@ -1368,10 +1372,13 @@ impl<P: Platform> BlkDevice<P> {
             q.polling = true;
             let events = Arc::clone(q.vq.events());
             drop(q);
-            let waited = events.wait(Some(
-                left.unwrap_or(Duration::from_secs(1))
-                    .min(Duration::from_secs(1)),
-            ));
+            let waited = events.wait(
+                seen,
+                Some(
+                    left.unwrap_or(Duration::from_secs(1))
+                        .min(Duration::from_secs(1)),
+                ),
+            );
             q = slot.queue.lock().unwrap_or_else(PoisonError::into_inner);
             q.polling = false;
             let reaped =

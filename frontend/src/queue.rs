@@ -153,6 +153,11 @@ pub(crate) struct QueueEvents<E: EventChannels> {
     poll: Mutex<(mio::Poll, mio::Events)>,
     waker: Arc<Waker>,
     counters: Arc<EventCounters>,
+    /// Notifications drained so far, by whichever thread waited. A thread reads it before its
+    /// last look at the ring and passes it to [`QueueEvents::wait`], which then does not sleep
+    /// if another thread took a notification meanwhile (that notification may have been for
+    /// this thread's requests, and it would never come again).
+    deliveries: AtomicU64,
 }
 
 impl<E: EventChannels> std::fmt::Debug for QueueEvents<E> {
@@ -188,6 +193,7 @@ impl<E: EventChannels> QueueEvents<E> {
             poll: Mutex::new((poll, mio::Events::with_capacity(4))),
             waker,
             counters,
+            deliveries: AtomicU64::new(0),
         })
     }
 
@@ -212,14 +218,26 @@ impl<E: EventChannels> QueueEvents<E> {
         Ok(())
     }
 
+    /// How many notifications have been drained so far (see [`QueueEvents::wait`]).
+    pub(crate) fn deliveries(&self) -> u64 {
+        self.deliveries.load(Ordering::Acquire)
+    }
+
     /// Waits up to `timeout` (forever with `None`) for a notification or a wake-up. Pending
     /// ports are drained and unmasked before returning.
-    pub(crate) fn wait(&self, timeout: Option<Duration>) -> Result<Wake, QueueError> {
+    ///
+    /// `seen` is what [`QueueEvents::deliveries`] said before the caller last looked at the
+    /// ring: if another thread has drained a notification since, this returns
+    /// [`Wake::Event`] at once, since what it announced is in the ring already.
+    pub(crate) fn wait(&self, seen: u64, timeout: Option<Duration>) -> Result<Wake, QueueError> {
         let poll_err = |source| QueueError::Poll {
             queue: self.queue,
             source,
         };
         let mut guard = self.poll.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.deliveries() != seen {
+            return Ok(Wake::Event);
+        }
         let (poll, events) = &mut *guard;
         loop {
             match poll.poll(events, timeout) {
@@ -255,6 +273,7 @@ impl<E: EventChannels> QueueEvents<E> {
             return Ok(());
         }
         evtchn.unmask(&ports).map_err(err)?;
+        self.deliveries.fetch_add(1, Ordering::Release);
         self.counters
             .received
             .fetch_add(ports.len() as u64, Ordering::Relaxed);
@@ -538,6 +557,7 @@ impl<E: EventChannels, T> Virtqueue<E, T> {
             if let Some(reason) = link.lost() {
                 return Err(DriverError::Stopped { reason });
             }
+            let seen = self.events.deliveries();
             if self.enable_callbacks()? {
                 continue;
             }
@@ -546,7 +566,7 @@ impl<E: EventChannels, T> Virtqueue<E, T> {
                 return Ok(None);
             }
             let events = Arc::clone(&self.events);
-            events.wait(left)?;
+            events.wait(seen, left)?;
             self.disable_callbacks()?;
         }
     }
@@ -567,5 +587,57 @@ impl<E: EventChannels, T> Virtqueue<E, T> {
             })),
             Err(AddError::Failed(e)) => Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xenvirtio_xen::loopback::LoopbackXen;
+    use xenvirtio_xen::platform::Platform;
+
+    /// A queue's notification side in domain 1, and domain 0's end of its channel.
+    fn channel() -> (
+        QueueEvents<xenvirtio_xen::loopback::LoopbackEvents>,
+        BoundPort<xenvirtio_xen::loopback::LoopbackEvents>,
+    ) {
+        let hv = LoopbackXen::new();
+        let backend = Arc::new(hv.domain(0).event_channels().unwrap());
+        let guest = hv.domain(1).event_channels().unwrap();
+        let events = QueueEvents::new(0, guest, 0, Arc::default()).unwrap();
+        let peer = BoundPort::bind_interdomain(&backend, 1, events.port()).unwrap();
+        // Xen leaves one event pending on a new binding: take it.
+        let _ = backend.pending();
+        (events, peer)
+    }
+
+    /// Regression (found pairing the frontend with the daemon): when another thread drained
+    /// the notification after this thread's last look at the ring, the wait must not sleep,
+    /// since that notification will not come again.
+    #[test]
+    fn a_wait_returns_at_once_if_another_thread_took_the_notification() {
+        let (events, peer) = channel();
+        let seen = events.deliveries();
+        // "Another thread" takes the notification.
+        peer.notify().unwrap();
+        assert_eq!(
+            events
+                .wait(events.deliveries(), Some(Duration::from_secs(5)))
+                .unwrap(),
+            Wake::Event
+        );
+        assert_eq!(events.deliveries(), seen + 1);
+        // This thread looked at the ring before that: it must not sleep for 60 s.
+        assert_eq!(
+            events.wait(seen, Some(Duration::from_secs(60))).unwrap(),
+            Wake::Event
+        );
+        // With nothing new, a wait times out as before.
+        assert_eq!(
+            events
+                .wait(events.deliveries(), Some(Duration::from_millis(10)))
+                .unwrap(),
+            Wake::TimedOut
+        );
     }
 }

@@ -338,9 +338,12 @@ impl<T> DriverQueue<T> {
             .take()
             .ok_or(DriverQueueError::BogusHead { head: elem.id })?;
         if elem.len > slot.writable_len {
-            // Reclaim the descriptors anyway: the chain is over.
+            // Leave the chain in flight: the caller fails the device and drains the queue, so
+            // the token (the request it stands for) comes back exactly once, through
+            // `drain_in_flight`. Dropping it here made the request vanish (found by the
+            // `driver_queue` fuzz target; see `test_regression_bogus_length_keeps_the_token`).
             let max = slot.writable_len;
-            self.release(head, slot.descriptors);
+            self.in_flight[usize::from(head)] = Some(slot);
             return Err(DriverQueueError::BogusLength {
                 head,
                 len: elem.len,
@@ -631,7 +634,8 @@ mod tests {
             q.pop_used(&ring),
             Err(DriverQueueError::BogusHead { head: 1000 })
         ));
-        // More bytes than the chain can hold; the descriptors still come back.
+        // More bytes than the chain can hold: refused, and the chain stays in flight for the
+        // drain that follows a broken device.
         put_used(2, 0, 17, 3);
         assert!(matches!(
             q.pop_used(&ring),
@@ -641,7 +645,7 @@ mod tests {
                 ..
             })
         ));
-        assert_eq!(q.num_free(), 8);
+        assert_eq!((q.num_free(), q.in_flight()), (7, 1));
         // used.idx racing ahead.
         ring.store_u16(layout.used_idx(), 3 + 9, Ordering::Release)
             .unwrap();
@@ -649,6 +653,35 @@ mod tests {
             q.pop_used(&ring),
             Err(DriverQueueError::UsedIndexJump { ahead: 9, .. })
         ));
+    }
+
+    /// Fuzz finding (`driver_queue`): a completion longer than the chain's writable buffers
+    /// dropped the chain's token, so the request it stood for was neither completed nor
+    /// returned by `drain_in_flight` after the device was failed.
+    #[test]
+    fn test_regression_bogus_length_keeps_the_token() {
+        let rig = Rig::new(4, ALL);
+        let layout = rig.layout;
+        let ring = rig.ring();
+        let mut q = DriverQueue::new(layout, ALL);
+        let head = q.add(&ring, &[buf(0x1000, 16, true)], "req").unwrap();
+        ring.write(
+            layout.used_ring(0),
+            &UsedElem {
+                id: u32::from(head),
+                len: 17,
+            }
+            .to_bytes(),
+        )
+        .unwrap();
+        ring.store_u16(layout.used_idx(), 1, Ordering::Release)
+            .unwrap();
+        assert!(matches!(
+            q.pop_used(&ring),
+            Err(DriverQueueError::BogusLength { .. })
+        ));
+        assert_eq!(q.drain_in_flight(), vec!["req"]);
+        assert_eq!((q.num_free(), q.in_flight()), (4, 0));
     }
 
     #[test]

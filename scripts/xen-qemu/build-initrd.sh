@@ -25,46 +25,10 @@ R=$OUT/initrd-dom0
 U=$OUT/initrd-domU
 rm -rf "$R" "$U"
 
-# find_lib SONAME: its path in the stage (first of lib/TRIPLET, usr/lib/TRIPLET).
-find_lib() {
-  local d
-  for d in "$S/lib/$TRIPLET" "$S/usr/lib/$TRIPLET"; do
-    [ -e "$d/$1" ] && { echo "$d/$1"; return 0; }
-  done
-  echo "build-initrd: library $1 not found in $S" >&2
-  return 1
-}
-
-# copy_with_libs ROOT BIN...: copy BINs into ROOT/usr/bin with the shared libraries they need
-# (the NEEDED closure, read with readelf) and the dynamic loader.
-copy_with_libs() {
-  local root=$1 b lib path
-  shift
-  mkdir -p "$root/usr/bin" "$root/lib/$TRIPLET" "$root/$(dirname "$LDSO")"
-  cp -L "$S/$LDSO" "$root/$LDSO"
-  local -a todo=() seen=()
-  for b in "$@"; do
-    cp -L "$b" "$root/usr/bin/"
-    todo+=("$b")
-  done
-  while [ ${#todo[@]} -gt 0 ]; do
-    b=${todo[0]}
-    todo=("${todo[@]:1}")
-    for lib in $(readelf -d "$b" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
-      [[ " ${seen[*]:-} " == *" $lib "* ]] && continue
-      seen+=("$lib")
-      path=$(find_lib "$lib")
-      cp -L "$path" "$root/lib/$TRIPLET/$lib"
-      todo+=("$path")
-    done
-  done
-}
-
-# add_xv ROOT: the guest half of the harness (lib, agent, test scripts).
+# add_xv ROOT: the guest half of the harness (lib, test scripts).
 add_xv() {
-  mkdir -p "$1/xv/lib" "$1/xv/bin" "$1/xv/tests"
+  mkdir -p "$1/xv/lib" "$1/xv/tests"
   cp "$HERE/guest/xv-lib.sh" "$1/xv/lib/"
-  cp "$HERE/guest/xv-agent.sh" "$1/xv/bin/"
   cp "$HERE"/tests/*.sh "$1/xv/tests/"
   echo "$GNTALLOC_LIMIT" >"$1/xv/gntalloc-limit"
 }
@@ -75,7 +39,9 @@ add_project_bins() {
   cp "$BINDIR"/xenvirtio-* "$1/usr/bin/"
 }
 
-# ---------- DomU: busybox, the Xen device modules, the project binaries, xenstore tools ----------
+# ---------- DomU: busybox, the Xen device modules, the project binaries ----------
+# No xenstore tools: the project's binaries speak xenstore over /dev/xen/xenbus themselves
+# (the command channel's agent is `xenvirtio-selftest agent`).
 mkdir -p "$U"/{bin,proc,sys,dev,run,tmp,lib/modules}
 cp "$S/bin/busybox" "$U/bin/busybox"
 install -m 755 "$HERE/guest/domU-init" "$U/init"
@@ -85,9 +51,6 @@ for m in xen-evtchn xen-gntalloc xen-gntdev; do
 done
 add_xv "$U"
 add_project_bins "$U"
-# The command channel's temporary transport: Debian's xenstore client over /dev/xen/xenbus.
-copy_with_libs "$U" "$S/usr/bin/xenstore"
-for t in read write list rm watch exists ls chmod; do ln -sf xenstore "$U/usr/bin/xenstore-$t"; done
 (cd "$U" && find . | cpio -o -H newc --quiet) | gzip -1 >"$OUT/domU.cpio.gz"
 
 # ---------- Dom0: the toolstack, all Xen modules, the DomU kernel and initramfs ----------

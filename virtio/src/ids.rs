@@ -66,7 +66,9 @@ impl DeviceKind {
     /// caller can report an id it does not serve.
     pub fn parse_type_string(s: &str) -> Option<u32> {
         let hex = s.strip_prefix("virtio,device")?;
-        if hex.is_empty() || hex.len() > 8 {
+        // Hex digits only: `from_str_radix` alone also takes a sign (`virtio,device+2`; found
+        // by the `wire_codecs` fuzz target's strictness check).
+        if hex.is_empty() || hex.len() > 8 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         u32::from_str_radix(hex, 16).ok()
@@ -103,5 +105,14 @@ mod tests {
         assert_eq!(DeviceKind::parse_type_string("virtio,device"), None);
         assert_eq!(DeviceKind::parse_type_string("virtio,devicezz"), None);
         assert_eq!(DeviceKind::parse_type_string("vbd"), None);
+    }
+
+    /// Fuzz finding (`wire_codecs`): a sign before the hex digits was accepted.
+    #[test]
+    fn test_regression_type_string_takes_hex_digits_only() {
+        assert_eq!(DeviceKind::parse_type_string("virtio,device+2"), None);
+        assert_eq!(DeviceKind::parse_type_string("virtio,device-2"), None);
+        assert_eq!(DeviceKind::parse_type_string("virtio,device 2"), None);
+        assert_eq!(DeviceKind::parse_type_string("virtio,deviceFF"), Some(0xff));
     }
 }

@@ -199,6 +199,31 @@ impl<'a> SharedMem<'a> {
         Ok(())
     }
 
+    /// Stores `value` at `offset` with a plain CPU store, even if the window is read-only.
+    ///
+    /// Only the bounds are checked. On a mapping without `PROT_WRITE` the store faults and the
+    /// kernel kills the process with SIGSEGV (or SIGBUS). This method exists for one purpose:
+    /// proving, in a throwaway child process, that a read-only mapping (a read-only grant, for
+    /// instance) is enforced by the MMU and not only by [`SharedMem::write`]'s check. Device
+    /// code never calls it.
+    ///
+    /// # Safety
+    /// The process may be killed by the fault: call it only in a process that has nothing else
+    /// to lose (a child spawned for the probe). If the store does go through, it changes a page
+    /// shared with a peer exactly as [`SharedMem::write`] would.
+    pub unsafe fn write_byte_bypassing_protection(
+        &self,
+        offset: usize,
+        value: u8,
+    ) -> Result<(), MemError> {
+        self.check(offset, 1)?;
+        // SAFETY: the byte is inside the window (checked), which stays mapped for 'a; a store to
+        // a read-only page faults and kills the process, which the caller accepts (contract).
+        // The volatile store keeps the compiler from eliding or reordering it.
+        unsafe { std::ptr::write_volatile(self.ptr.as_ptr().add(offset), value) };
+        Ok(())
+    }
+
     /// Sets `len` bytes at `offset` to `byte`.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), MemError> {
         self.check_write(offset, len)?;
@@ -331,6 +356,107 @@ impl<'a> SharedMem<'a> {
     }
 }
 
+/// Most windows passed to one `preadv`/`pwritev` call (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
+fn iovecs(windows: &[SharedMem<'_>]) -> Vec<libc::iovec> {
+    windows
+        .iter()
+        .map(|w| libc::iovec {
+            iov_base: w.ptr.as_ptr().cast(),
+            iov_len: w.len,
+        })
+        .collect()
+}
+
+/// Reads `file` from `file_offset` straight into `windows`, in order, with as few `preadv(2)`
+/// calls as possible (one per 1024 windows when the file is long enough). Stops early at end of
+/// file. Returns the bytes read. Every window must be writable.
+pub fn read_vectored_from_file_at(
+    windows: &[SharedMem<'_>],
+    file: &File,
+    file_offset: u64,
+) -> io::Result<usize> {
+    if let Some(w) = windows.iter().find(|w| !w.writable) {
+        return Err(io::Error::other(MemError::ReadOnly {
+            offset: 0,
+            len: w.len,
+        }));
+    }
+    vectored(windows, file, file_offset, true)
+}
+
+/// Writes `windows`, in order, to `file` at `file_offset` with as few `pwritev(2)` calls as
+/// possible. Returns the bytes written (all of them, or an error).
+pub fn write_vectored_to_file_at(
+    windows: &[SharedMem<'_>],
+    file: &File,
+    file_offset: u64,
+) -> io::Result<usize> {
+    vectored(windows, file, file_offset, false)
+}
+
+fn vectored(windows: &[SharedMem<'_>], file: &File, mut pos: u64, read: bool) -> io::Result<usize> {
+    let mut iov = iovecs(windows);
+    let mut first = 0;
+    let mut total = 0;
+    while first < iov.len() {
+        if iov[first].iov_len == 0 {
+            first += 1;
+            continue;
+        }
+        let count = (iov.len() - first).min(IOV_MAX);
+        let off = libc::off_t::try_from(pos)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        let batch = &iov[first..first + count];
+        // `count` <= IOV_MAX, so it fits in c_int.
+        let cnt = count as libc::c_int;
+        // SAFETY: every iovec describes a window that stays mapped for the windows' lifetime
+        // (checked by SharedMem's constructor contract); the kernel reads from them (pwritev) or
+        // writes into them (preadv, all windows checked writable above) and touches nothing
+        // else. No Rust reference to the shared memory is created.
+        let n = unsafe {
+            if read {
+                libc::preadv(file.as_raw_fd(), batch.as_ptr(), cnt, off)
+            } else {
+                libc::pwritev(file.as_raw_fd(), batch.as_ptr(), cnt, off)
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut n = n.unsigned_abs();
+        if n == 0 {
+            if read {
+                return Ok(total);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwritev wrote nothing",
+            ));
+        }
+        total += n;
+        pos += n as u64;
+        // Skip what was transferred; a partial window continues from where it stopped.
+        while n > 0 {
+            let v = &mut iov[first];
+            let k = n.min(v.iov_len);
+            // SAFETY: k <= iov_len, so the advanced pointer stays inside the window.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(k) }.cast();
+            v.iov_len -= k;
+            n -= k;
+            if v.iov_len == 0 {
+                first += 1;
+            }
+        }
+    }
+    Ok(total)
+}
+
 /// Page-aligned private memory that can stand in for a shared mapping in tests and for bounce
 /// staging: it owns its pages and hands out [`SharedMem`] windows onto them.
 #[derive(Debug)]
@@ -452,8 +578,45 @@ mod tests {
         assert!(m.read_only().read_from_file_at(0, 1, &f, 0).is_err());
     }
 
+    #[test]
+    fn vectored_file_io_spans_windows() {
+        use std::io::Write;
+        let mut f = tempfile_in_tmp();
+        f.write_all(b"abcdefghij").unwrap();
+        let buf = PageBuf::new(2);
+        let m = buf.mem();
+        let ws = [
+            m.slice(0, 3).unwrap(),
+            m.slice(4096, 0).unwrap(),
+            m.slice(5000, 20).unwrap(),
+        ];
+        assert_eq!(
+            read_vectored_from_file_at(&ws, &f, 0).unwrap(),
+            10,
+            "stops at end of file"
+        );
+        assert_eq!(m.read_array::<3>(0).unwrap(), *b"abc");
+        assert_eq!(m.read_array::<7>(5000).unwrap(), *b"defghij");
+        assert!(read_vectored_from_file_at(&[m.slice(0, 1).unwrap().read_only()], &f, 0).is_err());
+        let many: Vec<SharedMem<'_>> = (0..2000).map(|i| m.slice(i % 4096, 1).unwrap()).collect();
+        assert_eq!(
+            write_vectored_to_file_at(&many, &f, 100).unwrap(),
+            2000,
+            "more than IOV_MAX"
+        );
+        let mut back = vec![0u8; 2000];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 100).unwrap();
+        let mut want = vec![0u8; 2000];
+        for (i, b) in want.iter_mut().enumerate() {
+            *b = m.read_array::<1>(i % 4096).unwrap()[0];
+        }
+        assert_eq!(back, want);
+    }
+
     fn tempfile_in_tmp() -> File {
-        let path = std::env::temp_dir().join(format!("xenvirtio-mem-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("xenvirtio-mem-{}-{n}", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -315,4 +315,52 @@ mod tests {
         assert!(m.mem().write(0, b"x").is_err());
         assert_eq!(m.len(), PAGE_SIZE);
     }
+
+    /// Runs `f` in a forked child and returns how the child ended: `Ok(exit status)` or
+    /// `Err(signal)`.
+    fn in_child(f: impl FnOnce()) -> Result<i32, i32> {
+        // SAFETY: the child only runs `f` (a store through a mapping) and `_exit`, both
+        // async-signal-safe, so forking a multi-threaded test process is sound.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            f();
+            // SAFETY: _exit ends the child without running the parent's atexit handlers.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: pid is our child; status is a valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        if libc::WIFSIGNALED(status) {
+            Err(libc::WTERMSIG(status))
+        } else {
+            Ok(libc::WEXITSTATUS(status))
+        }
+    }
+
+    /// The fault probe's store really reaches the page: it lands in a writable shared mapping
+    /// and faults on a read-only one, which the checked `write` never lets happen.
+    #[test]
+    fn the_bypassing_store_lands_or_faults() {
+        use std::os::unix::fs::FileExt;
+        let a = memfd(1);
+        let rw = MmapRegion::map_shared(a.as_fd(), PAGE_SIZE, 0, true).unwrap();
+        // SAFETY: the mapping is writable, so the store cannot fault.
+        unsafe { rw.mem().write_byte_bypassing_protection(7, 0x42) }.unwrap();
+        let mut b = [0u8; 1];
+        a.read_exact_at(&mut b, 7).unwrap();
+        assert_eq!(b, [0x42]);
+        // SAFETY: out of bounds is refused before any store.
+        assert!(unsafe { rw.mem().write_byte_bypassing_protection(PAGE_SIZE, 1) }.is_err());
+
+        let ro = MmapRegion::map_shared(a.as_fd(), PAGE_SIZE, 0, false).unwrap();
+        let mem = ro.mem();
+        let ended = in_child(|| {
+            // SAFETY: this is the forked child, which exists to take the fault.
+            let _ = unsafe { mem.write_byte_bypassing_protection(7, 0x99) };
+        });
+        assert_eq!(ended, Err(libc::SIGSEGV), "the store must fault");
+        a.read_exact_at(&mut b, 7).unwrap();
+        assert_eq!(b, [0x42], "the faulting store changed nothing");
+    }
 }

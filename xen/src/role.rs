@@ -3,10 +3,12 @@
 //! [`DomainRole::detect`] reads what Linux exposes and returns one plain struct; the DMA
 //! strategy policy (elsewhere) is a pure function of it. It reads:
 //! - `/sys/hypervisor/type`: must be `xen`, otherwise [`RoleError::NotXen`];
-//! - `/proc/xen/capabilities`: contains `control_d` in Dom0. It only exists once xenfs is
-//!   mounted on `/proc/xen` (`mount -t xenfs xenfs /proc/xen`). Dom0 (domid 0) must have it,
-//!   and the error says how; a guest (any other domid) is not Dom0 whether or not xenfs is
-//!   mounted, since guests rarely mount it (Debian's DomUs do not);
+//! - whether this is Dom0: `/proc/xen/capabilities` contains `control_d`. That file only exists
+//!   once xenfs is mounted on `/proc/xen`, which a guest often does not do (xenfs needs the
+//!   xen-privcmd module, which minimal guests do not load). Without it, bit `XENFEAT_dom0` (11)
+//!   of `/sys/hypervisor/properties/features` says the same thing: Xen sets it for the hardware
+//!   domain, and Linux derives `control_d` from it on Arm and PVH (systemd's `detect_vm_xen_dom0`
+//!   reads the same two files). Only when neither is readable is the role an error;
 //! - `/sys/hypervisor/guest_type`: `PV`, `PVH` or `HVM` (arm64 guests report `HVM`, even for
 //!   xl `type="pvh"`);
 //! - `/sys/hypervisor/version/{major,minor,extra}`.
@@ -30,11 +32,17 @@ pub enum RoleError {
         /// What was found instead.
         detail: String,
     },
-    /// `/proc/xen/capabilities` is missing: xenfs is not mounted.
-    #[error("cannot read {path}; mount xenfs first (mount -t xenfs xenfs /proc/xen)")]
+    /// Neither `/proc/xen/capabilities` (xenfs is not mounted) nor the feature bits of
+    /// `/sys/hypervisor/properties/features` say whether this is Dom0.
+    #[error(
+        "cannot tell whether this is Dom0: {path} is missing and {features} is unreadable; \
+         mount xenfs first (mount -t xenfs xenfs /proc/xen)"
+    )]
     XenfsNotMounted {
         /// The capabilities file looked for.
         path: PathBuf,
+        /// The feature-bits file looked for.
+        features: PathBuf,
     },
     /// A file that Xen guests have could not be read.
     #[error("cannot read {path}")]
@@ -184,24 +192,7 @@ impl DomainRole {
             });
         }
 
-        let caps_path = root.join("proc/xen/capabilities");
-        let caps = match std::fs::read_to_string(&caps_path) {
-            Ok(s) => s,
-            // Only domid 0 can be Dom0; a guest without xenfs is just a guest.
-            Err(e) if e.kind() == io::ErrorKind::NotFound && domid != 0 => String::new(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(RoleError::XenfsNotMounted { path: caps_path });
-            }
-            Err(source) => {
-                return Err(RoleError::Unreadable {
-                    path: caps_path,
-                    source,
-                });
-            }
-        };
-        let is_dom0 = caps
-            .split(|c: char| c == ',' || c.is_whitespace())
-            .any(|w| w == "control_d");
+        let is_dom0 = detect_dom0(root, &hv)?;
 
         let gt_path = hv.join("guest_type");
         let gt = read(&gt_path)?;
@@ -224,6 +215,52 @@ impl DomainRole {
             xen_version,
         })
     }
+}
+
+/// `XENFEAT_dom0` in `xen/include/public/features.h`: set by Xen for the hardware domain.
+const XENFEAT_DOM0: u32 = 11;
+
+/// Whether this is Dom0: from `/proc/xen/capabilities` when xenfs is mounted, else from the
+/// `XENFEAT_dom0` bit of `/sys/hypervisor/properties/features` (see the module documentation).
+fn detect_dom0(root: &Path, hv: &Path) -> Result<bool, RoleError> {
+    let caps_path = root.join("proc/xen/capabilities");
+    match std::fs::read_to_string(&caps_path) {
+        Ok(caps) => {
+            return Ok(caps
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .any(|w| w == "control_d"));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(RoleError::Unreadable {
+                path: caps_path,
+                source,
+            });
+        }
+    }
+    let features_path = hv.join("properties/features");
+    let Ok(features) = std::fs::read_to_string(&features_path) else {
+        return Err(RoleError::XenfsNotMounted {
+            path: caps_path,
+            features: features_path,
+        });
+    };
+    let bits = parse_feature_submap(&features).ok_or_else(|| RoleError::Unexpected {
+        path: features_path,
+        value: features.trim().into(),
+    })?;
+    Ok(bits & (1 << XENFEAT_DOM0) != 0)
+}
+
+/// Submap 0 of the feature bits, which Linux prints as hex without `0x`, one 8-digit group per
+/// submap with the highest submap first (`%08x` each): the last 8 digits are submap 0.
+fn parse_feature_submap(s: &str) -> Option<u32> {
+    let s = s.trim();
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let low = &s[s.len().saturating_sub(8)..];
+    u32::from_str_radix(low, 16).ok()
 }
 
 fn read(path: &Path) -> Result<String, RoleError> {
@@ -333,9 +370,9 @@ mod tests {
     }
 
     #[test]
-    fn missing_xenfs_in_dom0_says_how_to_mount_it() {
-        let root = fake("PV", None);
-        let e = DomainRole::detect_in(root.path(), 0).unwrap_err();
+    fn without_xenfs_or_features_the_error_says_how_to_mount_it() {
+        let root = fake("PVH", None);
+        let e = DomainRole::detect_in(root.path(), 1).unwrap_err();
         assert!(matches!(e, RoleError::XenfsNotMounted { .. }));
         assert!(
             e.to_string().contains("mount -t xenfs xenfs /proc/xen"),
@@ -343,16 +380,40 @@ mod tests {
         );
     }
 
-    /// Found on real Xen: a DomU without xenfs (Debian's DomUs do not mount it) could not run
-    /// the frontend at all. Its domid already says it is not Dom0.
+    /// A guest without xenfs (the e2e DomUs): the XENFEAT_dom0 bit decides. The values are
+    /// what Xen 4.17.7 reports, measured by the real-Xen smoke run: Dom0 x86 PV 000228f0,
+    /// Dom0 arm64 00026805; DomUs x86 PV 000220f0, x86 PVH 00012305, arm64 00016005.
     #[test]
-    fn a_guest_without_xenfs_is_a_domu() {
-        for gt in ["PV", "PVH", "HVM"] {
-            let root = fake(gt, None);
-            let role = DomainRole::detect_in(root.path(), 3).unwrap();
-            assert!(!role.is_dom0);
-            assert_eq!(role.guest_type, GuestType::parse(gt).unwrap());
+    fn without_xenfs_the_feature_bits_decide() {
+        let set = |features: &str| {
+            let root = fake("HVM", None);
+            let p = root.path().join("sys/hypervisor/properties");
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("features"), features).unwrap();
+            DomainRole::detect_in(root.path(), 3)
+        };
+        for dom0 in ["000228f0\n", "00026805\n"] {
+            assert!(set(dom0).unwrap().is_dom0, "{dom0}");
         }
+        for domu in ["000220f0\n", "00012305\n", "00016005\n"] {
+            assert!(!set(domu).unwrap().is_dom0, "{domu}");
+        }
+        assert!(
+            !set("ffffffff00000000").unwrap().is_dom0,
+            "only submap 0 counts"
+        );
+        assert!(matches!(set("xyz"), Err(RoleError::Unexpected { .. })));
+        assert!(matches!(set(""), Err(RoleError::Unexpected { .. })));
+    }
+
+    /// When both exist, capabilities wins (it is what the kernel itself decided).
+    #[test]
+    fn capabilities_win_over_feature_bits() {
+        let root = fake("PV", Some("control_d\n"));
+        let p = root.path().join("sys/hypervisor/properties");
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("features"), "00000000\n").unwrap();
+        assert!(DomainRole::detect_in(root.path(), 0).unwrap().is_dom0);
     }
 
     #[test]

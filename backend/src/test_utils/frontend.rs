@@ -683,6 +683,14 @@ impl<P: Platform> TestFrontend<P> {
         for b in &bufs {
             segs.extend(self.segments(b));
         }
+        // No bytes, no descriptor: refused like an empty chain (an empty indirect table made
+        // this panic; found by the `daemon_blk` fuzz target).
+        if segs.is_empty() {
+            for b in bufs {
+                self.free_buf(b);
+            }
+            return Err(DriverRingError::Empty.into());
+        }
         let indirect = self.options.indirect
             && features::has(self.features, transport::RING_INDIRECT_DESC)
             && segs.len() <= PAGE_SIZE / 16;

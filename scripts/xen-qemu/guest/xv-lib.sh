@@ -3,7 +3,8 @@
 # Dom0 and in the DomUs (busybox sh). It owns three things:
 #   1. check lines:   xv_check NAME PASS|FAIL [DETAIL...]  ->  "@@CHECK <arch> <domain> NAME PASS|FAIL DETAIL"
 #   2. Dom0 only:     DomU lifecycle and console forwarding (xv_domu_create, xv_domu_wait_boot, ...)
-#   3. Dom0 only:     the command channel into a DomU (xv_domu_run), served by xv-agent.sh in the DomU
+#   3. Dom0 only:     the command channel into a DomU (xv_domu_run), served in the DomU by
+#                     `xenvirtio-selftest agent`
 # It never exits the caller and never uses `set -e`: a failing check is reported, and the script
 # goes on to the next one. docs/E2E.md is the reference for every interface below.
 
@@ -324,7 +325,7 @@ xv_agent_wait() {
 }
 
 # xv_domu_run NAME|DOMID TIMEOUT COMMAND: run COMMAND with `sh` inside the DomU through its
-# agent (xv-agent.sh). Prints COMMAND's stdout and stderr (merged, at most their last 24 KiB)
+# agent (`xenvirtio-selftest agent`). Prints COMMAND's stdout and stderr (merged, at most their last 24 KiB)
 # and returns its exit status. The agent kills COMMAND after TIMEOUT seconds (status 143, or
 # 137 if it ignored SIGTERM). Channel errors: 124 with a message = no answer within
 # TIMEOUT+30 s, 125 = no such domain, no agent ready in it, or the request could not be written.

@@ -28,6 +28,35 @@ xv_expect_uname_m() {
   esac
 }
 
+# xv_expect_foreign_map DOMAIN: what Dom0's privcmd mapping of DOMAIN's pinned page by its frame
+# number does: "works" (PVH, Arm: frame numbers are guest-physical) or "refused" (x86 PV: they
+# are pseudo-physical, not the machine frames privcmd wants).
+xv_expect_foreign_map() {
+  case "$XV_ARCH/$1" in
+    x86_64/domU-pv | x86_64/dom0) echo refused ;;
+    *) echo works ;;
+  esac
+}
+
+# xv_check_role: `xenvirtio-selftest role` (DomainRole::detect) printed and asserted against
+# this domain's expectations: selftest-role-detect, -role-dom0, -role-guest-type, -role-arch,
+# -role-xen-version, -role-name (and -role-dom0-evidence where xenfs is mounted).
+xv_check_role() {
+  local dom0=no
+  [ "$XV_DOM" = dom0 ] && dom0=yes
+  xv_check_lines selftest- xenvirtio-selftest role --expect-dom0 "$dom0" \
+    --expect-type "$(xv_expect_guest_type "$XV_DOM")" --expect-arch "$(xv_expect_uname_m "$XV_DOM")" \
+    --expect-xen 4.17 --expect-name "$(xv_expect_xs_name "$XV_DOM")"
+}
+
+# xv_expect_xs_name DOMAIN: the domain's name in xenstore (xen-init-dom0 names Dom0 Domain-0).
+xv_expect_xs_name() {
+  case $1 in
+    dom0) echo Domain-0 ;;
+    *) echo "$1" ;;
+  esac
+}
+
 # xv_check_domain_basics: the checks every domain runs on itself, in every mode.
 xv_check_domain_basics() {
   local want missing n st
@@ -50,6 +79,7 @@ xv_check_domain_basics() {
     "(/sys/hypervisor/guest_type)"
 
   xv_check_project_binaries
+  xv_check_role
 
   # A fact line: where huge pages exist. It fails only when the expectation does not hold.
   st=$(xv_hugetlb_state)

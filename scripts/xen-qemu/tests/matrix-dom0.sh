@@ -100,6 +100,10 @@ for d in dom0 $ready; do
   mx_auto_cells "$d" "$(mx_default_dma "$d")" "$cell"
 done
 
+# ---- figures: the bench per strategy in the DomU whose role allows all three ----
+case $XV_ARCH in x86_64) bench=domU-pvh ;; *) bench=domU-arm ;; esac
+case " $ready " in *" $bench "*) mx_bench_cells "$bench" grant bounce direct ;; esac
+
 # ---- lifecycle ----
 # One DomU exports NBD and then loses its device to detach and gets it back; another (or Dom0
 # on arm64, which has a single DomU) keeps an export through a backend restart; a DomU is
@@ -150,36 +154,38 @@ fi
 
 # mx_restart_cell DOMAIN SIGNAL NAME CELL: while a verify --nbd of 8 MiB runs through DOMAIN's
 # export (cells CELL and CELL+1), stop the daemon with SIGNAL (TERM: a restart, 8.3 then 8.5;
-# KILL: a crash, the new daemon finds the device Connected, 8.5) and start a new one. The
-# verify is paused (SIGSTOP) from the moment its requests reach the old daemon until the new
-# one runs, so that its I/O spans the restart for sure. The export reconnects by itself and
-# the verify passes; the new daemon must have served part of it. Checks backend-NAME,
-# NAME-verify, image-NAME-verify and NAME-connected.
+# KILL: a crash, the new daemon finds the device Connected, 8.5) and start a new one. The daemon
+# is frozen (SIGSTOP) as soon as the verify's first requests reach it, so that the rest of the
+# verify, and whatever it has in flight, spans the restart for sure (a pause of the verify
+# itself, through the command channel, came a second late: the verify was done by then). The
+# export reconnects by itself and the verify passes; the new daemon must have served part of
+# it. Checks backend-NAME, NAME-verify, image-NAME-verify and NAME-connected.
 mx_restart_cell() {
-  local _d _sig _name _seed _len _off _domid _end _req _stopped _out _n _st
+  local _d _sig _name _seed _len _off _domid _end _req _now _stopped _out _n _st
   _d=$1 _sig=$2 _name=$3
   _seed=$(($(mx_domid "$_d") + 9000 + $4))
   _len=$((2 * MX_CELL_BYTES))
   _off=$(($4 * MX_CELL_BYTES))
   _domid=$(mx_domid "$_d")
   _n=$(mx_in "$_d" 20 "grep -c 'connected again' /run/xv/serve.log")
-  mx_in "$_d" 10 "($MX_FE verify --nbd $NBD --seed $_seed --offset $_off --length $_len >/run/xv/$_name-verify.out 2>&1 & echo \$! >/run/xv/$_name-verify.pid; wait \$!; echo rc=\$? >>/run/xv/$_name-verify.out) </dev/null >/dev/null 2>&1 &" >/dev/null
-  # Once the verify's requests reach the backend.
+  _req=$(mx_json_num requests "$(mx_device_json "$_domid" 0)")
+  mx_in "$_d" 10 "($MX_FE verify --nbd $NBD --seed $_seed --offset $_off --length $_len >/run/xv/$_name-verify.out 2>&1; echo rc=\$? >>/run/xv/$_name-verify.out) </dev/null >/dev/null 2>&1 &" >/dev/null
+  # Freeze the daemon once the verify's requests reach it.
   _end=$(($(xv_uptime) + 60))
-  _req=$(mx_json_num requests "$(mx_device_json "$_domid" 0)")
   while :; do
-    [ "$(mx_json_num requests "$(mx_device_json "$_domid" 0)")" -gt "$((${_req:-0} + 2))" ] 2>/dev/null && break
+    _now=$(mx_json_num requests "$(mx_device_json "$_domid" 0)")
+    [ "${_now:-0}" -gt "${_req:-0}" ] 2>/dev/null && break
     [ "$(xv_uptime)" -lt "$_end" ] || break
-    sleep 0.3
+    sleep 0.1
   done
-  mx_in "$_d" 10 "kill -STOP \$(cat /run/xv/$_name-verify.pid)" >/dev/null
-  _req=$(mx_json_num requests "$(mx_device_json "$_domid" 0)")
+  kill -STOP "$MX_BACKEND_PID" 2>/dev/null
+  _req=$_now
   if [ "$_sig" = KILL ]; then
     kill -KILL "$MX_BACKEND_PID" 2>/dev/null
     wait "$MX_BACKEND_PID" 2>/dev/null
     _stopped="exit status $? (SIGKILL)"
   else
-    mx_backend_stop
+    mx_backend_stop # SIGTERM, then SIGCONT
     _stopped=$MX_BACKEND_STOPPED
   fi
   if mx_backend_start; then
@@ -187,7 +193,6 @@ mx_restart_cell() {
   else
     xv_check "backend-$_name" FAIL "old daemon: $_stopped; the new one did not start: $(tail -n 5 "$MX_BACKEND_LOG" | xv_oneline)"
   fi
-  mx_in "$_d" 10 "kill -CONT \$(cat /run/xv/$_name-verify.pid)" >/dev/null
   _out=$(mx_in "$_d" 240 "end=\$((\$(xv_uptime) + 200)); while ! grep -q '^rc=' /run/xv/$_name-verify.out; do [ \$(xv_uptime) -lt \$end ] || break; sleep 0.5; done; cat /run/xv/$_name-verify.out; grep -c 'connected again' /run/xv/serve.log")
   _n=$(($(echo "$_out" | tail -n 1) - ${_n:-0}))
   if mx_line '^rc=0$' "$_out" >/dev/null && mx_line '^OK: ' "$_out" >/dev/null && [ "$_n" -ge 1 ]; then

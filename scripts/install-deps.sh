@@ -13,8 +13,9 @@ APT_PKGS=(
   xenstore-utils xen-utils-4.17 libxen-dev
   # real NBD clients for the export tests
   qemu-utils libnbd-bin
-  # building the xenstored shim for the host integration tests
-  gcc libc6-dev
+  # building the xenstored shim for the host integration tests; g++ for libFuzzer, which the
+  # fuzz crate's replay test links (scripts/test.sh)
+  gcc libc6-dev g++
 )
 
 SUDO=

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # test.sh: the whole test suite, as the README gives it and as CI runs it.
-#   1. unit tests and host integration tests (Debian's real xenstored, real NBD clients; no Xen)
+#   1. unit tests and host integration tests (Debian's real xenstored, real NBD clients; no Xen),
+#      and the replay of every fuzz seed and finding
 #   2. real Xen 4.17 under QEMU, x86_64 and arm64 (scripts/e2e.sh): the smoke checks, then the
 #      full matrix (every role and DMA strategy, the lifecycle); docs/E2E.md lists the checks
 # Set XENVIRTIO_SKIP_E2E=1 to run only step 1 while iterating (CI never sets it).
@@ -9,6 +10,9 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 echo "== cargo test --workspace"
 cargo test --workspace --all-targets
+# Every fuzz seed and saved finding, replayed through the harnesses on stable (docs/RELIABILITY.md).
+echo "== cargo test --manifest-path fuzz/Cargo.toml --release (fuzz regressions)"
+cargo test --manifest-path fuzz/Cargo.toml --release
 if [ "${XENVIRTIO_SKIP_E2E:-0}" = 1 ]; then
   echo "== real-Xen end-to-end tests NOT run (XENVIRTIO_SKIP_E2E=1)"
   exit 0

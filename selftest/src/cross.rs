@@ -510,27 +510,10 @@ fn parse_keys(store: &dyn XenStore, dir: &str) -> Result<Published> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::sync::Mutex;
     use xenvirtio_xen::loopback::LoopbackXen;
     use xenvirtio_xenstore::MemStore;
 
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    impl Sink {
-        fn text(&self) -> String {
-            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-        }
-    }
+    use crate::report::Sink;
 
     const T: Timeouts = Timeouts {
         peer: Duration::from_secs(20),

@@ -497,22 +497,10 @@ pub fn signal_name(signal: i32) -> String {
 mod tests {
     use super::*;
     use crate::probe::ForkProbe;
-    use std::io::Write;
-    use std::sync::Mutex;
     use xenvirtio_xen::loopback::LoopbackXen;
     use xenvirtio_xenstore::MemStore;
 
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::report::Sink;
 
     /// Every check passes on the loopback platform, which models Xen's rules, and everything
     /// is released afterwards.
@@ -525,7 +513,7 @@ mod tests {
         let sink = Sink::default();
         let mut report = Report::to(Box::new(sink.clone()));
         run(&dom0, &store, &ForkProbe, &mut report);
-        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let text = sink.text();
         assert_eq!(report.failed(), 0, "{text}");
         for name in [
             "grant-roundtrip",
@@ -578,7 +566,7 @@ mod tests {
         let sink = Sink::default();
         let mut report = Report::to(Box::new(sink.clone()));
         read_only_checks(&hv.domain(0), &Writes, &mut report).unwrap();
-        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let text = sink.text();
         assert!(text.contains("FAIL grant-read-only-fault"), "{text}");
         assert_eq!(report.failed(), 1, "{text}");
     }

@@ -142,23 +142,35 @@ pub fn one_line(detail: &str) -> String {
     out.trim_end().to_owned()
 }
 
+/// A report's output kept in memory, for the tests of every check module.
+#[cfg(test)]
+#[derive(Clone, Default, Debug)]
+pub(crate) struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl Sink {
+    /// Everything written so far.
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+#[cfg(test)]
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
 
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::report::Sink;
 
     #[test]
     fn lines_have_the_harness_format() {
@@ -174,7 +186,7 @@ mod tests {
         );
         assert!(v.is_none());
         assert_eq!(r.result("z", Ok(5), |v| format!("v={v}")), Some(5));
-        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let text = sink.text();
         assert_eq!(
             text,
             "PASS grant-map pattern ok over 2 pages\n\

@@ -165,20 +165,8 @@ impl std::fmt::Display for Evidence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
 
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::report::Sink;
 
     fn root(guest_type: &str, caps: Option<&str>, features: Option<&str>) -> PathBuf {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -220,10 +208,7 @@ mod tests {
         };
         run(root, &who, expect, &mut r);
         let failed = r.failed();
-        (
-            String::from_utf8(sink.0.lock().unwrap().clone()).unwrap(),
-            failed,
-        )
+        (sink.text(), failed)
     }
 
     #[test]

@@ -89,3 +89,20 @@ xv_check_domain_basics() {
     xv_check hugetlbfs FAIL "available=$st, expected $(xv_expect_hugetlb "$XV_DOM")"
   fi
 }
+
+# xv_check_delivered DOMU...: for each DomU whose count of emitted check lines was saved in
+# $XV_RUN/<name>.emitted (before it was destroyed), check that Dom0's console forwarder
+# delivered exactly as many: no check line of a DomU is lost on its way to the serial log.
+xv_check_delivered() {
+  local _n _emitted _delivered
+  for _n in "$@"; do
+    [ -f "$XV_RUN/$_n.emitted" ] || continue
+    _emitted=$(cat "$XV_RUN/$_n.emitted")
+    _delivered=$(xv_forwarded_checks "$_n")
+    if [ "$_emitted" = "$_delivered" ]; then
+      xv_check_for "$_n" checks-delivered PASS "all $_emitted check lines of $_n reached Dom0's console"
+    else
+      xv_check_for "$_n" checks-delivered FAIL "$_n emitted '$_emitted' check lines, its console delivered $_delivered"
+    fi
+  done
+}

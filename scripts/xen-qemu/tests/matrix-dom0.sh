@@ -326,16 +326,8 @@ else
   xv_check backend-log FAIL "$bad"
 fi
 xv_forward_stop
-for n in $ready; do
-  [ -f "$XV_RUN/$n.emitted" ] || continue
-  emitted=$(cat "$XV_RUN/$n.emitted")
-  delivered=$(xv_forwarded_checks "$n")
-  if [ "$emitted" = "$delivered" ]; then
-    xv_check_for "$n" checks-delivered PASS "all $emitted check lines of $n reached Dom0's console"
-  else
-    xv_check_for "$n" checks-delivered FAIL "$n emitted '$emitted' check lines, its console delivered $delivered"
-  fi
-done
+# shellcheck disable=SC2086 # a list of names
+xv_check_delivered $ready
 # On any failure, the daemon's log goes to the serial log (e2e.sh prints it).
 if grep -q '^@@CHECK [^ ]* [^ ]* [^ ]* FAIL' "$XV_CHECKS"; then
   tail -n 150 "$MX_BACKEND_LOG" | cut -c1-400 | sed 's/^/[backend.log] /'

@@ -242,7 +242,8 @@ phase_end initrd
 # Patterns that mean a kernel or Xen went down (in Dom0, or in a DomU through the forwarder).
 # "Segmentation fault" is busybox sh reporting a process killed by SIGSEGV: the harness's own
 # tools must never crash (this is how the XSAVE problem of boot.sh showed up).
-CRASH_RE='Kernel panic|Oops:|BUG: |general protection fault|Segmentation fault|\(XEN\) Panic on CPU|\(XEN\) FATAL|\(XEN\) Xen BUG|domain_crash'
+# A triple fault of an HVM/PVH guest is Xen's "d<N>v<M> Triple fault" line.
+CRASH_RE='Kernel panic|Oops:|BUG: |general protection fault|Segmentation fault|\(XEN\) Panic on CPU|\(XEN\) FATAL|\(XEN\) Xen BUG|domain_crash|Triple fault'
 
 # collect ARCH LOG QEMU_RC: turn one arch's serial log into check lines.
 collect() {

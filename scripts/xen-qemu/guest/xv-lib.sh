@@ -328,7 +328,8 @@ xv_agent_wait() {
 # agent (`xenvirtio-selftest agent`). Prints COMMAND's stdout and stderr (merged, at most their last 24 KiB)
 # and returns its exit status. The agent kills COMMAND after TIMEOUT seconds (status 143, or
 # 137 if it ignored SIGTERM). Channel errors: 124 with a message = no answer within
-# TIMEOUT+30 s, 125 = no such domain, no agent ready in it, or the request could not be written.
+# TIMEOUT+30 s, 125 = no such domain, no agent ready in it, the request could not be written, or
+# the domain went away before it answered.
 # Requests to one DomU run one at a time, in order; start daemons with `... >LOG 2>&1 &`.
 xv_domu_run() {
   local _d _tmo _base _seq _ans _rc _chunks _keys _i _end
@@ -351,6 +352,7 @@ xv_domu_run() {
     return 125
   fi
   _end=$(($(xv_uptime) + _tmo + 30))
+  _i=0
   # rc is written last: once rc and chunks read, the whole answer is there. Between tries,
   # block on a watch of rc (bounded, in case rc appeared before the watch was set).
   while ! _ans=$(xenstore-read "$_base/rsp/$_seq/rc" "$_base/rsp/$_seq/chunks" 2>/dev/null); do
@@ -358,7 +360,13 @@ xv_domu_run() {
       echo "xv_domu_run: no answer from domain $_d to request $_seq within $((_tmo + 30))s"
       return 124
     fi
+    # After the first wait (an answer usually comes within it): is the domain still there?
+    if [ "$_i" = 1 ] && ! xenstore-read "/local/domain/$_d/name" >/dev/null 2>&1; then
+      echo "xv_domu_run: domain $_d is gone (it crashed, rebooted or was destroyed) while request $_seq ran"
+      return 125
+    fi
     timeout 2 xenstore-watch -n 2 "$_base/rsp/$_seq/rc" >/dev/null 2>&1
+    _i=1
   done
   _rc=${_ans%%[!0-9]*}
   _chunks=${_ans##*[!0-9]}

@@ -98,6 +98,7 @@ follow() {
 run_once() {
   rm -f "$SERIAL"
   seen_log=$(grep -c '' "$LOG" 2>/dev/null) || true
+  run_start=$seen_log # the report reads this run's lines of the log only
   seen_serial=0
   XENVIRTIO_E2E_WORK=$WORK "$ROOT/scripts/e2e.sh" --arch "$ARCH" --mode demo --domus "$DOMU" >>"$LOG" 2>&1 &
   E2E=$!
@@ -131,15 +132,15 @@ fi
 
 # The report, from the "@@DEMO key value" lines of Dom0's script.
 status=0
-python3 - "$SERIAL" "$LOG" "$rc" <<'EOF' || status=$?
+python3 - "$SERIAL" "$LOG" "$rc" "${run_start:-0}" <<'EOF' || status=$?
 import json, re, sys
-serial, log, rc = sys.argv[1], sys.argv[2], int(sys.argv[3])
+serial, log, rc, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 demo = {}
 for line in open(serial, errors="replace"):
     m = re.search(r"@@DEMO (\S+) (.*)", line.rstrip("\r\n"))
     if m and m.group(1) != "step":
         demo[m.group(1)] = m.group(2)
-checks = [l.strip() for l in open(log, errors="replace") if re.match(r"^(PASS|FAIL) ", l)]
+checks = [l.strip() for l in open(log, errors="replace").readlines()[start:] if re.match(r"^(PASS|FAIL) ", l)]
 failed = [c for c in checks if c.startswith("FAIL")]
 
 def num(pattern, text, cast=float):

@@ -899,60 +899,13 @@ impl ServeArgs {
     }
 }
 
-/// SIGINT and SIGTERM, the signals that stop the daemon.
-fn stop_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset before any other use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; these calls only edit it.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-    }
-    set
-}
-
-/// Blocks the stop signals in this thread and in every thread it starts later.
-fn block_stop_signals() -> anyhow::Result<()> {
-    let set = stop_signals();
-    // SAFETY: `set` is a valid signal set; the old mask is not wanted.
-    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if r != 0 {
-        anyhow::bail!(
-            "blocking SIGINT and SIGTERM failed: {}",
-            std::io::Error::from_raw_os_error(r)
-        );
-    }
-    Ok(())
-}
-
-/// A thread that waits for a stop signal (blocked everywhere by [`block_stop_signals`]) and
-/// stops the daemon.
-fn stop_on_signals(handle: DaemonHandle) -> anyhow::Result<()> {
-    let set = stop_signals();
-    std::thread::Builder::new()
-        .name("xv-signals".into())
-        .spawn(move || {
-            loop {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: `set` and `sig` are valid for the call; sigwait only writes `sig`.
-                let r = unsafe { libc::sigwait(&set, &mut sig) };
-                if r == 0 {
-                    tracing::info!(signal = sig, "shutting down");
-                    handle.stop();
-                    return;
-                }
-            }
-        })?;
-    Ok(())
-}
-
 /// Runs the real daemon: the Linux Xen devices, xenstored, until SIGTERM or SIGINT.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
     // Before any thread exists (the xenstore client starts one), so that every thread
     // inherits the blocked signals and only the waiter thread receives them.
-    block_stop_signals()?;
+    let signals = xenvirtio_xen::signals::StopSignals::block()
+        .context("blocking SIGINT and SIGTERM failed")?;
     let client = match &args.xenstore {
         Some(path) => xenvirtio_xenstore::XsClient::connect_socket(path)
             .with_context(|| format!("connecting to xenstored at {}", path.display()))?,
@@ -968,7 +921,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     };
     let platform = xenvirtio_xen::linux::LinuxXen::new(domid);
     let daemon = Daemon::new(platform, store, args.config())?;
-    stop_on_signals(daemon.handle())?;
+    let handle = daemon.handle();
+    signals.spawn_waiter("xv-signals", move |signal| {
+        tracing::info!(signal, "shutting down");
+        handle.stop();
+    })?;
     daemon.run()?;
     Ok(())
 }

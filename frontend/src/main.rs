@@ -1117,40 +1117,17 @@ fn rng(global: &Global, args: &RngArgs) -> Result<i32> {
 
 // ---- serve ----------------------------------------------------------------------------------
 
-/// Blocks SIGINT and SIGTERM in every thread started afterwards and returns a flag that a
-/// dedicated thread sets when one arrives.
+/// A flag set once SIGINT or SIGTERM arrives; both are blocked in this thread and in every
+/// thread started afterwards, so only the waiter thread receives them.
 fn stop_on_signals() -> Result<Arc<AtomicBool>> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialize it, and
-    // pthread_sigmask only reads it. No Rust invariant depends on the signal mask.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            bail!(
-                "cannot block SIGINT/SIGTERM: {}",
-                std::io::Error::from_raw_os_error(rc)
-            );
-        }
-        set
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut sig = 0;
-            // SAFETY: `set` was initialized above and `sig` is a valid out-pointer.
-            let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            if rc == 0 {
-                eprintln!("signal {sig}: closing the devices");
+    xenvirtio_xen::signals::StopSignals::block()
+        .context("cannot block SIGINT/SIGTERM")?
+        .spawn_flag("signals", |signal| {
+            if let Some(name) = signal {
+                eprintln!("{name}: closing the devices");
             }
-            flag.store(true, Ordering::SeqCst);
         })
-        .context("cannot start the signal thread")?;
-    Ok(stop)
+        .context("cannot start the signal thread")
 }
 
 fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use xenvirtio_backend::admin::{AttachRequest, DetachRequest, Removal};
 use xenvirtio_backend::daemon::{DaemonConfig, DomainSelector};
@@ -230,45 +230,17 @@ fn main() {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in this thread and every thread started afterwards, and returns
-/// a flag that a dedicated thread sets when one arrives.
+/// A flag set once SIGINT or SIGTERM arrives; both are blocked in this thread and in every
+/// thread started afterwards, so only the waiter thread receives them.
 fn stop_on_signals() -> Result<Arc<AtomicBool>> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialize it, and
-    // pthread_sigmask only reads it. No Rust invariant depends on the signal mask.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            bail!(
-                "cannot block SIGINT/SIGTERM: {}",
-                std::io::Error::from_raw_os_error(rc)
-            );
-        }
-        set
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut sig = 0;
-            // SAFETY: `set` was initialized above and `sig` is a valid out-pointer.
-            let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            if rc == 0 {
-                let name = if sig == libc::SIGINT {
-                    "SIGINT"
-                } else {
-                    "SIGTERM"
-                };
+    xenvirtio_xen::signals::StopSignals::block()
+        .context("cannot block SIGINT/SIGTERM")?
+        .spawn_flag("signals", |signal| {
+            if let Some(name) = signal {
                 println!("{name}: shutting down through the protocol");
             }
-            flag.store(true, Ordering::SeqCst);
         })
-        .context("cannot start the signal thread")?;
-    Ok(stop)
+        .context("cannot start the signal thread")
 }
 
 /// A pair whose daemon trusts `frontend` with `direct` (as `serve --allow-direct` would).

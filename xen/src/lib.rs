@@ -12,6 +12,7 @@
 //!   way Xen does and recording every mapping, for unit tests, the try-out and benchmarks.
 //! - [`role`]: which kind of domain this is (Dom0 or not, PV/PVH/HVM, arch, Xen version).
 //! - [`mem`]: [`mem::SharedMem`], the only way shared pages are read or written.
+//! - [`signals`]: SIGINT and SIGTERM as a stop request, for the long-running commands.
 #![deny(missing_docs)]
 
 mod error;
@@ -21,6 +22,7 @@ pub mod mem;
 mod mmap;
 pub mod platform;
 pub mod role;
+pub mod signals;
 mod sys;
 
 pub use error::{GrantStatus, Refusal, XenError};

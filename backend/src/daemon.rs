@@ -560,9 +560,9 @@ impl<P: Platform> DaemonState<P> {
         let stats = Arc::new(Mutex::new(DeviceStats {
             domid: key.0,
             devid: key.1,
-            kind: "?".into(),
-            state: "Initialising".into(),
-            strategy: "-".into(),
+            kind: "?",
+            state: "Initialising",
+            strategy: "-",
             ..Default::default()
         }));
         let generation = self.next_generation;

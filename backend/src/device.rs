@@ -1005,16 +1005,16 @@ impl<P: Platform> Machine<'_, P> {
         let mut s = DeviceStats {
             domid: self.ctx.frontend,
             devid: self.ctx.devid,
-            kind: self.kind().map_or("?", DeviceKind::name).to_owned(),
-            state: self.phase.name().to_owned(),
-            strategy: "-".to_owned(),
+            kind: self.kind().map_or("?", DeviceKind::name),
+            state: self.phase.name(),
+            strategy: "-",
             last_error: self.last_error.clone(),
             ..Default::default()
         };
         let t = *self.totals;
         let mut map = t.map;
         if let Phase::Connected(conn) = &self.phase {
-            s.strategy = conn.strategy.name().to_owned();
+            s.strategy = conn.strategy.name();
             s.resident_pages = conn.resident_pages();
             s.ports = conn.queues.len() as u64;
             map.map_calls += conn.counters.map_calls;

@@ -9,19 +9,21 @@ use std::fmt::Write as _;
 
 use xenvirtio_xen::DomId;
 
-/// One device, as its thread last reported it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// One device, as its thread last reported it. It is published after every batch of events,
+/// so its names are static strings: publishing allocates nothing but the last error.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceStats {
     /// Frontend domain.
     pub domid: DomId,
     /// Device number.
     pub devid: u32,
     /// `blk`, `console`, `rng`, or `?` before the type is known.
-    pub kind: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
     /// The backend's xenbus state (`InitWait`, `Connected`, ...).
-    pub state: String,
+    pub state: &'static str,
     /// The DMA strategy of the current connection (`-` when not connected).
-    pub strategy: String,
+    pub strategy: &'static str,
     /// Requests (chains) completed.
     pub requests: u64,
     /// Bytes read: from the image (blk), from the host side to the guest (console), entropy
@@ -48,7 +50,7 @@ pub struct DeviceStats {
 }
 
 /// The process as a whole.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ProcessStats {
     /// Devices known.
     pub devices: usize,
@@ -60,7 +62,7 @@ pub struct ProcessStats {
 }
 
 /// A full report.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StatsReport {
     /// One record per device, ordered by domid then devid.
     pub devices: Vec<DeviceStats>,
@@ -87,67 +89,11 @@ pub fn own_xen_mappings() -> usize {
         .unwrap_or(0)
 }
 
-fn json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
 impl StatsReport {
-    /// One JSON object: `{"devices":[{...}],"process":{...}}`.
+    /// One JSON object: `{"devices":[{...}],"process":{...}}`, fields in declaration order
+    /// (`kind` as `type`).
     pub fn to_json(&self) -> String {
-        let mut o = String::from("{\"devices\":[");
-        for (i, d) in self.devices.iter().enumerate() {
-            if i > 0 {
-                o.push(',');
-            }
-            let _ = write!(o, "{{\"domid\":{},\"devid\":{},\"type\":", d.domid, d.devid);
-            json_string(&mut o, &d.kind);
-            o.push_str(",\"state\":");
-            json_string(&mut o, &d.state);
-            o.push_str(",\"strategy\":");
-            json_string(&mut o, &d.strategy);
-            let _ = write!(
-                o,
-                ",\"requests\":{},\"bytes_read\":{},\"bytes_written\":{},\"map_calls\":{},\
-                 \"pages_mapped\":{},\"resident_pages\":{},\"notifications_sent\":{},\
-                 \"notifications_received\":{},\"ports\":{},\"errors\":{},\"last_error\":",
-                d.requests,
-                d.bytes_read,
-                d.bytes_written,
-                d.map_calls,
-                d.pages_mapped,
-                d.resident_pages,
-                d.notifications_sent,
-                d.notifications_received,
-                d.ports,
-                d.errors
-            );
-            match &d.last_error {
-                Some(e) => json_string(&mut o, e),
-                None => o.push_str("null"),
-            }
-            o.push('}');
-        }
-        let p = &self.process;
-        let _ = write!(
-            o,
-            "],\"process\":{{\"devices\":{},\"xen_mappings\":{},\"event_ports\":{}}}}}",
-            p.devices, p.xen_mappings, p.event_ports
-        );
-        o
+        serde_json::to_string(self).unwrap_or_default()
     }
 
     /// A table for people, one line per device, then the process line.
@@ -228,9 +174,9 @@ mod tests {
             devices: vec![DeviceStats {
                 domid: 3,
                 devid: 1,
-                kind: "blk".into(),
-                state: "Connected".into(),
-                strategy: "grant".into(),
+                kind: "blk",
+                state: "Connected",
+                strategy: "grant",
                 requests: 7,
                 last_error: Some("bad \"ring\"\n".into()),
                 ..Default::default()

@@ -488,6 +488,12 @@ fn connect_blk(
     let dev = frontend
         .connect_blk(devid, &options)
         .with_context(|| format!("cannot connect blk device {devid}"))?;
+    describe_blk(devid, &dev);
+    Ok(dev)
+}
+
+/// One line on stderr about a connected blk device: size, queues and the DMA strategy.
+fn describe_blk(devid: u32, dev: &BlkDevice<LinuxXen>) {
     let n = dev.negotiated();
     eprintln!(
         "device {devid}: {} bytes, {} queue(s) of {}, dma {}{} ({})",
@@ -498,7 +504,6 @@ fn connect_blk(
         if n.persistent { " persistent" } else { "" },
         n.reason
     );
-    Ok(dev)
 }
 
 // ---- verify ---------------------------------------------------------------------------------
@@ -1159,7 +1164,7 @@ fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
             Some(DeviceKind::Block) => {
                 // Kept connected: a backend restart or a re-attach is a pause, not an error.
                 let options = BlkOptions {
-                    connect: args.dma.connect(global)?,
+                    connect: connect.clone(),
                     ..BlkOptions::default()
                 };
                 let own = Frontend::new(
@@ -1172,17 +1177,7 @@ fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
                         .with_context(|| format!("cannot connect blk device {}", d.devid))?,
                 );
                 if let Some(c) = dev.current() {
-                    let n = c.negotiated();
-                    eprintln!(
-                        "device {}: {} bytes, {} queue(s) of {}, dma {}{} ({})",
-                        d.devid,
-                        c.size(),
-                        c.num_queues(),
-                        n.queue_size,
-                        n.strategy,
-                        if n.persistent { " persistent" } else { "" },
-                        n.reason
-                    );
+                    describe_blk(d.devid, &c);
                 }
                 let blk_count = wanted
                     .iter()

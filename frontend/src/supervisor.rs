@@ -172,7 +172,10 @@ impl<P: Platform> SupervisedBlk<P> {
 
     /// Runs `op` on the connected device; a request refused because the connection went
     /// away is run again on the next connection, within [`Self::retry_wait`].
-    pub fn run<T>(&self, op: impl Fn(&BlkDevice<P>) -> Result<T, BlkError>) -> Result<T, BlkError> {
+    pub fn run<T>(
+        &self,
+        mut op: impl FnMut(&BlkDevice<P>) -> Result<T, BlkError>,
+    ) -> Result<T, BlkError> {
         let deadline = Instant::now() + self.retry_wait;
         loop {
             let dev = self.wait_connected(deadline)?;
@@ -312,12 +315,7 @@ impl<P: Platform> crate::nbd::BlockExport for SupervisedBlk<P> {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         // The same buffer is filled again by a retry.
-        let cell = Mutex::new(buf);
-        self.run(|dev| {
-            let mut b = cell.lock().unwrap_or_else(PoisonError::into_inner);
-            dev.read_at(&mut b[..], offset)
-        })
-        .map_err(io_error)
+        self.run(|dev| dev.read_at(buf, offset)).map_err(io_error)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {

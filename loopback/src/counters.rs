@@ -156,81 +156,46 @@ impl Counters {
     /// What happened between `earlier` and `self` (levels such as grants held, resident
     /// pages and live mappings keep `self`'s value).
     pub fn since(&self, earlier: &Counters) -> Counters {
-        let f = &self.frontend;
-        let e = &earlier.frontend;
-        let b = &self.backend;
-        let eb = &earlier.backend;
-        let h = &self.hypervisor;
-        let eh = &earlier.hypervisor;
-        Counters {
-            frontend: FrontendCounts {
-                requests: f.requests.saturating_sub(e.requests),
-                bytes: f.bytes.saturating_sub(e.bytes),
-                notifications_sent: f.notifications_sent.saturating_sub(e.notifications_sent),
-                notifications_received: f
-                    .notifications_received
-                    .saturating_sub(e.notifications_received),
-                kicks_suppressed: f.kicks_suppressed.saturating_sub(e.kicks_suppressed),
-                bytes_copied: f.bytes_copied.saturating_sub(e.bytes_copied),
-                grants_held: f.grants_held,
-            },
-            backend: BackendCounts {
-                requests: b.requests.saturating_sub(eb.requests),
-                bytes_read: b.bytes_read.saturating_sub(eb.bytes_read),
-                bytes_written: b.bytes_written.saturating_sub(eb.bytes_written),
-                map_calls: b.map_calls.saturating_sub(eb.map_calls),
-                pages_mapped: b.pages_mapped.saturating_sub(eb.pages_mapped),
-                notifications_sent: b.notifications_sent.saturating_sub(eb.notifications_sent),
-                notifications_received: b
-                    .notifications_received
-                    .saturating_sub(eb.notifications_received),
-                errors: b.errors.saturating_sub(eb.errors),
-                resident_pages: b.resident_pages,
-            },
-            hypervisor: HypervisorCounts {
-                grant_maps: h.grant_maps.saturating_sub(eh.grant_maps),
-                grant_pages: h.grant_pages.saturating_sub(eh.grant_pages),
-                grant_unmaps: h.grant_unmaps.saturating_sub(eh.grant_unmaps),
-                foreign_maps: h.foreign_maps.saturating_sub(eh.foreign_maps),
-                grant_copies: h.grant_copies.saturating_sub(eh.grant_copies),
-                live: h.live,
-                truncated: h.truncated || eh.truncated,
-            },
-        }
+        Counters::combine(earlier, self, |e, s| s.saturating_sub(e))
     }
 
     /// The sum of two sets of counts (for counts over several runs); levels are `other`'s.
     pub fn plus(&self, other: &Counters) -> Counters {
-        let (f, g) = (&self.frontend, &other.frontend);
-        let (b, c) = (&self.backend, &other.backend);
-        let (h, i) = (&self.hypervisor, &other.hypervisor);
+        Counters::combine(self, other, |a, b| a + b)
+    }
+
+    /// `op(a, b)` for every count; levels are `b`'s, and `truncated` is either's.
+    fn combine(a: &Counters, b: &Counters, op: impl Fn(u64, u64) -> u64) -> Counters {
+        let (f, g) = (&a.frontend, &b.frontend);
+        let (c, d) = (&a.backend, &b.backend);
+        let (h, i) = (&a.hypervisor, &b.hypervisor);
         Counters {
             frontend: FrontendCounts {
-                requests: f.requests + g.requests,
-                bytes: f.bytes + g.bytes,
-                notifications_sent: f.notifications_sent + g.notifications_sent,
-                notifications_received: f.notifications_received + g.notifications_received,
-                kicks_suppressed: f.kicks_suppressed + g.kicks_suppressed,
-                bytes_copied: f.bytes_copied + g.bytes_copied,
+                requests: op(f.requests, g.requests),
+                bytes: op(f.bytes, g.bytes),
+                notifications_sent: op(f.notifications_sent, g.notifications_sent),
+                notifications_received: op(f.notifications_received, g.notifications_received),
+                kicks_suppressed: op(f.kicks_suppressed, g.kicks_suppressed),
+                bytes_copied: op(f.bytes_copied, g.bytes_copied),
                 grants_held: g.grants_held,
             },
             backend: BackendCounts {
-                requests: b.requests + c.requests,
-                bytes_read: b.bytes_read + c.bytes_read,
-                bytes_written: b.bytes_written + c.bytes_written,
-                map_calls: b.map_calls + c.map_calls,
-                pages_mapped: b.pages_mapped + c.pages_mapped,
-                notifications_sent: b.notifications_sent + c.notifications_sent,
-                notifications_received: b.notifications_received + c.notifications_received,
-                errors: b.errors + c.errors,
-                resident_pages: c.resident_pages,
+                requests: op(c.requests, d.requests),
+                bytes_read: op(c.bytes_read, d.bytes_read),
+                bytes_written: op(c.bytes_written, d.bytes_written),
+                map_calls: op(c.map_calls, d.map_calls),
+                pages_mapped: op(c.pages_mapped, d.pages_mapped),
+                notifications_sent: op(c.notifications_sent, d.notifications_sent),
+                notifications_received: op(c.notifications_received, d.notifications_received),
+                errors: op(c.errors, d.errors),
+                resident_pages: d.resident_pages,
             },
             hypervisor: HypervisorCounts {
-                grant_maps: h.grant_maps + i.grant_maps,
-                grant_pages: h.grant_pages + i.grant_pages,
-                grant_unmaps: h.grant_unmaps + i.grant_unmaps,
-                foreign_maps: h.foreign_maps + i.foreign_maps,
-                grant_copies: h.grant_copies + i.grant_copies,
+                grant_maps: op(h.grant_maps, i.grant_maps),
+                grant_pages: op(h.grant_pages, i.grant_pages),
+                grant_unmaps: op(h.grant_unmaps, i.grant_unmaps),
+                foreign_maps: op(h.foreign_maps, i.foreign_maps),
+                grant_copies: op(h.grant_copies, i.grant_copies),
                 live: i.live,
                 truncated: h.truncated || i.truncated,
             },

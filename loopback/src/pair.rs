@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use crate::counters::HypervisorCounts;
 use xenvirtio_backend::admin::{
     self, AdminError, AttachOutcome, AttachRequest, DetachOutcome, DetachRequest,
 };
@@ -239,12 +240,7 @@ impl Pair {
     /// What the backend still holds of `frontend`: the hypervisor's count of its pages mapped
     /// by peers and Dom0's live mapping records, and the daemon's devices of that domain.
     pub fn backend_holdings(&self, frontend: DomId) -> Holdings {
-        let live_mappings = self
-            .hv
-            .records()
-            .into_iter()
-            .filter(|r| r.mapper == BACKEND_DOMID && r.owner == frontend && r.live)
-            .count();
+        let live_mappings = HypervisorCounts::read(&self.hv, frontend).live as usize;
         let mut h = Holdings {
             pages_mapped_by_peers: self.hv.stats(frontend).pages_mapped_by_peers,
             live_mappings,

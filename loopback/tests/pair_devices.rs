@@ -13,10 +13,10 @@ use common::*;
 use xenvirtio_backend::admin::{AttachRequest, ConsoleOutput};
 use xenvirtio_frontend::blk::BlkOp;
 use xenvirtio_frontend::{ConnectError, ConnectOptions};
+use xenvirtio_loopback::counters::HypervisorCounts;
 use xenvirtio_loopback::role::RoleName;
 use xenvirtio_virtio::dma::DmaStrategy;
 use xenvirtio_virtio::ids::DeviceKind;
-use xenvirtio_xen::loopback::MapKind;
 use xenvirtio_xenstore::xenbus::XenbusState;
 
 const F: u16 = 1;
@@ -26,27 +26,13 @@ const UNTRUSTED: u16 = 3;
 /// What Dom0 mapped of domain `F` since the records were cleared: (grant maps, of which
 /// unmapped, foreign maps, live).
 fn mappings(w: &World) -> (usize, usize, usize, usize) {
-    let records: Vec<_> = w
-        .pair
-        .hypervisor()
-        .records()
-        .into_iter()
-        .filter(|r| r.mapper == 0 && r.owner == F)
-        .collect();
-    let grants = records
-        .iter()
-        .filter(|r| matches!(r.kind, MapKind::Grant { .. }))
-        .count();
-    let unmapped = records
-        .iter()
-        .filter(|r| matches!(r.kind, MapKind::Grant { .. }) && !r.live)
-        .count();
-    let foreign = records
-        .iter()
-        .filter(|r| r.kind == MapKind::Foreign)
-        .count();
-    let live = records.iter().filter(|r| r.live).count();
-    (grants, unmapped, foreign, live)
+    let c = HypervisorCounts::read(w.pair.hypervisor(), F);
+    (
+        c.grant_maps as usize,
+        c.grant_unmaps as usize,
+        c.foreign_maps as usize,
+        c.live as usize,
+    )
 }
 
 #[test]

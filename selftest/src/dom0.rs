@@ -235,8 +235,8 @@ fn read_only_checks<P: Platform>(
         Err(e) => report.pass(
             "grant-read-only-refuses-rw",
             format!(
-                "a read-write mapping of read-only ref {gref} fails: {}",
-                chain(&e)
+                "a read-write mapping of read-only ref {gref} fails: {:#}",
+                anyhow::Error::from(e)
             ),
         ),
         Ok(_) => report.fail(
@@ -470,18 +470,6 @@ fn transactions(store: &dyn XenStore, base: &str) -> Result<String> {
         "an aborted write landed"
     );
     Ok(format!("{path}: isolated until commit, abort discards"))
-}
-
-/// An error with its sources, on one line.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// A signal's name, for the report.

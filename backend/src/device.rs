@@ -538,8 +538,8 @@ impl<P: Platform> Machine<'_, P> {
         self.dirty = true;
     }
 
-    fn shutdown_deadline(&self) -> Option<Instant> {
-        Some(Instant::now() + self.ctx.config.shutdown_grace)
+    fn shutdown_deadline(&self) -> Instant {
+        Instant::now() + self.ctx.config.shutdown_grace
     }
 
     /// 8.1 step 2: opens the model and publishes the offer.
@@ -815,10 +815,7 @@ impl<P: Platform> Machine<'_, P> {
                 }
                 Phase::InitWait => {
                     if leave || sb == XenbusState::Closing {
-                        let deadline = self
-                            .shutting_down
-                            .then(|| self.shutdown_deadline())
-                            .flatten();
+                        let deadline = self.shutting_down.then(|| self.shutdown_deadline());
                         self.begin_close(registry, None, deadline);
                     } else if o.sf == Some(XenbusState::Initialised) {
                         self.try_connect(registry);
@@ -833,10 +830,7 @@ impl<P: Platform> Machine<'_, P> {
                 }
                 Phase::Connected(_) => {
                     if leave || sb == XenbusState::Closing {
-                        let deadline = self
-                            .shutting_down
-                            .then(|| self.shutdown_deadline())
-                            .flatten();
+                        let deadline = self.shutting_down.then(|| self.shutdown_deadline());
                         self.begin_close(registry, None, deadline);
                     } else if frontend_idle {
                         // 8.2 step 2: the frontend closes; drop everything, then Closed.
@@ -976,10 +970,7 @@ impl<P: Platform> Machine<'_, P> {
                     // A device already closing waits for its frontend no longer than the grace.
                     let grace = self.shutdown_deadline();
                     if let Phase::Closing { deadline, .. } = &mut self.phase {
-                        *deadline = match (*deadline, grace) {
-                            (Some(d), Some(g)) => Some(d.min(g)),
-                            (d, g) => d.or(g),
-                        };
+                        *deadline = Some(deadline.map_or(grace, |d| d.min(grace)));
                     }
                 }
                 Ok(DeviceMsg::DomainGone) => {

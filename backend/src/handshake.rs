@@ -520,24 +520,6 @@ fn parse_list<T>(
     Ok(Ok(out))
 }
 
-fn parse_gfn(s: &str) -> Option<Gfn> {
-    let digits = s
-        .strip_prefix("0x")
-        .or_else(|| s.strip_prefix("0X"))
-        .unwrap_or(s);
-    if digits.is_empty() || digits.len() > 16 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u64::from_str_radix(digits, 16).ok()
-}
-
-fn parse_ref(s: &str) -> Option<GrantRef> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
-}
-
 /// Reads and validates what the frontend at `fdir` published at Initialised, in one
 /// transaction, against what this device offered.
 pub fn read_frontend_setup(
@@ -652,7 +634,7 @@ fn read_setup_in(
                 tx,
                 &qkey(fk::QUEUE_RING_GFN),
                 need,
-                parse_gfn,
+                xenbus::parse_hex_u64,
                 "a hexadecimal frame number",
             )?);
             let n = gfns.len();
@@ -663,7 +645,7 @@ fn read_setup_in(
                 tx,
                 &qkey(fk::QUEUE_RING_REF),
                 need,
-                parse_ref,
+                xenbus::parse_decimal,
                 "a decimal grant reference",
             )?);
             let n = refs.len();
@@ -702,7 +684,7 @@ fn read_setup_in(
             tx,
             &key(fk::BOUNCE_DIR_REF),
             need,
-            parse_ref,
+            xenbus::parse_decimal,
             "a decimal grant reference",
         )?);
         if dir_refs.len() != need {

@@ -420,10 +420,9 @@ impl<P: Platform> BlkQueue<P> {
             }
             // A blocking caller polling this queue may take the notification meant for these
             // requests while this thread holds the queue; `seen` makes the wait notice.
-            let seen = self.vq.events().deliveries();
-            if self.vq.enable_callbacks()? {
+            let Some(seen) = self.vq.arm()? else {
                 continue;
-            }
+            };
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if left.is_some_and(|l| l.is_zero()) {
                 return Ok(Vec::new());
@@ -1363,12 +1362,11 @@ impl<P: Platform> BlkDevice<P> {
                 slot.reaped.notify_all();
                 continue;
             }
-            let seen = q.vq.events().deliveries();
-            if q.vq.enable_callbacks()? {
+            let Some(seen) = q.vq.arm()? else {
                 q.reap()?;
                 slot.reaped.notify_all();
                 continue;
-            }
+            };
             q.polling = true;
             let events = Arc::clone(q.vq.events());
             drop(q);

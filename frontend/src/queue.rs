@@ -491,13 +491,19 @@ impl<E: EventChannels, T> Virtqueue<E, T> {
         }
     }
 
-    /// Asks for a notification on the next completion; `true` if completions are already
-    /// waiting (process them instead of sleeping).
-    pub(crate) fn enable_callbacks(&mut self) -> Result<bool, QueueError> {
+    /// Before sleeping: asks for a notification on the next completion. `None` if
+    /// completions are already waiting (process them instead of sleeping); otherwise the
+    /// count of delivered notifications to wait past (`events().wait(seen, ..)`). The count is
+    /// read before callbacks are enabled, so a notification that comes in between wakes the
+    /// wait even if another thread polling this queue consumed it.
+    pub(crate) fn arm(&mut self) -> Result<Option<u64>, QueueError> {
+        let seen = self.events.deliveries();
         let ring = self.ring.mem();
-        self.driver
+        let waiting = self
+            .driver
             .enable_callbacks(&ring)
-            .map_err(|e| self.ring_err(e))
+            .map_err(|e| self.ring_err(e))?;
+        Ok((!waiting).then_some(seen))
     }
 
     /// Asks the backend not to notify (while the driver is busy reaping).
@@ -557,10 +563,9 @@ impl<E: EventChannels, T> Virtqueue<E, T> {
             if let Some(reason) = link.lost() {
                 return Err(DriverError::Stopped { reason });
             }
-            let seen = self.events.deliveries();
-            if self.enable_callbacks()? {
+            let Some(seen) = self.arm()? else {
                 continue;
-            }
+            };
             let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
             if left.is_some_and(|l| l.is_zero()) {
                 return Ok(None);

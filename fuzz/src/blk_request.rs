@@ -102,15 +102,6 @@ fn pattern(salt: u64, i: usize) -> u8 {
     (x >> 56) as u8 | 1
 }
 
-/// The temp dir for the image: tmpfs when there is one, so FLUSH costs nothing.
-fn temp_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("xenvirtio-fuzz-blk")
-        .tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .expect("a temp dir")
-}
-
 /// The span of the writable stream a window covers, after `at` bytes of the stream.
 #[derive(Debug, Clone, Copy)]
 struct Span {
@@ -135,7 +126,7 @@ enum Answer {
 pub fn run(input: &BlkInput) {
     let capacity = u64::from(input.sectors % 17);
     let image_len = (capacity * SECTOR_SIZE) as usize;
-    let dir = temp_dir();
+    let dir = crate::temp_dir("xenvirtio-fuzz-blk");
     let path = dir.path().join(IMAGE_NAME);
     let image: Vec<u8> = (0..image_len).map(|i| pattern(1, i)).collect();
     std::fs::write(&path, &image).expect("writing the image");
@@ -152,7 +143,7 @@ pub fn run(input: &BlkInput) {
     header[8..16].copy_from_slice(&input.sector.to_le_bytes());
     mem.write(0, &header).expect("in the buffer");
     mem.write(16, &input.payload).expect("in the buffer");
-    let before = snapshot(&mem);
+    let before = crate::snapshot(&mem);
 
     let mut readable: Vec<SharedMem<'_>> = Vec::new();
     let mut writable: Vec<SharedMem<'_>> = Vec::new();
@@ -185,7 +176,7 @@ pub fn run(input: &BlkInput) {
 
     let answer = expected(input, capacity, &readable_stream, &spans, writable_len);
     let result = dev.handle(&readable, &writable);
-    let after = snapshot(&mem);
+    let after = crate::snapshot(&mem);
     let image_after = std::fs::read(&path).expect("reading the image back");
     assert_eq!(image_after.len(), image_len, "the image changed size");
 
@@ -257,12 +248,6 @@ pub fn run(input: &BlkInput) {
     }
     drop(dev);
     drop(dir);
-}
-
-fn snapshot(mem: &SharedMem<'_>) -> Vec<u8> {
-    let mut v = vec![0u8; mem.len()];
-    mem.read(0, &mut v).expect("readable");
-    v
 }
 
 /// The writable stream's bytes `[start, start + len)`, from the buffer `after`.

@@ -14,7 +14,6 @@
 //!   foreign mapping, no port, no event handle (the loopback's counters);
 //! - the image keeps its size.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -154,11 +153,7 @@ crate::structured_input!(DaemonInput);
 
 /// Runs one input.
 pub fn run(input: &DaemonInput) {
-    let dir = tempfile::Builder::new()
-        .prefix("xenvirtio-fuzz-daemon")
-        .tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .expect("a temp dir");
+    let dir = crate::temp_dir("xenvirtio-fuzz-daemon");
     let image = dir.path().join("disk.img");
     let sectors = 1 + u64::from(input.sectors % 64);
     let data: Vec<u8> = (0..sectors * 512)
@@ -291,11 +286,6 @@ pub fn run(input: &DaemonInput) {
     );
     let len = std::fs::metadata(&image).expect("the image").len();
     assert_eq!(len, sectors * 512, "the image changed size");
-    remove_dir(dir.path());
-}
-
-fn remove_dir(p: &Path) {
-    let _ = std::fs::remove_dir_all(p);
 }
 
 /// Seeds: the backend's loopback device tests, per strategy, and each hostile move.

@@ -385,12 +385,6 @@ fn model_pop(
     })
 }
 
-fn snapshot(ring: &SharedMem<'_>) -> Vec<u8> {
-    let mut v = vec![0u8; ring.len()];
-    ring.read(0, &mut v).expect("the whole ring is readable");
-    v
-}
-
 /// Asserts that `after` differs from `before` only inside `allowed` byte ranges.
 fn assert_changed_only(before: &[u8], after: &[u8], allowed: &[(usize, usize)], what: &str) {
     for (i, (b, a)) in before.iter().zip(after).enumerate() {
@@ -478,7 +472,7 @@ fn run_once(input: &QueueInput) -> Vec<String> {
     let mut transcript = Vec::new();
 
     for op in &input.ops {
-        let before = snapshot(&ring);
+        let before = crate::snapshot(&ring);
         match op {
             QueueOp::Write(w) => apply_write(w, layout, &ring),
             QueueOp::Pop => {
@@ -492,7 +486,7 @@ fn run_once(input: &QueueInput) -> Vec<String> {
                     fetches <= 1,
                     "{fetches} fetches of indirect tables in one pop"
                 );
-                assert_eq!(before, snapshot(&ring), "popping wrote the ring");
+                assert_eq!(before, crate::snapshot(&ring), "popping wrote the ring");
                 match (&got, &expected) {
                     (Ok(None), Expected::Empty) | (Err(_), Expected::Refused) => {}
                     (Ok(Some(chain)), Expected::Chain(want)) => {
@@ -519,7 +513,7 @@ fn run_once(input: &QueueInput) -> Vec<String> {
                 let slot = layout.used_ring(queue.next_used());
                 let result = queue.add_used(&ring, head, *len);
                 assert!(result.is_ok(), "add_used on a writable ring: {result:?}");
-                let after = snapshot(&ring);
+                let after = crate::snapshot(&ring);
                 assert_changed_only(
                     &before,
                     &after,
@@ -543,12 +537,16 @@ fn run_once(input: &QueueInput) -> Vec<String> {
                 };
                 let got = queue.needs_notification(&ring).expect("a readable ring");
                 assert_eq!(got, want, "needs_notification (old {old}, new {new})");
-                assert_eq!(before, snapshot(&ring), "needs_notification wrote the ring");
+                assert_eq!(
+                    before,
+                    crate::snapshot(&ring),
+                    "needs_notification wrote the ring"
+                );
                 transcript.push(format!("notify {got}"));
             }
             QueueOp::EnableNotification => {
                 let got = queue.enable_notification(&ring);
-                let after = snapshot(&ring);
+                let after = crate::snapshot(&ring);
                 let field = if input.event_idx() {
                     assert_eq!(le16(&after, layout.avail_event()), queue.next_avail());
                     layout.avail_event()
@@ -566,7 +564,7 @@ fn run_once(input: &QueueInput) -> Vec<String> {
             }
             QueueOp::DisableNotification => {
                 queue.disable_notification(&ring).expect("a writable ring");
-                let after = snapshot(&ring);
+                let after = crate::snapshot(&ring);
                 if input.event_idx() {
                     assert_eq!(before, after, "disable with EVENT_IDX writes nothing");
                 } else {

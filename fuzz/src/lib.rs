@@ -39,6 +39,22 @@ pub const TARGETS: [&str; 9] = [
     "daemon_blk",
 ];
 
+/// A temp dir for a harness's image: tmpfs when there is one, so FLUSH costs nothing.
+pub(crate) fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .expect("a temp dir")
+}
+
+/// A copy of everything a window holds.
+pub(crate) fn snapshot(mem: &xenvirtio_xen::mem::SharedMem<'_>) -> Vec<u8> {
+    let mut v = vec![0u8; mem.len()];
+    mem.read(0, &mut v).expect("the whole window is readable");
+    v
+}
+
 /// Runs target `name` on raw fuzzer bytes, exactly as its libFuzzer target does.
 pub fn run_bytes(name: &str, data: &[u8]) {
     match name {

@@ -230,11 +230,7 @@ fn client_bytes(input: &NbdInput) -> Vec<u8> {
 /// Runs one input.
 pub fn run(input: &NbdInput) {
     watch_panics();
-    let dir = tempfile::Builder::new()
-        .prefix("xenvirtio-fuzz-nbd")
-        .tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .expect("a temp dir");
+    let dir = crate::temp_dir("xenvirtio-fuzz-nbd");
     let image_path = dir.path().join("disk.img");
     let image: Vec<u8> = (0..IMAGE_LEN).map(|i| (i % 253) as u8 | 1).collect();
     std::fs::write(&image_path, &image).expect("the image");

@@ -288,72 +288,6 @@ impl<'a> SharedMem<'a> {
         unsafe { AtomicU32::from_ptr(p.cast::<u32>()) }.store(value.to_le(), order);
         Ok(())
     }
-
-    /// Reads up to `len` bytes of `file` at `file_offset` straight into the window at `offset`
-    /// (`pread(2)`, no intermediate copy). Returns the number of bytes read.
-    pub fn read_from_file_at(
-        &self,
-        offset: usize,
-        len: usize,
-        file: &File,
-        file_offset: u64,
-    ) -> io::Result<usize> {
-        self.check_write(offset, len).map_err(io::Error::other)?;
-        let pos = libc::off_t::try_from(file_offset)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        loop {
-            // SAFETY: the kernel writes at most `len` bytes into a range checked to be inside a
-            // writable window that stays mapped for 'a.
-            let n = unsafe {
-                libc::pread(
-                    file.as_raw_fd(),
-                    self.ptr.as_ptr().add(offset).cast(),
-                    len,
-                    pos,
-                )
-            };
-            if n >= 0 {
-                return Ok(n.unsigned_abs());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-    }
-
-    /// Writes `len` bytes of the window at `offset` straight to `file` at `file_offset`
-    /// (`pwrite(2)`, no intermediate copy). Returns the number of bytes written.
-    pub fn write_to_file_at(
-        &self,
-        offset: usize,
-        len: usize,
-        file: &File,
-        file_offset: u64,
-    ) -> io::Result<usize> {
-        self.check(offset, len).map_err(io::Error::other)?;
-        let pos = libc::off_t::try_from(file_offset)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        loop {
-            // SAFETY: the kernel reads at most `len` bytes from a range checked to be inside a
-            // readable window that stays mapped for 'a.
-            let n = unsafe {
-                libc::pwrite(
-                    file.as_raw_fd(),
-                    self.ptr.as_ptr().add(offset).cast(),
-                    len,
-                    pos,
-                )
-            };
-            if n >= 0 {
-                return Ok(n.unsigned_abs());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-    }
 }
 
 /// Most windows passed to one `preadv`/`pwritev` call (Linux's `IOV_MAX`).
@@ -557,25 +491,6 @@ mod tests {
         let sub = m.slice(2, 2).unwrap();
         assert_eq!(sub.load_u16(0, Ordering::Relaxed).unwrap(), 0x1234);
         assert!(m.slice(4095, 2).is_err());
-    }
-
-    #[test]
-    fn file_io_goes_straight_to_the_window() {
-        use std::io::Write;
-        let mut f = tempfile_in_tmp();
-        f.write_all(b"0123456789").unwrap();
-        let buf = PageBuf::new(1);
-        let m = buf.mem();
-        assert_eq!(m.read_from_file_at(100, 4, &f, 3).unwrap(), 4);
-        assert_eq!(m.read_array::<4>(100).unwrap(), *b"3456");
-        m.write(0, b"ZZ").unwrap();
-        assert_eq!(m.write_to_file_at(0, 2, &f, 8).unwrap(), 2);
-        let mut back = [0u8; 10];
-        let n = m.read_from_file_at(200, 10, &f, 0).unwrap();
-        assert_eq!(n, 10);
-        m.read(200, &mut back).unwrap();
-        assert_eq!(&back, b"01234567ZZ");
-        assert!(m.read_only().read_from_file_at(0, 1, &f, 0).is_err());
     }
 
     #[test]

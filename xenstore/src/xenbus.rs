@@ -179,7 +179,7 @@ fn bad_value(path: &str, value: &[u8], expected: &'static str) -> XsError {
 }
 
 /// Strict decimal: ASCII digits only (no sign, no spaces), within `T`'s range.
-fn parse_decimal<T: FromStr>(text: &str) -> Option<T> {
+pub fn parse_decimal<T: FromStr>(text: &str) -> Option<T> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -210,15 +210,19 @@ pub fn read_u32(store: &dyn XenStore, tx: TxId, path: &str) -> Result<u32, XsErr
 pub fn read_hex_u64(store: &dyn XenStore, tx: TxId, path: &str) -> Result<u64, XsError> {
     let v = store.read(tx, path)?;
     const WHAT: &str = "a hexadecimal u64";
-    let text = read_text(&v, path, WHAT)?;
+    parse_hex_u64(read_text(&v, path, WHAT)?).ok_or_else(|| bad_value(path, &v, WHAT))
+}
+
+/// Strict hexadecimal `u64`: with or without `0x`, 1 to 16 hex digits, nothing else.
+pub fn parse_hex_u64(text: &str) -> Option<u64> {
     let digits = text
         .strip_prefix("0x")
         .or_else(|| text.strip_prefix("0X"))
         .unwrap_or(text);
     if digits.is_empty() || digits.len() > 16 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(bad_value(path, &v, WHAT));
+        return None;
     }
-    u64::from_str_radix(digits, 16).map_err(|_| bad_value(path, &v, WHAT))
+    u64::from_str_radix(digits, 16).ok()
 }
 
 /// The form [`read_hex_u64`] reads and xenvirtio writes: `0x` and lowercase digits.

@@ -6,7 +6,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: scripts/e2e.sh [--arch x86_64|arm64|all] [--smoke] [--keep] [--help]
+Usage: scripts/e2e.sh [--arch x86_64|arm64|all] [--smoke] [--keep] [--boot-loop N] [--help]
 
 Boots real Xen under QEMU (software emulation, no KVM needed) and checks the project in it:
   x86_64: Dom0 (PV) + a PV DomU + a PVH DomU     arm64: Dom0 + a DomU
@@ -24,7 +24,22 @@ in the middle of I/O). docs/E2E.md lists every check.
   --mode M   run the test scripts of mode M (tests/M-dom0.sh, tests/M-domU.sh): for
              developing a new mode (scripts/demo.sh runs --mode demo)
   --domus L  boot only these DomUs: a '+'-separated list of pv, pvh (x86_64) or arm (arm64)
+  --boot-loop N
+             a measurement instead of the checks: boot the DomUs (all of them together, or
+             --domus) N times in one Xen boot and count how each boot ended (booted, triple
+             fault, other): the emulator fault rate of docs/E2E.md
+  --induce-fault before-checks|after-checks
+             the harness's own test of its emulator-fault handling (x86_64, --smoke, needs
+             domU-pvh): the PVH DomU boots a kernel that triple-faults on purpose, before its
+             checks (on the first attempt only: the run must retry and pass) or after them (the
+             run must fail, without a retry)
   --help     this text
+
+Emulator faults: under QEMU's software CPU an x86 PVH DomU's kernel sometimes triple-faults while
+it boots, before anything of the project's runs in it. When a DomU triple-faulted before it
+reported any check, the boot is an infrastructure fault, not a test result: the arch boots again,
+at most 3 attempts in all, with a line "RETRY <arch> boot: <why> (attempt N of 3)"; only the last
+attempt's checks count. A fault after a DomU reported a check fails the run as any other failure.
 
 Output: one line per check, "PASS|FAIL <arch> <domain> <check>: <detail>", then
 "e2e: N passed, M failed". Logs and results stay in the work dir (paths are printed).
@@ -39,6 +54,8 @@ Environment:
   CARGO_TARGET_DIR        honoured; CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER defaults to
                           aarch64-linux-gnu-gcc
   XENVIRTIO_E2E_X86_CPU   QEMU -cpu for x86_64 (default max,-smap,-smep,-xsave; see docs/E2E.md)
+  XENVIRTIO_E2E_QEMU_X86  the qemu-system-x86_64 to run (default: the one on PATH)
+  XENVIRTIO_E2E_X86_ACCEL QEMU -accel for x86_64 (default tcg,thread=single; see docs/E2E.md)
   XENVIRTIO_E2E_XEN_ARGS  appended to Xen's x86_64 command line (debugging)
 Host tools: scripts/install-deps.sh installs them.
 EOF
@@ -53,6 +70,9 @@ SMOKE=0
 KEEP=0
 MODE_OPT=
 DOMUS_OPT=
+LOOPS=
+INDUCE=
+MAX_ATTEMPTS=3
 
 die() {
   echo "e2e: error: $*" >&2
@@ -67,6 +87,8 @@ while [ $# -gt 0 ]; do
     --keep) KEEP=1; shift ;;
     --mode) [ $# -ge 2 ] || die "--mode needs a value"; MODE_OPT=$2; shift 2 ;;
     --domus) [ $# -ge 2 ] || die "--domus needs a value"; DOMUS_OPT=$2; shift 2 ;;
+    --boot-loop) [ $# -ge 2 ] || die "--boot-loop needs a number"; LOOPS=$2; shift 2 ;;
+    --induce-fault) [ $# -ge 2 ] || die "--induce-fault needs a value"; INDUCE=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument '$1'" ;;
   esac
@@ -84,8 +106,25 @@ if [ -n "$MODE_OPT" ]; then
   [ -f "$XQ/tests/$MODE_OPT-dom0.sh" ] || die "no test script scripts/xen-qemu/tests/$MODE_OPT-dom0.sh"
   MODE=$MODE_OPT
 fi
+if [ -n "$LOOPS" ]; then
+  [[ $LOOPS =~ ^[1-9][0-9]*$ ]] || die "--boot-loop needs a number of rounds (got '$LOOPS')"
+  MODE=bootloop
+fi
+case $INDUCE in
+  '') ;;
+  before-checks | after-checks)
+    [ "$MODE" = smoke ] || die "--induce-fault needs --smoke"
+    [ "${ARCHES[*]}" = x86_64 ] || die "--induce-fault needs --arch x86_64"
+    [[ "+${DOMUS_OPT:-pv+pvh}+" == *+pvh+* ]] || die "--induce-fault needs the PVH DomU (--domus)"
+    ;;
+  *) die "--induce-fault must be before-checks or after-checks (got '$INDUCE')" ;;
+esac
 # The matrix runs a few hundred frontend commands under TCG: give it room on a loaded machine.
-[ -n "$TIMEOUT" ] || case $MODE in smoke) TIMEOUT=600 ;; *) TIMEOUT=1500 ;; esac
+[ -n "$TIMEOUT" ] || case $MODE in
+  smoke) TIMEOUT=600 ;;
+  bootloop) TIMEOUT=$((180 + LOOPS * 60)) ;;
+  *) TIMEOUT=1500 ;;
+esac
 [[ $TIMEOUT =~ ^[0-9]+$ ]] || die "XENVIRTIO_E2E_TIMEOUT must be a number of seconds"
 
 # ---- per-arch facts ----
@@ -96,7 +135,11 @@ file_arch() { case $1 in x86_64) echo x86-64 ;; arm64) echo "ARM aarch64" ;; esa
 # every domain that must report "boot".
 all_domus() { case $1 in x86_64) echo pv+pvh ;; arm64) echo arm ;; esac; }
 domus_word() { echo "${DOMUS_OPT:-$(all_domus "$1")}"; }
-domains() { echo "dom0 $(domus_word "$1" | tr '+' '\n' | sed 's/^/domU-/' | paste -sd' ')"; }
+# (A boot loop forwards no DomU console: only Dom0 reports, the boots are counted in @@BOOTLOOP lines.)
+domains() {
+  if [ "$MODE" = bootloop ]; then echo dom0; return; fi
+  echo "dom0 $(domus_word "$1" | tr '+' '\n' | sed 's/^/domU-/' | paste -sd' ')"
+}
 
 if [ -n "$DOMUS_OPT" ]; then
   for a in "${ARCHES[@]}"; do
@@ -111,7 +154,7 @@ missing=()
 need=(cpio depmod gzip xz perl python3 readelf file apt-get dpkg cargo timeout flock)
 for a in "${ARCHES[@]}"; do
   case $a in
-    x86_64) need+=(qemu-system-x86_64) ;;
+    x86_64) need+=("${XENVIRTIO_E2E_QEMU_X86:-qemu-system-x86_64}" as ld) ;;
     arm64) need+=(qemu-system-aarch64 fdtput "${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER:-aarch64-linux-gnu-gcc}") ;;
   esac
 done
@@ -178,6 +221,11 @@ if out=$("$XQ/test-lib.sh" "$bb" 2>&1); then
   host_check host harness-lib PASS "$(tail -n 1 <<<"$out") (scripts/xen-qemu/test-lib.sh${bb:+ under busybox sh})"
 else
   host_check host harness-lib FAIL "$(grep -m 3 FAIL <<<"$out" | tr '\n' ' ')"
+fi
+if out=$("$XQ/test-boot-fault.sh" 2>&1); then
+  host_check host harness-boot-fault PASS "$(tail -n 1 <<<"$out") (scripts/xen-qemu/test-boot-fault.sh: which faults are retried)"
+else
+  host_check host harness-boot-fault FAIL "$(grep -m 3 FAIL <<<"$out" | tr '\n' ' ')"
 fi
 
 # ---- 2. the project's binaries, static musl ----
@@ -264,7 +312,7 @@ collect() {
   rm -f "$raw.all" "$raw.sorted"
 
   case $qrc in
-    0) host_check "$a" qemu PASS "Xen powered off cleanly after $(($(date +%s) - BOOT_T0))s" ;;
+    0) host_check "$a" qemu PASS "Xen powered off cleanly after $(($(date +%s) - BOOT_T0))s$ATTEMPT_NOTE" ;;
     124) host_check "$a" qemu FAIL "timed out after ${TIMEOUT}s (XENVIRTIO_E2E_TIMEOUT); log: $log"
       show_tail "$log" ;;
     *) host_check "$a" qemu FAIL "QEMU exited $qrc; log: $log"
@@ -315,16 +363,48 @@ collect() {
   fi
 }
 
-for a in "${ARCHES[@]}"; do
-  log=$WORK/logs/$a.serial.log
+# boot_attempt ARCH LOG ATTEMPT: one boot of ARCH; sets qrc.
+boot_attempt() {
+  local a=$1 log=$2 n=$3 words
   # Dom0 stops its test script a minute before QEMU is killed, so that it still reports.
   words="xvmode=$MODE xvdomus=$(domus_word "$a") xvtimeout=$((TIMEOUT > 120 ? TIMEOUT - 60 : TIMEOUT * 3 / 4))"
-  echo "e2e: booting $a (Xen 4.17, Dom0 + $(domains "$a" | cut -d' ' -f2- | sed 's/ / + /g')), timeout ${TIMEOUT}s; serial log: $log"
+  words="$words xvattempt=$n/$MAX_ATTEMPTS${LOOPS:+ xvloops=$LOOPS}"
+  # An induced fault before the checks happens on the first attempt only: the retry must pass.
+  case $INDUCE in
+    before-checks) [ "$n" != 1 ] || words="$words xvinduce=before-checks" ;;
+    after-checks) words="$words xvinduce=after-checks" ;;
+  esac
+  echo "e2e: booting $a (Xen 4.17, Dom0 + $(domains "$a" | cut -d' ' -f2- | sed 's/ / + /g')), timeout ${TIMEOUT}s, attempt $n of $MAX_ATTEMPTS; serial log: $log"
   BOOT_T0=$(date +%s)
   qrc=0
   "$XQ/boot.sh" "$a" "$WORK/debs-$(debarch "$a")" "$WORK/$a" "$log" "$TIMEOUT" "$words" || qrc=$?
-  PHASE_S[boot-$a]=$(($(date +%s) - BOOT_T0))
+}
+
+RETRIES=()
+for a in "${ARCHES[@]}"; do
+  log=$WORK/logs/$a.serial.log
+  rm -f "$log".attempt-*
+  ARCH_T0=$(date +%s)
+  n=1
+  while :; do
+    boot_attempt "$a" "$log" "$n"
+    # A boot lost to the emulator before any check is booted again; a boot loop measures those.
+    if [ "$MODE" = bootloop ] || [ "$n" -ge "$MAX_ATTEMPTS" ] || ! why=$("$XQ/boot-fault.sh" "$log" "$a"); then
+      break
+    fi
+    mv "$log" "$log.attempt-$n"
+    n=$((n + 1))
+    echo "RETRY $a boot: $why (attempt $n of $MAX_ATTEMPTS)"
+    RETRIES+=("$a attempt $((n - 1)): $why (log: $log.attempt-$((n - 1)))")
+  done
+  PHASE_S[boot-$a]=$(($(date +%s) - ARCH_T0))
+  ATTEMPT_NOTE=
+  [ "$n" = 1 ] || ATTEMPT_NOTE=" (attempt $n of $MAX_ATTEMPTS: the earlier ones were lost to emulator faults)"
   collect "$a" "$log" "$qrc"
+  if [ "$MODE" = bootloop ]; then
+    grep -a -o '@@BOOTLOOP .*' "$log" | tr -d '\r' >"$WORK/logs/$a.bootloop"
+    echo "e2e: boot loop $a: every boot in $WORK/logs/$a.bootloop"
+  fi
 done
 
 # ---- 5. summary ----
@@ -337,6 +417,8 @@ fi
 times=
 for k in fetch build initrd "${ARCHES[@]/#/boot-}"; do times="$times $k=${PHASE_S[$k]:-?}s"; done
 echo "e2e: timings:$times total=$(($(date +%s) - RUN_START))s"
+echo "e2e: boot retries: ${#RETRIES[@]}"
+for r in "${RETRIES[@]}"; do echo "e2e:   $r"; done
 echo "e2e: serial logs: $(for a in "${ARCHES[@]}"; do printf '%s ' "$WORK/logs/$a.serial.log"; done)results: $RESULTS"
 echo "e2e: $PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]

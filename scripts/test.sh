@@ -2,8 +2,9 @@
 # test.sh: the whole test suite, as the README gives it and as CI runs it.
 #   1. unit tests and host integration tests (Debian's real xenstored, real NBD clients; no Xen),
 #      and the replay of every fuzz seed and finding
-#   2. real Xen 4.17 under QEMU, x86_64 and arm64 (scripts/e2e.sh): the smoke checks, then the
-#      full matrix (every role and DMA strategy, the lifecycle); docs/E2E.md lists the checks
+#   2. real Xen 4.17 under QEMU, x86_64 and arm64 (scripts/e2e.sh): the harness's handling of
+#      emulator faults (real induced triple faults), the smoke checks, then the full matrix
+#      (every role and DMA strategy, the lifecycle); docs/E2E.md lists the checks
 # Set XENVIRTIO_SKIP_E2E=1 to run only step 1 while iterating (CI never sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,10 @@ fi
 # Both runs always run; the suite fails if either does. The second one reuses the first one's
 # packages and binaries.
 rc=0
+# The harness's own handling of emulator faults, with real triple faults induced in the x86 PVH
+# DomU: one before its checks (retried, then green) and one after them (a failure).
+echo "== scripts/xen-qemu/test-induced-faults.sh (emulator faults: retried before a check, failed after)"
+scripts/xen-qemu/test-induced-faults.sh || rc=1
 echo "== scripts/e2e.sh --arch all --smoke"
 scripts/e2e.sh --arch all --smoke || rc=1
 echo "== scripts/e2e.sh --arch all (the full matrix)"

@@ -96,6 +96,9 @@ open(sys.argv[2], 'wb').write(out)
 EOF
     fi
     cp "$OUT/vmlinux-$KVER" "$R/boot/vmlinux"
+    # The PVH kernel that triple-faults on purpose (e2e.sh --induce-fault; fault/triple-fault.S)
+    as --32 -o "$OUT/triple-fault.o" "$HERE/fault/triple-fault.S"
+    ld -m elf_i386 -T "$HERE/fault/triple-fault.ld" -o "$R/boot/triple-fault" "$OUT/triple-fault.o"
     cp "$HERE"/guest/domU-pv.cfg "$HERE"/guest/domU-pvh.cfg "$R/etc/xen/"
     ;;
   arm64)

@@ -203,13 +203,16 @@ xv_domid() {
 
 # xv_domu_create NAME: `xl create /etc/xen/NAME.cfg` with the mode of this run, and start
 # forwarding its console to ours. The config's @XVMODE@ is replaced by this run's mode. On
-# failure, xl's output goes to the console and one line about it to stdout.
+# success the domid goes to $XV_RUN/NAME.domid and "@@MARK dom0 created NAME domid=<N>" to the
+# console: the host maps Xen's "d<N>v0 Triple fault" lines to a domain with it (boot-fault.sh).
+# On failure, xl's output goes to the console and one line about it to stdout.
 xv_domu_create() {
   local _cfg _out _rc
   _cfg=$XV_RUN/$1.cfg
   sed "s/@XVMODE@/$XV_MODE/g" "/etc/xen/$1.cfg" >"$_cfg" || return 1
+  xv_induce_fault_cfg "$1" before-checks "$_cfg"
   echo "$1" >>"$XV_RUN/fwd.names"
-  _out=$(xl create "$_cfg" 2>&1)
+  _out=$(xv_create_paused "$1" "$_cfg" 2>&1)
   _rc=$?
   if [ $_rc != 0 ]; then
     # the whole story goes to the serial log; the caller's detail gets the first errors
@@ -217,6 +220,70 @@ xv_domu_create() {
     echo "xl create $1 failed (rc=$_rc): $(echo "$_out" | grep -i -m 3 'error\|fail' | xv_oneline)"
   fi
   return $_rc
+}
+
+# xv_create_paused NAME CFG: xl create CFG paused, record the domid (before the domain runs at
+# all: it may die within a second), then unpause it.
+xv_create_paused() {
+  xl create -p "$2" || return $?
+  xv_domid "$1" >"$XV_RUN/$1.domid"
+  echo "@@MARK dom0 created $1 domid=$(cat "$XV_RUN/$1.domid")" >/dev/console 2>/dev/null
+  xl unpause "$1"
+}
+
+# Emulator faults (docs/E2E.md, "Emulator faults"). Under QEMU TCG an x86 PVH DomU's kernel
+# sometimes triple-faults while it boots. A domain that dies that way before it reported its own
+# "boot" has run nothing of the project's (domU-init reports boot before it starts any project
+# program), so the host boots the arch again (e2e.sh, at most 3 attempts; kernel cmdline
+# xvattempt=<n>/<max>). A fault after that is a failure like any other.
+
+# xv_triple_fault DOMID: Xen's triple-fault line for DOMID, if it logged one.
+xv_triple_fault() {
+  xl dmesg 2>/dev/null | grep -a -E "(^|[ )])d$1v[0-9]+ Triple fault" | tail -n 1 | xv_oneline
+}
+
+# xv_last_attempt: true on the host's last boot attempt of this arch (or when it did not say).
+xv_last_attempt() {
+  local _a
+  _a=$(xv_cmdline xvattempt)
+  [ -z "$_a" ] || [ "${_a%/*}" = "${_a#*/}" ]
+}
+
+# xv_abort_for_retry NAME WHY: when the host will boot again, say why and power off now (the
+# checks of this attempt do not count); on the last attempt, return and let the checks go on.
+xv_abort_for_retry() {
+  xv_last_attempt && return 0
+  echo "@@MARK dom0 emulator fault: $1 $2 before it reported boot; powering off, the host boots again (attempt $(xv_cmdline xvattempt))"
+  xv_forward_stop
+  sync
+  poweroff -f
+}
+
+# xv_induce_fault_cfg NAME WHEN CFG: for the harness's own test of the above (e2e.sh
+# --induce-fault WHEN, x86_64 only): NAME=domU-pvh boots fault/triple-fault.S instead of Linux.
+xv_induce_fault_cfg() {
+  [ "$1" = domU-pvh ] && [ "$(xv_cmdline xvinduce)" = "$2" ] || return 0
+  sed -i 's|^kernel = .*|kernel = "/boot/triple-fault"|; /^ramdisk = /d' "$3"
+  echo "@@MARK dom0 induced fault: $1 boots /boot/triple-fault ($2)" >/dev/console 2>/dev/null
+}
+
+# xv_induce_fault_after_checks NAME...: with `xvinduce=after-checks`, once domU-pvh (one of
+# NAME...) has run its checks and was destroyed, boot the triple-fault kernel under its name
+# and wait until Xen has shut it down: a fault in a domain after its project checks ran.
+xv_induce_fault_after_checks() {
+  local _cfg _i _n
+  case " $* " in *" domU-pvh "*) ;; *) return 0 ;; esac
+  [ "$(xv_cmdline xvinduce)" = after-checks ] || return 0
+  _n=domU-pvh
+  _cfg=$XV_RUN/$_n.cfg
+  sed "s/@XVMODE@/$XV_MODE/g" "/etc/xen/$_n.cfg" >"$_cfg"
+  xv_induce_fault_cfg "$_n" after-checks "$_cfg"
+  xv_create_paused "$_n" "$_cfg" >/dev/null 2>&1 || return 0
+  _i=0
+  while [ "$(xv_domu_state "$_n")" != gone ] && [ $_i -lt 60 ]; do
+    sleep 1
+    _i=$((_i + 1))
+  done
 }
 
 # xv_domu_state NAME: the state column of `xl list NAME` (e.g. "-b----"), or "gone".
@@ -228,7 +295,7 @@ xv_domu_state() {
 # On timeout, or when the domain crashed or vanished, emit "NAME boot FAIL" on its behalf.
 # Returns 0 only if the DomU reported boot PASS.
 xv_domu_wait_boot() {
-  local _end _l _log _n _prev _s
+  local _end _l _log _n _prev _s _tf
   _n=$1 _end=$(($(xv_uptime) + $2)) _prev=
   _log=$XV_CONSOLE_DIR/guest-$1.log
   while :; do
@@ -245,7 +312,10 @@ xv_domu_wait_boot() {
     [ "$(xv_uptime)" -lt "$_end" ] || break
     sleep 1
   done
+  _tf=$(xv_triple_fault "$(cat "$XV_RUN/$_n.domid" 2>/dev/null)")
+  [ -z "$_tf" ] || xv_abort_for_retry "$_n" "triple-faulted ($_tf)"
   _l=$(grep -a -m 1 -E 'Kernel panic|Oops|BUG:|Segmentation fault' "$_log" 2>/dev/null)
+  _l=${_tf:-$_l}
   xv_check_for "$_n" boot FAIL "no boot report after waiting $(($(xv_uptime) - _end + $2))s; xl state=$_s;" \
     "${_l:+first sign of trouble: $_l;} console tail: $(tail -n 3 "$_log" 2>/dev/null | xv_oneline)"
   return 1

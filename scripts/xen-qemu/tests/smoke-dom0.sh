@@ -119,6 +119,8 @@ for n in $created; do
     xv_check_for "$n" destroy FAIL "still listed after xl destroy, state $st"
   fi
 done
+# shellcheck disable=SC2086 # a list of names
+xv_induce_fault_after_checks $created
 xv_forward_stop
 # shellcheck disable=SC2086 # a list of names
 xv_check_delivered $created

@@ -54,7 +54,7 @@ while [ "$i" -le "$loops" ]; do
       echo gone >"$XV_RUN/$n.domid"
       continue
     fi
-    xv_domid "$n" >"$XV_RUN/$n.domid"
+    # xv_domu_create recorded the domid in $XV_RUN/$n.domid before the domain ran
   done
   for t in $XV_DOMUS; do
     n=domU-$t

@@ -55,7 +55,7 @@ Environment:
                           aarch64-linux-gnu-gcc
   XENVIRTIO_E2E_X86_CPU   QEMU -cpu for x86_64 (default max,-smap,-smep,-xsave; see docs/E2E.md)
   XENVIRTIO_E2E_QEMU_X86  the qemu-system-x86_64 to run (default: the one on PATH)
-  XENVIRTIO_E2E_X86_ACCEL QEMU -accel for x86_64 (default tcg,thread=single; see docs/E2E.md)
+  XENVIRTIO_E2E_X86_ACCEL QEMU -accel for x86_64 (default tcg; docs/E2E.md, "Emulator faults")
   XENVIRTIO_E2E_XEN_ARGS  appended to Xen's x86_64 command line (debugging)
 Host tools: scripts/install-deps.sh installs them.
 EOF

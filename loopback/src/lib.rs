@@ -4,7 +4,8 @@
 //! This crate is the only place (with the cross-crate tests) where frontend and backend code
 //! meet. It owns the pair's world ([`pair`]), the roles a frontend can play without Xen
 //! ([`role`]), the counters both ends and the hypervisor keep ([`counters`]) and the
-//! benchmark that compares the DMA strategies ([`bench`]). The binary `xenvirtio-loopback`
+//! benchmark that compares the DMA strategies ([`bench`]) and the verified soak of many devices
+//! at depth ([`soak`]). The binary `xenvirtio-loopback`
 //! exports a blk device over NBD from such a pair, and runs the benchmark.
 //!
 //! ```
@@ -37,3 +38,4 @@ pub mod bench;
 pub mod counters;
 pub mod pair;
 pub mod role;
+pub mod soak;

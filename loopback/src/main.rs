@@ -21,6 +21,7 @@ use xenvirtio_loopback::bench::{self, BenchConfig, Variant, Workload};
 use xenvirtio_loopback::counters::{BackendCounts, Counters, FrontendCounts, HypervisorCounts};
 use xenvirtio_loopback::pair::{BACKEND_DOMID, Pair};
 use xenvirtio_loopback::role::RoleName;
+use xenvirtio_loopback::soak;
 use xenvirtio_virtio::dma::DmaStrategy;
 use xenvirtio_xen::DomId;
 use xenvirtio_xen::loopback::{LoopbackConfig, LoopbackDomain};
@@ -88,6 +89,11 @@ enum Command {
     /// latencies, the ratios between strategies, and per-request map, unmap, notification and
     /// copy counts (from the loopback hypervisor's records and the daemon's statistics).
     Bench(BenchArgs),
+    /// Run many guests' blk devices at depth for a long time (every strategy in turn), verify
+    /// every read against a model of what was written, compare each image file with the model
+    /// at the end, and print the counts and the process's resident memory. Exits 1 on any
+    /// mismatch.
+    Soak(SoakArgs),
 }
 
 /// A DMA strategy, or the role's default.
@@ -207,6 +213,34 @@ struct BenchArgs {
     role: RoleName,
 }
 
+#[derive(Args, Debug)]
+struct SoakArgs {
+    /// Devices, each in a guest of its own (domains 10, 11, ...); their strategies take turns:
+    /// grant, grant-persistent, bounce, direct.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    devices: u32,
+    /// Requests in flight per device.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    depth: u32,
+    /// Seconds of verified I/O (fractions allowed).
+    #[arg(
+        long,
+        default_value_t = 20.0,
+        value_name = "SECONDS",
+        conflicts_with = "minutes"
+    )]
+    seconds: f64,
+    /// Minutes of verified I/O, for the long soak.
+    #[arg(long, value_name = "MINUTES")]
+    minutes: Option<f64>,
+    /// Size of each device's image, in bytes (a multiple of 4096).
+    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
+    image_size: u64,
+    /// Where the images go (default: a temporary directory, removed at the end).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -219,6 +253,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Some(Command::Bench(args)) => run_bench(&args),
+        Some(Command::Soak(args)) => run_soak(&args),
         None => serve(&cli.serve),
     };
     match result {
@@ -546,4 +581,41 @@ fn run_bench(args: &BenchArgs) -> Result<i32> {
          by the frontend"
     );
     Ok(0)
+}
+
+fn run_soak(args: &SoakArgs) -> Result<i32> {
+    let secs = args.minutes.map_or(args.seconds, |m| m * 60.0);
+    let duration = Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| anyhow!("--seconds and --minutes must be positive"))?;
+    let config = soak::SoakConfig {
+        devices: args.devices,
+        depth: args.depth,
+        duration,
+        image_size: args.image_size,
+        ..soak::SoakConfig::default()
+    };
+    let scratch;
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            scratch = tempfile::Builder::new()
+                .prefix("xenvirtio-loopback-soak.")
+                .tempdir()
+                .context("cannot create a temporary directory")?;
+            scratch.path().to_path_buf()
+        }
+    };
+    println!(
+        "xenvirtio-loopback soak: {} device(s) x depth {}, {:.0} s of verified 4 KiB I/O, images in {}",
+        config.devices,
+        config.depth,
+        duration.as_secs_f64(),
+        dir.display()
+    );
+    let pair = soak::start_pair(&config).context("cannot start the loopback pair")?;
+    let report = soak::run(&pair, &dir, &config, &|line| eprintln!("  {line}"))?;
+    print!("{}", report.render());
+    Ok(if report.mismatches() == 0 { 0 } else { 1 })
 }

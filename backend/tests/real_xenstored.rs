@@ -132,3 +132,40 @@ fn handshake_data_and_teardown_with_real_permissions() {
     drop(fe);
     daemon.stop().unwrap();
 }
+
+/// Issue 13, finding 1, against the real daemon: a guest that rewrites its own `state` in a
+/// loop fires Dom0's watch on it once per write (xenstored applies no quota to Dom0's watch
+/// events), but Dom0's queue holds at most one pending event for the token however many
+/// arrive, and the watcher still sees the last value.
+#[test]
+fn hostile_watch_flood_from_a_guest_through_real_xenstored() {
+    const WRITES: usize = 5_000;
+    let xsd = Xenstored::start();
+    xsd.add_guest(F);
+    let dom0 = xsd.client();
+    let (_bridge, guest) = xsd.guest_client(F);
+    let fdir = xenbus::frontend_dir(F, 0);
+    dom0.mkdir(TxId::NONE, &fdir).unwrap();
+    dom0.set_perms(TxId::NONE, &fdir, &[Perm::owner(F), Perm::read(0)])
+        .unwrap();
+    let state = format!("{fdir}/state");
+    guest.write_str(TxId::NONE, &state, "1").unwrap();
+    let events = dom0.watch_events_for("flood").unwrap();
+    dom0.watch(&state, "flood").unwrap();
+    let start = Instant::now();
+    for i in 0..WRITES {
+        let value = if i + 1 == WRITES { "5" } else { "4" };
+        guest.write_str(TxId::NONE, &state, value).unwrap();
+    }
+    let took = start.elapsed();
+    assert_eq!(dom0.read_string(TxId::NONE, &state).unwrap(), "5");
+    // On main, 4,821 of the 5,000 events were queued by then; let the rest arrive too.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        events.len(),
+        1,
+        "{WRITES} guest writes in {took:?} while Dom0 did not drain: one pending event"
+    );
+    assert_eq!(events.try_next().unwrap().unwrap().path, state);
+    assert_eq!(events.try_next().unwrap(), None);
+}

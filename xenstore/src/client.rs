@@ -788,6 +788,56 @@ mod tests {
         assert!(events.try_next().unwrap_err().is_connection_lost());
     }
 
+    /// Issue 13, finding 1, through the socket client the daemon uses: xenstored relays
+    /// every write a guest makes under a watch, and the reader thread queues them while the
+    /// consumer is busy. The queue holds at most one event per token, however many arrive.
+    #[test]
+    fn hostile_watch_flood_through_the_socket_client() {
+        const EVENTS: usize = 300_000;
+        let (client, mut daemon) = FakeDaemon::pair();
+        let events = client.watch_events();
+        let flood = std::thread::spawn(move || {
+            let long = "y".repeat(200);
+            for i in 0..EVENTS {
+                let path = if i % 2 == 0 {
+                    "/w/state".to_owned()
+                } else {
+                    format!("/w/state/{long}{}", i % 64)
+                };
+                daemon.send(MsgType::WatchEvent, 0, format!("{path}\0tok\0").as_bytes());
+            }
+            // The client's read was sent before the flood ended: answering it after the flood
+            // means every event has been dispatched once the read returns.
+            let m = daemon.recv();
+            daemon.send(MsgType::Read, m.header.req_id, b"done");
+            daemon
+        });
+        assert_eq!(client.read(TxId::NONE, "/sync").unwrap(), b"done");
+        let mut daemon = flood.join().unwrap();
+        assert_eq!(
+            events.len(),
+            1,
+            "{EVENTS} events while nobody drained: at most one pending event for the token"
+        );
+        assert_eq!(
+            events.try_next().unwrap(),
+            Some(WatchEvent {
+                path: "/w/state".into(),
+                token: "tok".into()
+            })
+        );
+        assert_eq!(events.try_next().unwrap(), None);
+        daemon.send(MsgType::WatchEvent, 0, b"/w/state\0tok\0");
+        assert_eq!(
+            events.next_timeout(Duration::from_secs(5)).unwrap(),
+            Some(WatchEvent {
+                path: "/w/state".into(),
+                token: "tok".into()
+            }),
+            "an event after the flood is delivered"
+        );
+    }
+
     fn part(gen_: &str, names: &[&str], last: bool) -> Vec<u8> {
         let mut v = format!("{gen_}\0").into_bytes();
         v.extend(wire::join_strings(names));

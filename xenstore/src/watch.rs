@@ -4,8 +4,10 @@
 //! or the in-memory store) to whoever consumes them. A connection has one default queue and
 //! may route the events of chosen tokens to private queues, so that a helper such as
 //! [`wait_for_state`](crate::xenbus::wait_for_state) never steals events from the caller's main
-//! loop. A queue never blocks the producer and never drops an event; when the connection is
-//! lost it is closed, which wakes every waiter and every `Poll` it is registered in.
+//! loop. A queue never blocks the producer and is bounded by its number of watch tokens: a new
+//! event for a token that already has one pending is folded into it (a dirty flag with a
+//! path), so nothing a peer writes can grow it. When the connection is lost it is closed, which
+//! wakes every waiter and every `Poll` it is registered in.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -89,9 +91,24 @@ impl Queue {
         }
     }
 
+    /// Queues `event`, or folds it into the event already pending for its token.
+    ///
+    /// At most one event per token is ever pending, so the queue holds at most as many events
+    /// as its connection has watch tokens, whatever a peer writes under a watch (XSA-349: a
+    /// guest rewriting a watched node in a loop must not grow Dom0's memory). Folding keeps
+    /// the pending event's place and replaces its path by the deepest node that holds both
+    /// paths: the watched node or one below it, since both fired the same watch. Consumers
+    /// re-read what the event names, as xenbus watchers must anyway.
     fn push(&self, event: WatchEvent) {
         let mut st = self.lock();
         if st.closed.is_some() {
+            return;
+        }
+        if let Some(pending) = st.events.iter_mut().find(|e| e.token == event.token) {
+            if pending.path != event.path {
+                pending.path = common_node(&pending.path, &event.path);
+            }
+            // Already pending: the pipe is readable and every waiter has been woken.
             return;
         }
         st.events.push_back(event);
@@ -124,6 +141,25 @@ impl Queue {
             });
         }
         Ok(None)
+    }
+}
+
+/// The deepest node that holds both `a` and `b`, on `/` boundaries: `/x/y/z` and `/x/y/w`
+/// give `/x/y`, `/a` and `/b` give `/`. Two paths with nothing in common (a relative and an
+/// absolute one, or a special `@` path and another) give the first one unchanged: one token
+/// never watches both kinds in this project, and the consumer re-reads either way.
+fn common_node(a: &str, b: &str) -> String {
+    let mut keep = 0;
+    for (i, (x, y)) in a.split('/').zip(b.split('/')).enumerate() {
+        if x != y {
+            break;
+        }
+        keep = i + 1;
+    }
+    match keep {
+        0 => a.to_owned(),
+        1 if a.starts_with('/') => "/".to_owned(),
+        _ => a.split('/').take(keep).collect::<Vec<_>>().join("/"),
     }
 }
 
@@ -338,14 +374,14 @@ mod tests {
         assert!(got.is_empty(), "not readable while empty");
 
         hub.dispatch(ev("/a", "t"));
-        hub.dispatch(ev("/b", "t"));
+        hub.dispatch(ev("/b", "u"));
         poll.poll(&mut got, Some(Duration::from_secs(5))).unwrap();
         assert_eq!(
             got.iter().map(|e| e.token()).collect::<Vec<_>>(),
             vec![Token(7)]
         );
         assert_eq!(events.try_next().unwrap(), Some(ev("/a", "t")));
-        assert_eq!(events.try_next().unwrap(), Some(ev("/b", "t")));
+        assert_eq!(events.try_next().unwrap(), Some(ev("/b", "u")));
         assert_eq!(events.try_next().unwrap(), None);
         // Drained: the pipe is empty, so a level check shows nothing readable.
         let mut byte = [0u8; 1];
@@ -354,6 +390,42 @@ mod tests {
         hub.dispatch(ev("/c", "t"));
         poll.poll(&mut got, Some(Duration::from_secs(5))).unwrap();
         assert!(!got.is_empty(), "a new event is a new edge");
+    }
+
+    #[test]
+    fn events_of_one_token_fold_into_the_pending_one_at_their_common_node() {
+        let hub = WatchHub::new().unwrap();
+        let events = hub.events();
+        hub.dispatch(ev("/d/5/state", "t"));
+        hub.dispatch(ev("/x", "u"));
+        hub.dispatch(ev("/d/5/state", "t"));
+        assert_eq!(events.len(), 2, "the same event again adds nothing");
+        hub.dispatch(ev("/d/5/state/child", "t"));
+        hub.dispatch(ev("/d/5/config-generation", "t"));
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            events.try_next().unwrap(),
+            Some(ev("/d/5", "t")),
+            "the folded event keeps its place and names the node holding every path"
+        );
+        assert_eq!(events.try_next().unwrap(), Some(ev("/x", "u")));
+        assert_eq!(events.try_next().unwrap(), None);
+        hub.dispatch(ev("/d/5/state", "t"));
+        assert_eq!(
+            events.try_next().unwrap(),
+            Some(ev("/d/5/state", "t")),
+            "once taken, the next event has its own path again"
+        );
+    }
+
+    #[test]
+    fn common_node_of_two_paths() {
+        assert_eq!(common_node("/x/y/z", "/x/y/w"), "/x/y");
+        assert_eq!(common_node("/x/y", "/x/y/w"), "/x/y");
+        assert_eq!(common_node("/a", "/b"), "/");
+        assert_eq!(common_node("device/0/state", "device/1"), "device");
+        assert_eq!(common_node("@releaseDomain", "/x"), "@releaseDomain");
+        assert_eq!(common_node("/x/yy", "/x/y"), "/x", "only whole components");
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! shares with a peer domain: grant mappings, foreign mappings, pages granted out, and the
 //! loopback platform's pages. It never hands out a Rust reference (`&[u8]`, `&mut [u8]`) into
 //! such memory, because the peer may write it concurrently and a reference would promise the
-//! compiler that it cannot. Every access is a bounds-checked copy into or out of local memory, or
-//! an atomic load or store, so a value read from the peer is fetched exactly once and then
+//! compiler that it cannot. Every access is a bounds-checked copy into or out of local memory
+//! made of relaxed atomic loads or stores, or a single atomic load or store, so a value read from the peer is fetched exactly once and then
 //! validated in private memory (the double-fetch class of XSA-155 cannot arise).
 
 use std::fs::File;
@@ -13,7 +13,7 @@ use std::io;
 use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 /// An access outside a [`SharedMem`] window, or a write to a read-only one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +44,69 @@ pub enum MemError {
         /// Width of the access in bytes.
         width: usize,
     },
+}
+
+/// The bounce buffer of [`SharedMem::fill`] and [`SharedMem::copy_from`].
+const COPY_CHUNK: usize = 4096;
+
+/// Copies `dst.len()` bytes from shared memory at `src` into private memory.
+///
+/// A plain `memcpy` of memory the peer writes concurrently is a data race, undefined behaviour
+/// in Rust: the compiler may assume the bytes do not change and, for instance, fetch one twice.
+/// Relaxed atomic loads (single `mov`s on x86_64 and aarch64) make every fetch one real load
+/// whose value is whatever the peer left there, which is all this code relies on. Loads are 8
+/// bytes wide where `src` is aligned, one byte wide at the unaligned ends.
+///
+/// # Safety
+/// `[src, src + dst.len())` must be mapped readable and accessed by this process only
+/// atomically while the copy runs.
+unsafe fn atomic_copy_out(src: *const u8, dst: &mut [u8]) {
+    let n = dst.len();
+    let head = src.align_offset(8).min(n);
+    let words = (n - head) / 8;
+    for (i, d) in dst[..head].iter_mut().enumerate() {
+        // SAFETY: src + i is inside the range (i < head <= n); u8 needs no alignment.
+        *d = unsafe { AtomicU8::from_ptr(src.add(i).cast_mut()) }.load(Ordering::Relaxed);
+    }
+    for w in 0..words {
+        let at = head + 8 * w;
+        // SAFETY: src + at is 8-aligned (head aligned it) and at + 8 <= n.
+        let v = unsafe { AtomicU64::from_ptr(src.add(at).cast::<u64>().cast_mut()) }
+            .load(Ordering::Relaxed);
+        dst[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, d) in dst.iter_mut().enumerate().skip(head + 8 * words) {
+        // SAFETY: src + i is inside the range (i < n).
+        *d = unsafe { AtomicU8::from_ptr(src.add(i).cast_mut()) }.load(Ordering::Relaxed);
+    }
+}
+
+/// Copies private `src` into shared memory at `dst`, with relaxed atomic stores (see
+/// [`atomic_copy_out`] for why).
+///
+/// # Safety
+/// `[dst, dst + src.len())` must be mapped writable and accessed by this process only
+/// atomically while the copy runs.
+unsafe fn atomic_copy_in(src: &[u8], dst: *mut u8) {
+    let n = src.len();
+    let head = dst.align_offset(8).min(n);
+    let words = (n - head) / 8;
+    for (i, s) in src[..head].iter().enumerate() {
+        // SAFETY: dst + i is inside the range (i < head <= n).
+        unsafe { AtomicU8::from_ptr(dst.add(i)) }.store(*s, Ordering::Relaxed);
+    }
+    for w in 0..words {
+        let at = head + 8 * w;
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&src[at..at + 8]);
+        // SAFETY: dst + at is 8-aligned (head aligned it) and at + 8 <= n.
+        unsafe { AtomicU64::from_ptr(dst.add(at).cast::<u64>()) }
+            .store(u64::from_ne_bytes(word), Ordering::Relaxed);
+    }
+    for (i, s) in src.iter().enumerate().skip(head + 8 * words) {
+        // SAFETY: dst + i is inside the range (i < n).
+        unsafe { AtomicU8::from_ptr(dst.add(i)) }.store(*s, Ordering::Relaxed);
+    }
 }
 
 /// A window of `len` bytes of memory shared with another domain, valid for the lifetime `'a` of
@@ -169,15 +232,8 @@ impl<'a> SharedMem<'a> {
     pub fn read(&self, offset: usize, dst: &mut [u8]) -> Result<(), MemError> {
         self.check(offset, dst.len())?;
         // SAFETY: the source range is inside the window (checked), which is mapped readable for
-        // 'a; dst is private memory of this process and cannot overlap a mapping of shared
-        // pages. The copy reads each source byte once.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(offset),
-                dst.as_mut_ptr(),
-                dst.len(),
-            )
-        };
+        // 'a and only ever accessed atomically by this process; dst is private memory.
+        unsafe { atomic_copy_out(self.ptr.as_ptr().add(offset), dst) };
         Ok(())
     }
 
@@ -192,10 +248,8 @@ impl<'a> SharedMem<'a> {
     pub fn write(&self, offset: usize, src: &[u8]) -> Result<(), MemError> {
         self.check_write(offset, src.len())?;
         // SAFETY: the destination range is inside a writable window (checked), mapped writable
-        // for 'a; src is private memory and cannot overlap it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
-        };
+        // for 'a and only ever accessed atomically by this process; src is private memory.
+        unsafe { atomic_copy_in(src, self.ptr.as_ptr().add(offset)) };
         Ok(())
     }
 
@@ -227,8 +281,14 @@ impl<'a> SharedMem<'a> {
     /// Sets `len` bytes at `offset` to `byte`.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), MemError> {
         self.check_write(offset, len)?;
-        // SAFETY: the range is inside a writable window (checked).
-        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(offset), byte, len) };
+        let chunk = [byte; COPY_CHUNK];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(COPY_CHUNK);
+            // SAFETY: [offset + done, + n) is inside the writable window (checked above).
+            unsafe { atomic_copy_in(&chunk[..n], self.ptr.as_ptr().add(offset + done)) };
+            done += n;
+        }
         Ok(())
     }
 
@@ -242,15 +302,20 @@ impl<'a> SharedMem<'a> {
     ) -> Result<(), MemError> {
         self.check_write(offset, len)?;
         src.check(src_offset, len)?;
-        // SAFETY: both ranges were checked against their windows; `copy` (memmove) is used
-        // because the two windows may view the same pages.
-        unsafe {
-            std::ptr::copy(
-                src.ptr.as_ptr().add(src_offset),
-                self.ptr.as_ptr().add(offset),
-                len,
-            )
-        };
+        // Through private memory, a chunk at a time, with memmove's result when the two windows
+        // view the same pages: backwards when the destination starts inside the source.
+        let from = src.ptr.as_ptr() as usize + src_offset;
+        let to = self.ptr.as_ptr() as usize + offset;
+        let backwards = to > from && to < from + len;
+        let mut buf = [0u8; COPY_CHUNK];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(COPY_CHUNK);
+            let at = if backwards { len - done - n } else { done };
+            src.read(src_offset + at, &mut buf[..n])?;
+            self.write(offset + at, &buf[..n])?;
+            done += n;
+        }
         Ok(())
     }
 
@@ -472,6 +537,81 @@ mod tests {
             Err(MemError::ReadOnly { offset: 0, len: 2 })
         );
         assert_eq!(ro.read_array::<1>(4090).unwrap(), *b"a");
+    }
+
+    #[test]
+    fn copies_are_exact_at_every_alignment_and_length() {
+        let buf = PageBuf::new(1);
+        let m = buf.mem();
+        let pattern: Vec<u8> = (0..64u8).map(|b| b.wrapping_mul(37) ^ 0x5a).collect();
+        for off in 0..17 {
+            for len in 0..41 {
+                m.fill(0, 128, 0xee).unwrap();
+                m.write(off, &pattern[..len]).unwrap();
+                let mut back = vec![0u8; len + 2];
+                m.read(off.saturating_sub(1), &mut back).unwrap();
+                let before = usize::from(off > 0);
+                assert_eq!(&back[before..before + len], &pattern[..len], "{off}+{len}");
+                if off > 0 {
+                    assert_eq!(back[0], 0xee, "nothing written before {off}");
+                }
+                assert_eq!(
+                    back[before + len],
+                    0xee,
+                    "nothing written after {off}+{len}"
+                );
+            }
+        }
+        m.fill(3, 4095 - 3, 0x11).unwrap();
+        let mut all = vec![0u8; 4096];
+        m.read(0, &mut all).unwrap();
+        assert!(all[..3].iter().all(|&b| b == 0xee) && all[3..4095].iter().all(|&b| b == 0x11));
+        assert_eq!(all[4095], 0, "the last byte was never written");
+    }
+
+    #[test]
+    fn copy_from_moves_like_memmove_when_windows_overlap() {
+        let buf = PageBuf::new(3);
+        let m = buf.mem();
+        for (src, dst, len) in [(0, 100, 9000), (100, 0, 9000), (5, 4100, 4000), (7, 7, 64)] {
+            let mut model: Vec<u8> = (0..3 * 4096).map(|i| (i % 251) as u8).collect();
+            m.write(0, &model).unwrap();
+            m.copy_from(dst, &m, src, len).unwrap();
+            model.copy_within(src..src + len, dst);
+            let mut got = vec![0u8; model.len()];
+            m.read(0, &mut got).unwrap();
+            assert!(got == model, "copy of {len} bytes from {src} to {dst}");
+        }
+    }
+
+    /// Issue 13, finding 4: the peer writes shared memory while this process copies it out.
+    /// With `copy_nonoverlapping` that is a data race, undefined behaviour: Miri reports it
+    /// (`scripts/miri.sh` runs this test under Miri in CI). With atomic copies it is defined,
+    /// and each aligned 8-byte word is read whole. The peer is played by a thread writing
+    /// through `SharedMem::write`, the only way the project writes shared memory.
+    #[test]
+    fn hostile_peer_writing_during_a_copy_is_not_a_data_race() {
+        let buf = PageBuf::new(1);
+        let m = buf.mem();
+        let rounds = if cfg!(miri) { 20 } else { 20_000 };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..rounds {
+                    let byte = if i % 2 == 0 { 0xaa } else { 0x55 };
+                    m.write(0, &[byte; 64]).unwrap();
+                }
+            });
+            let mut got = [0u8; 64];
+            for _ in 0..rounds {
+                m.read(0, &mut got).unwrap();
+                for word in got.chunks(8) {
+                    assert!(
+                        word.iter().all(|&b| b == word[0]) && [0, 0xaa, 0x55].contains(&word[0]),
+                        "an aligned word read whole: {word:02x?}"
+                    );
+                }
+            }
+        });
     }
 
     #[test]

@@ -691,7 +691,14 @@ impl<P: Platform> Machine<'_, P> {
             }
             (DmaStrategy::Direct, None) => unreachable!("a foreign mapper is opened for direct"),
         };
-        let events = Arc::new(platform.event_channels().map_err(SetupError::Platform)?);
+        let events = platform.event_channels().map_err(SetupError::Platform)?;
+        // This connection's handle binds the peer's ports only: an exploited daemon thread
+        // cannot use it to reach another domain. Dom0 as frontend is its own peer, and Linux
+        // refuses a restriction to domain 0.
+        if peer != 0 {
+            events.restrict(peer).map_err(SetupError::Platform)?;
+        }
+        let events = Arc::new(events);
         let mut queues = Vec::with_capacity(setup.queues.len());
         for (i, q) in setup.queues.iter().enumerate() {
             let ring: Box<dyn MappedPages> = match (&q.ring, &foreign) {

@@ -296,3 +296,41 @@ fn test_regression_empty_indirect_request_is_refused() {
     assert_eq!(fe.blk_read(0, 1, 512).unwrap().len(), 512);
     fe.close().unwrap();
 }
+
+/// Issue 13, finding 6: every event-channel handle the daemon opens for a guest's connection
+/// is restricted to that guest (`IOCTL_EVTCHN_RESTRICT_DOMID`), as its privcmd handle is, so a
+/// daemon thread taken over through one guest's device cannot bind another domain's ports.
+/// Measured through the loopback platform, which applies Linux's checks to restricted handles.
+#[test]
+fn hostile_guest_gets_an_event_channel_handle_restricted_to_it() {
+    const G: u16 = 7;
+    let w = World::with_config(DaemonConfig {
+        allow_direct: vec![DomainSelector::Id(F), DomainSelector::Id(G)],
+        ..Default::default()
+    });
+    let mut frontends = Vec::new();
+    for (i, strategy) in TestStrategy::ALL.into_iter().enumerate() {
+        let dom = if i % 2 == 0 { F } else { G };
+        let image = w.image(&format!("r{i}.img"), 64);
+        w.attach(
+            dom,
+            i as u32,
+            &for_strategy(TestDevice::blk(&image), strategy),
+        );
+        let mut fe = w.connect(dom, i as u32, options(strategy));
+        assert_eq!(
+            fe.blk_read(0, 0, 512).unwrap(),
+            read_file_range(&image, 0, 512)
+        );
+        frontends.push(fe);
+    }
+    let dom0 = w.hv.stats(0);
+    assert_eq!(dom0.event_handles, 4, "one handle per connection: {dom0:?}");
+    assert_eq!(
+        dom0.restricted_event_handles, dom0.event_handles,
+        "every handle of the daemon is restricted to its guest: {dom0:?}"
+    );
+    for fe in frontends {
+        fe.close().unwrap();
+    }
+}

@@ -454,6 +454,9 @@ impl EventChannels for PanickyEvents {
     fn unmask(&self, ports: &[Port]) -> Result<(), XenError> {
         self.inner.unmask(ports)
     }
+    fn restrict(&self, dom: DomId) -> Result<(), XenError> {
+        self.inner.restrict(dom)
+    }
 }
 
 impl Platform for PanickyPlatform {

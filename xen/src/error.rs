@@ -271,6 +271,13 @@ pub enum Refusal {
         /// The domain the handle is restricted to.
         to: DomId,
     },
+    /// The event-channel handle is restricted (`IOCTL_EVTCHN_RESTRICT_DOMID`) and the
+    /// operation is not a bind to that domain, or it is a second restriction (`EACCES`).
+    #[error("the event-channel handle is restricted to domain {to}")]
+    PortRestricted {
+        /// The domain the handle is restricted to.
+        to: DomId,
+    },
     /// The frame number is outside the domain's memory (`EINVAL` in `err[]`).
     #[error("no such frame")]
     NoSuchFrame,
@@ -308,6 +315,7 @@ impl Refusal {
             Refusal::NoSuchDomain { .. } | Refusal::Destroyed { .. } => libc::ESRCH,
             Refusal::NotPrivileged | Refusal::Restricted { .. } => libc::EPERM,
             Refusal::PortNotBound { .. } => libc::ENOTCONN,
+            Refusal::PortRestricted { .. } => libc::EACCES,
             Refusal::OutOfMemory => libc::ENOMEM,
             Refusal::Exhausted => libc::ENOSPC,
         }

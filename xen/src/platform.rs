@@ -208,6 +208,11 @@ pub trait EventChannels: Send + Sync + AsRawFd {
     fn pending(&self) -> Result<Vec<Port>, XenError>;
     /// Unmasks ports delivered by [`EventChannels::pending`].
     fn unmask(&self, ports: &[Port]) -> Result<(), XenError>;
+    /// Restricts this handle, for good, to `dom` (`IOCTL_EVTCHN_RESTRICT_DOMID`): from now on
+    /// it can only bind interdomain channels offered by `dom` (no unbound ports, no VIRQs);
+    /// ports already bound keep working. Linux refuses a second restriction and domain 0
+    /// (`EACCES`, `EINVAL`), so call it once, with a guest's domid.
+    fn restrict(&self, dom: DomId) -> Result<(), XenError>;
 }
 
 /// Maps any page of a peer by its guest frame number (privcmd). Only Dom0 may do this.

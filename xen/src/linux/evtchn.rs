@@ -44,9 +44,7 @@ impl LinuxEvents {
         self.bound.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `IOCTL_EVTCHN_RESTRICT_DOMID`: from now on this handle may only bind interdomain
-    /// channels to `dom` (ports already bound stay bound).
-    pub fn restrict(&self, dom: DomId) -> Result<(), XenError> {
+    fn restrict_ioctl(&self, dom: DomId) -> Result<(), XenError> {
         let mut arg = sys::EvtchnRestrictDomid { domid: dom };
         // SAFETY: arg is an ioctl_evtchn_restrict_domid, which the kernel only reads.
         unsafe {
@@ -116,6 +114,10 @@ impl AsRawFd for LinuxEvents {
 }
 
 impl EventChannels for LinuxEvents {
+    fn restrict(&self, dom: DomId) -> Result<(), XenError> {
+        self.restrict_ioctl(dom)
+    }
+
     fn bind_unbound(&self, remote: DomId) -> Result<Port, XenError> {
         let mut arg = EvtchnBindUnboundPort {
             remote_domain: u32::from(remote),

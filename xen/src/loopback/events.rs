@@ -79,4 +79,8 @@ impl EventChannels for LoopbackEvents {
         self.hv.lock().unmask(self.handle, ports);
         Ok(())
     }
+
+    fn restrict(&self, dom: DomId) -> Result<(), XenError> {
+        self.hv.lock().restrict_handle(self.handle, dom)
+    }
 }

@@ -156,6 +156,8 @@ pub struct DomainStats {
     pub bound_ports: usize,
     /// Open event-channel handles of the domain.
     pub event_handles: usize,
+    /// Those of them restricted to one peer (`IOCTL_EVTCHN_RESTRICT_DOMID`).
+    pub restricted_event_handles: usize,
     /// Pinned pages allocated by the domain.
     pub pinned_pages: usize,
     /// Allocated pages of the domain's RAM (granted, pinned, or kept alive by a mapping).

@@ -83,6 +83,8 @@ pub(super) struct Handle {
     domid: DomId,
     ring: VecDeque<Port>,
     fd: Arc<OwnedFd>,
+    /// Set by `IOCTL_EVTCHN_RESTRICT_DOMID`.
+    restricted: Option<DomId>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -209,6 +211,11 @@ impl State {
             foreign_mapped_pages: c.foreign_mapped_pages,
             bound_ports: dom.ports.len(),
             event_handles: self.handles.values().filter(|h| h.domid == d).count(),
+            restricted_event_handles: self
+                .handles
+                .values()
+                .filter(|h| h.domid == d && h.restricted.is_some())
+                .count(),
             pinned_pages: c.pinned_pages,
             ram_pages_in_use: dom.page_refs.len(),
             pages_mapped_by_peers: c.pages_mapped_by_peers,
@@ -515,6 +522,7 @@ impl State {
                 domid: d,
                 ring: VecDeque::new(),
                 fd,
+                restricted: None,
             },
         );
         Ok(h)
@@ -585,8 +593,42 @@ impl State {
         }
     }
 
+    /// `IOCTL_EVTCHN_RESTRICT_DOMID`, with Linux's checks: once per handle, never to Dom0 or a
+    /// reserved domid (`DOMID_FIRST_RESERVED` is 0x7ff0).
+    pub(super) fn restrict_handle(&mut self, h: u64, dom: DomId) -> Result<(), XenError> {
+        let d = self.handle_domain(h)?;
+        let handle = self.handles.get_mut(&h).expect("handle_domain checked it");
+        if let Some(to) = handle.restricted {
+            return Err(XenError::EventRefused {
+                op: "restrict",
+                domid: d,
+                reason: Refusal::PortRestricted { to },
+            });
+        }
+        if dom == 0 || dom >= 0x7ff0 {
+            return Err(XenError::Invalid {
+                what: "event-channel restriction".into(),
+                why: format!("domain {dom} cannot be a restriction target (EINVAL)"),
+            });
+        }
+        handle.restricted = Some(dom);
+        Ok(())
+    }
+
+    /// The domain a restricted handle may bind to, or `None`.
+    fn restriction(&self, h: u64) -> Option<DomId> {
+        self.handles.get(&h).and_then(|hd| hd.restricted)
+    }
+
     pub(super) fn bind_unbound(&mut self, h: u64, remote: DomId) -> Result<Port, XenError> {
         let d = self.handle_domain(h)?;
+        if let Some(to) = self.restriction(h) {
+            return Err(XenError::EventRefused {
+                op: "bind_unbound",
+                domid: d,
+                reason: Refusal::PortRestricted { to },
+            });
+        }
         self.target(remote)
             .map_err(|reason| XenError::EventRefused {
                 op: "bind_unbound",
@@ -612,6 +654,9 @@ impl State {
             domid: d,
             reason,
         };
+        if let Some(to) = self.restriction(h).filter(|&to| to != remote) {
+            return Err(refuse(Refusal::PortRestricted { to }));
+        }
         let rdom = self.target(remote).map_err(refuse)?;
         let offered = rdom
             .ports

@@ -814,3 +814,31 @@ fn guest_ram_runs_out_cleanly() {
     assert_eq!(refusal(err), Refusal::OutOfMemory);
     assert!(front.pinned_allocator().unwrap().alloc_pinned(0).is_err());
 }
+
+#[test]
+fn a_restricted_event_handle_binds_only_its_domain_as_linux_does() {
+    let (hv, back, front) = setup();
+    const OTHER: DomId = 9;
+    let other = hv.domain(OTHER);
+    let fe = front.event_channels().unwrap();
+    let oe = other.event_channels().unwrap();
+    let offered = fe.bind_unbound(BACK).unwrap();
+    let offered_by_other = oe.bind_unbound(BACK).unwrap();
+    let be = back.event_channels().unwrap();
+    assert!(
+        matches!(be.restrict(0), Err(XenError::Invalid { .. })),
+        "Linux refuses a restriction to domain 0 (EINVAL)"
+    );
+    be.restrict(FRONT).unwrap();
+    let err = be.restrict(FRONT).unwrap_err();
+    assert_eq!(refusal(err), Refusal::PortRestricted { to: FRONT });
+    let err = be.bind_interdomain(OTHER, offered_by_other).unwrap_err();
+    assert_eq!(refusal(err), Refusal::PortRestricted { to: FRONT });
+    let err = be.bind_unbound(FRONT).unwrap_err();
+    assert_eq!(refusal(err), Refusal::PortRestricted { to: FRONT });
+    assert_eq!(Refusal::PortRestricted { to: FRONT }.errno(), libc::EACCES);
+    let port = be.bind_interdomain(FRONT, offered).unwrap();
+    be.notify(port).unwrap();
+    let s = hv.stats(BACK);
+    assert_eq!((s.event_handles, s.restricted_event_handles), (1, 1));
+}

@@ -1,28 +1,122 @@
 //! The data path of a connected device: draining one queue (pop, map, serve, return the
 //! chain, notify) within a budget, and moving console input into held receive buffers.
 //! It never changes the device's phase: an error is returned to the state machine.
+//!
+//! **Bounds against a hostile guest** (`docs/RELIABILITY.md`, "Resource bounds"). A chain's
+//! length is checked against the per-request cap of its device *before* anything is mapped or
+//! copied, so a request over the cap costs no more than the cap: blk answers it `IOERR` after
+//! mapping only its status byte, console transmit writes the first [`CONSOLE_TX_MAX`] bytes and
+//! drops the rest, console receive fills at most [`CONSOLE_CHUNK`] bytes of a buffer. A serve
+//! call stops after [`QUEUE_BUDGET`] chains per queue, [`BYTE_BUDGET`] bytes or [`TIME_BUDGET`]
+//! over all queues, whichever comes first, so the thread looks at its inbox (DomainGone,
+//! shutdown) at least that often.
+
+use std::time::{Duration, Instant};
 
 use mio::Registry;
+use xenvirtio_virtio::blk::{REQ_HEADER_SIZE, S_IOERR};
 use xenvirtio_virtio::console::{RECEIVEQ, TRANSMITQ};
 use xenvirtio_xen::platform::Platform;
 
 use super::model::{Connection, DeviceError, Model, Totals};
+use crate::blk::BlkChainError;
 use crate::chain_io::ChainWriter;
 use crate::console::ConsoleDevice;
 use crate::dma::DmaMapError;
+use crate::virtqueue::{Chain, ChainDescriptor};
 
 /// Chains served from one queue before the thread looks at its messages again.
 pub const QUEUE_BUDGET: usize = 256;
 /// Bytes of console input moved to the guest per receive buffer at most.
-const CONSOLE_CHUNK: usize = 4096;
+pub const CONSOLE_CHUNK: usize = 4096;
+/// Bytes of one console transmit request written to the host side at most; the rest of a
+/// longer chain is dropped (and counted in `oversized`), without being mapped.
+pub const CONSOLE_TX_MAX: u32 = 64 * 1024;
+/// Chain bytes served by one serve call, over all queues, before the inbox is looked at.
+pub const BYTE_BUDGET: u64 = 64 * 1024 * 1024;
+/// Time spent by one serve call, over all queues, before the inbox is looked at.
+pub const TIME_BUDGET: Duration = Duration::from_millis(50);
 
-/// Drains one queue (up to [`QUEUE_BUDGET`] chains), notifying the frontend as it asks.
+/// The largest blk request the device offers: `size_max × seg_max` data bytes plus the header
+/// and the status byte (virtio 1.2 section 5.2.4: `size_max`, `seg_max`).
+pub(super) fn blk_request_cap(size_max: u32, seg_max: u32) -> u64 {
+    u64::from(size_max) * u64::from(seg_max) + REQ_HEADER_SIZE as u64 + 1
+}
+
+/// What one serve call may still spend before the thread looks at its inbox.
+#[derive(Debug)]
+pub(super) struct Budget {
+    bytes_left: u64,
+    deadline: Instant,
+    /// The per-request cap of a blk device, in chain bytes.
+    pub blk_cap: u64,
+}
+
+impl Budget {
+    /// A fresh budget for one serve call.
+    pub(super) fn new(blk_cap: u64) -> Self {
+        Budget {
+            bytes_left: BYTE_BUDGET,
+            deadline: Instant::now() + TIME_BUDGET,
+            blk_cap,
+        }
+    }
+
+    fn spend(&mut self, bytes: u64) {
+        self.bytes_left = self.bytes_left.saturating_sub(bytes);
+    }
+
+    /// Spent: bytes gone or time up.
+    pub(super) fn exhausted(&self) -> bool {
+        self.bytes_left == 0 || Instant::now() >= self.deadline
+    }
+}
+
+/// The first `max` bytes of a chain's buffers of one direction (readable or writable): a
+/// chain of descriptors that name only those bytes, so mapping it maps no more.
+fn clipped(chain: &Chain, writable: bool, max: u64) -> Chain {
+    let mut left = max;
+    let mut descriptors = Vec::new();
+    for d in chain.descriptors.iter().filter(|d| d.writable == writable) {
+        if left == 0 {
+            break;
+        }
+        let len = u64::from(d.len).min(left);
+        left -= len;
+        descriptors.push(ChainDescriptor {
+            len: len as u32, // `len <= d.len`, a u32.
+            ..*d
+        });
+    }
+    Chain {
+        head: chain.head,
+        descriptors,
+    }
+}
+
+/// A chain naming only the last byte of `chain`'s last non-empty writable buffer: the status
+/// byte of a blk request, the only byte an oversized request may cost.
+fn status_byte(chain: &Chain) -> Option<Chain> {
+    let last = chain.writable().filter(|d| d.len > 0).last()?;
+    Some(Chain {
+        head: chain.head,
+        descriptors: vec![ChainDescriptor {
+            addr: last.addr.checked_add(u64::from(last.len) - 1)?,
+            len: 1,
+            writable: true,
+        }],
+    })
+}
+
+/// Drains one queue (up to [`QUEUE_BUDGET`] chains, within `budget`), notifying the frontend
+/// as it asks.
 pub(super) fn serve_queue<P: Platform>(
     conn: &mut Connection<P>,
     q: usize,
     model: &mut Model,
     registry: &Registry,
     totals: &mut Totals,
+    budget: &mut Budget,
 ) -> Result<(), DeviceError> {
     let qerr = |source| DeviceError::Queue { queue: q, source };
     let dma = |source| DeviceError::Dma { queue: q, source };
@@ -39,7 +133,7 @@ pub(super) fn serve_queue<P: Platform>(
     loop {
         qr.queue.disable_notification(&ring).map_err(qerr)?;
         loop {
-            if served >= QUEUE_BUDGET {
+            if served >= QUEUE_BUDGET || budget.exhausted() {
                 // Come back after a look at the messages; notifications stay disabled.
                 qr.busy = true;
                 break;
@@ -65,7 +159,14 @@ pub(super) fn serve_queue<P: Platform>(
                     continue;
                 }
                 Model::Console(c) if q == usize::from(TRANSMITQ) => {
-                    let mapped = space.map_chain(&chain, counters).map_err(dma)?;
+                    let len = chain.readable_len();
+                    if len > CONSOLE_TX_MAX {
+                        totals.oversized += 1;
+                    }
+                    let take = len.min(CONSOLE_TX_MAX);
+                    budget.spend(u64::from(take));
+                    let clip = clipped(&chain, false, u64::from(take));
+                    let mapped = space.map_chain(&clip, counters).map_err(dma)?;
                     let mut buf = [0u8; CONSOLE_CHUNK];
                     for w in mapped.readable() {
                         let mut at = 0;
@@ -81,7 +182,32 @@ pub(super) fn serve_queue<P: Platform>(
                     0
                 }
                 Model::Console(_) => 0,
+                Model::Blk(_)
+                    if u64::from(chain.readable_len()) + u64::from(chain.writable_len())
+                        > budget.blk_cap =>
+                {
+                    // Over what the device offers: answered IOERR, and only the status byte
+                    // is mapped (`docs/PROTOCOL.md` 10.2).
+                    totals.oversized += 1;
+                    budget.spend(1);
+                    let status = status_byte(&chain).ok_or(DeviceError::Blk {
+                        queue: q,
+                        source: BlkChainError::NoStatus,
+                    })?;
+                    let mapped = space.map_chain(&status, counters).map_err(dma)?;
+                    let windows = mapped.writable();
+                    ChainWriter::new(&windows)
+                        .write_all(&[S_IOERR])
+                        .map_err(|e| DeviceError::Io {
+                            queue: q,
+                            what: "writing the status of an oversized request",
+                            source: std::io::Error::other(e.to_string()),
+                        })?;
+                    drop(mapped);
+                    1
+                }
                 Model::Blk(b) => {
+                    budget.spend(u64::from(chain.readable_len()) + u64::from(chain.writable_len()));
                     let mapped = space.map_chain(&chain, counters).map_err(dma)?;
                     let used = b
                         .handle(&mapped.readable(), &mapped.writable())
@@ -90,6 +216,7 @@ pub(super) fn serve_queue<P: Platform>(
                     used
                 }
                 Model::Rng(r) => {
+                    budget.spend(u64::from(chain.writable_len()));
                     let mapped = space.map_chain(&chain, counters).map_err(dma)?;
                     let used = r
                         .handle(&mapped.writable())
@@ -151,8 +278,9 @@ pub(super) fn deliver_console_input<P: Platform>(
         };
         let chain = held_rx.pop_front().expect("checked non-empty above");
         if n > 0 {
+            // Only the bytes written are mapped (`n <= CONSOLE_CHUNK`).
             let mapped = space
-                .map_chain(&chain, counters)
+                .map_chain(&clipped(&chain, true, n as u64), counters)
                 .map_err(|source| DeviceError::Dma { queue: q, source })?;
             let windows = mapped.writable();
             ChainWriter::new(&windows)

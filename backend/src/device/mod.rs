@@ -59,7 +59,7 @@ mod data_path;
 mod model;
 
 pub use data_path::QUEUE_BUDGET;
-use data_path::{deliver_console_input, serve_queue};
+use data_path::{Budget, blk_request_cap, deliver_console_input, serve_queue};
 pub(crate) use model::error_chain;
 use model::{Connection, Model, Phase, QueueRuntime, SetupError, Totals};
 
@@ -540,6 +540,7 @@ impl<P: Platform> Machine<'_, P> {
             counters,
             held_rx: VecDeque::new(),
             strategy: setup.strategy,
+            next_first: 0,
         })
     }
 
@@ -715,13 +716,31 @@ impl<P: Platform> Machine<'_, P> {
                 qr.busy = true;
             }
         }
+        let blk_cap = match model {
+            Model::Blk(b) => {
+                let c = b.config(
+                    1,
+                    u16::try_from(self.ctx.config.max_queue_size).unwrap_or(u16::MAX),
+                );
+                blk_request_cap(c.size_max, c.seg_max)
+            }
+            _ => 0,
+        };
+        let mut budget = Budget::new(blk_cap);
         let mut result = Ok(());
-        for q in 0..conn.queues.len() {
+        let n = conn.queues.len();
+        let first = conn.next_first % n.max(1);
+        conn.next_first = first + 1;
+        for q in (0..n).map(|i| (first + i) % n) {
             if !conn.queues[q].busy {
                 continue;
             }
+            if budget.exhausted() {
+                // Still busy: served after the inbox.
+                break;
+            }
             conn.queues[q].busy = false;
-            result = serve_queue(conn, q, model, registry, self.totals);
+            result = serve_queue(conn, q, model, registry, self.totals, &mut budget);
             if result.is_err() {
                 break;
             }
@@ -820,6 +839,7 @@ impl<P: Platform> Machine<'_, P> {
         s.notifications_received = t.notifications_received;
         s.requests = t.requests;
         s.errors = t.errors;
+        s.oversized = t.oversized;
         match &self.model {
             Some(Model::Blk(b)) => {
                 let c = b.counters();

@@ -167,6 +167,9 @@ pub(super) struct Connection<P: Platform> {
     /// Console receive chains waiting for input (validated, not mapped).
     pub(super) held_rx: VecDeque<Chain>,
     pub(super) strategy: DmaStrategy,
+    /// The queue served first by the next serve call (round robin, so a flooded queue cannot
+    /// take every budget).
+    pub(super) next_first: usize,
 }
 
 impl<P: Platform> Connection<P> {
@@ -184,6 +187,8 @@ pub(super) struct Totals {
     pub(super) notifications_received: u64,
     pub(super) requests: u64,
     pub(super) errors: u64,
+    /// Requests over the per-request cap: blk ones answered IOERR, console ones truncated.
+    pub(super) oversized: u64,
 }
 
 /// Where the device is in section 8 (backend side).

@@ -21,14 +21,18 @@ const G: DomId = 6;
 /// request is 62 × 64 KiB of data plus 17 bytes.
 const QSIZE: u32 = 64;
 const CAP_DATA: u32 = 62 * 65536;
-/// 2 MiB of bounce pool.
+/// 2 MiB of bounce pool (the loopback platform grants a domain at most about 1024 pages).
 const POOL_PAGES: usize = 512;
 /// The console transmit cap (`CONSOLE_TX_MAX`).
 const CONSOLE_TX_MAX: u64 = 64 * 1024;
 
 fn config() -> DaemonConfig {
+    config_with(QSIZE)
+}
+
+fn config_with(max_queue_size: u32) -> DaemonConfig {
     DaemonConfig {
-        max_queue_size: QSIZE,
+        max_queue_size,
         ..Default::default()
     }
 }
@@ -80,7 +84,8 @@ fn hostile_blk_request_over_size_max() {
     segs.extend((0..3).map(|_| (0, pool as u32, false)));
     segs.push((pool - 1, 1, true));
     let t = Instant::now();
-    fe.offer_bounce_chain(0, &prefix(T_OUT), &segs).unwrap();
+    fe.offer_bounce_chain(0, &prefix(T_OUT), &segs, None)
+        .unwrap();
     let (_, used) = fe.wait_raw_used(0, Duration::from_secs(30)).unwrap();
     let took = t.elapsed();
     let status = fe.bounce_pool_read(pool as usize - 1, 1)[0];
@@ -112,7 +117,8 @@ fn hostile_blk_request_over_size_max() {
     at_cap.push((4096, CAP_DATA / 2, true));
     at_cap.push((4096, CAP_DATA / 2, true));
     at_cap.push((pool - 1, 1, true));
-    fe.offer_bounce_chain(0, &prefix(T_IN), &at_cap).unwrap();
+    fe.offer_bounce_chain(0, &prefix(T_IN), &at_cap, None)
+        .unwrap();
     let (_, used) = fe.wait_raw_used(0, Duration::from_secs(30)).unwrap();
     assert_eq!(
         (fe.bounce_pool_read(pool as usize - 1, 1)[0], used),
@@ -131,7 +137,8 @@ fn hostile_console_tx_aliased_descriptors() {
     // 63 descriptors, each the whole pool: 126 MiB of readable bytes.
     let segs: Vec<(u64, u32, bool)> = (0..63).map(|_| (0, pool, false)).collect();
     let t = Instant::now();
-    fe.offer_bounce_chain(1, &prefix(T_OUT), &segs).unwrap();
+    fe.offer_bounce_chain(1, &prefix(T_OUT), &segs, None)
+        .unwrap();
     fe.wait_raw_used(1, Duration::from_secs(60)).unwrap();
     let took = t.elapsed();
     let s = w.stats_when(F, 0, |s| s.requests >= 1);
@@ -158,34 +165,47 @@ fn hostile_console_tx_aliased_descriptors() {
 /// 500 ms, and G's reads stay correct and bounded.
 #[test]
 fn hostile_queue_flood_does_not_delay_domain_gone() {
-    let w = World::with_config(config());
-    let img = zero_image(&w, "flood.img", 16 << 20);
+    // A ring of 256 (blk's cap: 254 × 64 KiB of data).
+    const QSIZE: u32 = 256;
+    const CAP_DATA: u32 = 254 * 65536;
+    let w = World::with_config(config_with(QSIZE));
+    let img = zero_image(&w, "flood.img", 512 << 20);
     let img_g = w.image("g.img", 256);
     w.attach(F, 0, &TestDevice::blk(&img));
     w.attach(G, 0, &TestDevice::blk(&img_g));
-    let mut fe = w.connect(F, 0, bounce_options());
+    let mut opts = bounce_options().indirect();
+    opts.queue_size = QSIZE;
+    let mut fe = w.connect(F, 0, opts);
     let mut good = w.connect(G, 0, options(TestStrategy::GrantPerRequest));
     let pool = fe.bounce_pool_bytes() as u64;
-    // At the cap: 4 descriptors. Over it: 30 aliased pool-sized ones (60 MiB), 32 descriptors.
-    let at_cap = vec![
-        (0, 16, false),
-        (4096, CAP_DATA / 2, true),
-        (4096, CAP_DATA / 2, true),
-        (pool - 1, 1, true),
-    ];
+    // Each ring descriptor is an indirect table, in a 256 KiB area near the pool's end that no
+    // data descriptor covers (one 1 KiB slot per request in flight; the device completes in
+    // order). At the cap: 18 descriptors. Over it: 62 aliased descriptors of almost the whole
+    // pool (about 107 MiB).
+    let tables = pool - (264 << 10);
+    let mut slot = 0u64;
+    let mut table_at = || {
+        slot += 1;
+        Some(tables + (slot % u64::from(QSIZE)) * 1024)
+    };
+    let mut at_cap = vec![(0, 16, false)];
+    at_cap.extend((0..16).map(|_| (4096, CAP_DATA / 16, true)));
+    at_cap.push((pool - 1, 1, true));
     let mut over = vec![(0, 16, false)];
-    over.extend((0..30).map(|_| (4096, pool as u32 - 8192, true)));
+    over.extend((0..62).map(|_| (4096, (tables - 4096) as u32, true)));
     over.push((pool - 1, 1, true));
     let p = prefix(T_IN);
     let mut heads = std::collections::BTreeMap::new();
-    let h = fe.offer_bounce_chain(0, &p, &over).unwrap();
-    heads.insert(h, true);
-    for _ in 0..8 {
-        let h = fe.offer_bounce_chain(0, &p, &at_cap).unwrap();
-        heads.insert(h, false);
+    for i in 0..QSIZE {
+        let big = i % 8 != 0;
+        let h = fe
+            .offer_bounce_chain(0, &p, if big { &over } else { &at_cap }, table_at())
+            .unwrap();
+        heads.insert(h, big);
     }
     let mut worst = Duration::ZERO;
     let mut reads = 0u32;
+    let mut flooded = 0u32;
     let flood_until = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < flood_until {
         // Refill F's ring with what came back (at most a ring's worth per round).
@@ -194,8 +214,9 @@ fn hostile_queue_flood_does_not_delay_domain_gone() {
                 break;
             };
             let big = heads.remove(&head).unwrap_or(false);
+            flooded += 1;
             let h = fe
-                .offer_bounce_chain(0, &p, if big { &over } else { &at_cap })
+                .offer_bounce_chain(0, &p, if big { &over } else { &at_cap }, table_at())
                 .unwrap();
             heads.insert(h, big);
         }
@@ -210,6 +231,12 @@ fn hostile_queue_flood_does_not_delay_domain_gone() {
         );
         reads += 1;
     }
+    assert_eq!(
+        fe.backend_state(),
+        Some(XenbusState::Connected),
+        "F's device is still serving its flood ({flooded} completions): {:?}",
+        fe.backend_error()
+    );
     // F dies with its ring full.
     let t = Instant::now();
     w.hv.destroy(F);
@@ -236,6 +263,6 @@ fn hostile_queue_flood_does_not_delay_domain_gone() {
     assert_eq!(w.backend_state(G, 0), Some(XenbusState::Connected));
     good.close().unwrap();
     eprintln!(
-        "hostile_queue_flood_does_not_delay_domain_gone: gone after {gone:?}; G: {reads} reads, worst {worst:?}"
+        "hostile_queue_flood_does_not_delay_domain_gone: {flooded} flood completions, gone after {gone:?}; G: {reads} reads, worst {worst:?}"
     );
 }

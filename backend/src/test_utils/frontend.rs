@@ -1057,12 +1057,15 @@ impl<P: Platform> TestFrontend<P> {
     /// Hostile, `bounce` only: writes `prefix` at pool offset 0, then offers one chain of
     /// `segs` (pool offset, length, device-writable) on `queue` and kicks. The descriptors may
     /// overlap each other and the prefix, and each may be as long as the whole pool. Returns
-    /// the head; the chain's used entry is read with [`Self::wait_raw_used`].
+    /// the head; the chain's used entry is read with [`Self::wait_raw_used`]. With
+    /// `indirect_at`, the descriptors go in an indirect table written at that pool offset and
+    /// the chain takes one ring descriptor.
     pub fn offer_bounce_chain(
         &mut self,
         queue: u16,
         prefix: &[u8],
         segs: &[(u64, u32, bool)],
+        indirect_at: Option<u64>,
     ) -> Result<u16, TestError> {
         let Some(Arena {
             backing: Backing::Granted(pool),
@@ -1085,7 +1088,18 @@ impl<P: Platform> TestFrontend<P> {
             .collect();
         let q = usize::from(queue);
         let qr = &mut self.queues[q];
-        let head = qr.ring.add(&qr.ring_mem.mem(), &raw)?;
+        let head = match indirect_at {
+            None => qr.ring.add(&qr.ring_mem.mem(), &raw)?,
+            Some(at) => {
+                let table = DriverRing::indirect_table(&raw);
+                pool.mem()
+                    .write(at as usize, &table)
+                    .map_err(TestError::Mem)?;
+                let addr = DmaAddr::Bounce { offset: at }.encode();
+                qr.ring
+                    .add_indirect(&qr.ring_mem.mem(), addr, table.len() as u32)?
+            }
+        };
         self.kick(q)?;
         Ok(head)
     }

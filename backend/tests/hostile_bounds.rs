@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use xenvirtio_backend::daemon::DaemonConfig;
-use xenvirtio_backend::test_utils::{TestDevice, TestStrategy};
+use xenvirtio_backend::test_utils::{TestDevice, TestFrontend, TestStrategy};
 use xenvirtio_virtio::blk::{ReqHeader, S_IOERR, S_OK, T_IN, T_OUT};
 use xenvirtio_xen::DomId;
+use xenvirtio_xen::loopback::LoopbackDomain;
 use xenvirtio_xenstore::xenbus::XenbusState;
 
 const F: DomId = 5;
@@ -164,7 +165,7 @@ fn hostile_console_tx_aliased_descriptors() {
 /// it); guest G reads and verifies meanwhile; then F dies. F's device must be forgotten within
 /// 500 ms, and G's reads stay correct and bounded.
 #[test]
-fn hostile_queue_flood_does_not_delay_domain_gone() {
+fn hostile_over_cap_flood_spares_other_guest() {
     // A ring of 256 (blk's cap: 254 × 64 KiB of data).
     const QSIZE: u32 = 256;
     const CAP_DATA: u32 = 254 * 65536;
@@ -263,6 +264,96 @@ fn hostile_queue_flood_does_not_delay_domain_gone() {
     assert_eq!(w.backend_state(G, 0), Some(XenbusState::Connected));
     good.close().unwrap();
     eprintln!(
-        "hostile_queue_flood_does_not_delay_domain_gone: {flooded} flood completions, gone after {gone:?}; G: {reads} reads, worst {worst:?}"
+        "hostile_over_cap_flood_spares_other_guest: {flooded} flood completions, gone after {gone:?}; G: {reads} reads, worst {worst:?}"
     );
+}
+
+/// Only legal requests: the daemon's default queue size (1024, so blk's cap is 1022 × 64 KiB,
+/// about 64 MiB), a ring of 1024 reads each exactly at the cap (one shared indirect table,
+/// 1022 aliased 64 KiB descriptors), kept full for a second. Returns the frontend, the reads
+/// in the ring and the reads served.
+fn flood_at_cap(w: &World) -> (TestFrontend<LoopbackDomain>, u32, u32) {
+    const QSIZE: u32 = 1024;
+    let img = zero_image(w, "legal.img", 128 << 20);
+    w.attach(F, 0, &TestDevice::blk(&img));
+    let mut opts = bounce_options().indirect();
+    opts.queue_size = QSIZE;
+    let mut fe = w.connect(F, 0, opts);
+    let pool = fe.bounce_pool_bytes() as u64;
+    let table = Some(pool - (32 << 10));
+    let mut at_cap = vec![(0, 16, false)];
+    at_cap.extend((0..QSIZE - 2).map(|_| (4096, 65536, true)));
+    at_cap.push((pool - 1, 1, true));
+    let p = prefix(T_IN);
+    let mut offered = 0u32;
+    while fe.offer_bounce_chain(0, &p, &at_cap, table).is_ok() {
+        offered += 1;
+        if offered == QSIZE {
+            break;
+        }
+    }
+    let mut served = 0u32;
+    let flood_until = Instant::now() + Duration::from_millis(1000);
+    while Instant::now() < flood_until {
+        if fe.wait_raw_used(0, Duration::from_millis(5)).is_ok() {
+            served += 1;
+            fe.offer_bounce_chain(0, &p, &at_cap, table).unwrap();
+        }
+    }
+    assert!(served > 0, "no read at the cap was served");
+    assert_eq!(
+        fe.backend_state(),
+        Some(XenbusState::Connected),
+        "F's device is still serving ({served} reads at the cap): {:?}",
+        fe.backend_error()
+    );
+    (fe, offered, served)
+}
+
+/// The byte and time budgets, not the per-request cap, must bring the thread back to its
+/// inbox: F's death is handled within 500 ms.
+#[test]
+fn hostile_at_cap_flood_does_not_delay_domain_gone() {
+    let w = World::with_config(config_with(1024));
+    let (fe, offered, served) = flood_at_cap(&w);
+    let t = Instant::now();
+    w.hv.destroy(F);
+    w.xs.destroy_domain(F);
+    let mut gone = None;
+    while t.elapsed() < Duration::from_secs(120) {
+        if w.handle().stats().devices.iter().all(|d| d.domid != F) {
+            gone = Some(t.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let gone = gone.expect("F's device is never forgotten");
+    assert!(
+        gone < Duration::from_millis(500),
+        "a device flooded with {offered} reads of 64 MiB handled DomainGone after {gone:?} \
+         (bound 500 ms; {served} served)"
+    );
+    drop(fe);
+    eprintln!(
+        "hostile_at_cap_flood_does_not_delay_domain_gone: {offered} in the ring, {served} served, gone after {gone:?}"
+    );
+}
+
+/// The same flood, then the daemon stops: it completes within its 500 ms grace (the flooding
+/// frontend never answers the Closing) plus 250 ms.
+#[test]
+fn hostile_queue_flood_does_not_delay_shutdown() {
+    let mut w = World::with_config(config_with(1024));
+    let grace = w.config.shutdown_grace;
+    let (fe, offered, served) = flood_at_cap(&w);
+    let t = Instant::now();
+    w.stop_daemon();
+    let took = t.elapsed();
+    assert!(
+        took < grace + Duration::from_millis(250),
+        "a stop with {offered} reads of 64 MiB in the ring took {took:?} (grace {grace:?}; \
+         {served} served)"
+    );
+    drop(fe);
+    eprintln!("hostile_queue_flood_does_not_delay_shutdown: stop took {took:?} (grace {grace:?})");
 }

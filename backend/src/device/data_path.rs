@@ -309,3 +309,69 @@ pub(super) fn deliver_console_input<P: Platform>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(addr: u64, len: u32, writable: bool) -> ChainDescriptor {
+        ChainDescriptor {
+            addr,
+            len,
+            writable,
+        }
+    }
+
+    #[test]
+    fn the_blk_cap_is_what_the_device_offers_plus_header_and_status() {
+        // `max-queue-size` 1024: seg_max 1022.
+        assert_eq!(blk_request_cap(65536, 1022), 1022 * 65536 + 17);
+        assert_eq!(
+            blk_request_cap(u32::MAX, u32::MAX),
+            u64::from(u32::MAX).pow(2) + 17
+        );
+    }
+
+    #[test]
+    fn clipping_names_only_the_first_bytes_of_one_direction() {
+        let chain = Chain {
+            head: 3,
+            descriptors: vec![d(0, 10, false), d(100, 20, false), d(500, 8, true)],
+        };
+        let c = clipped(&chain, false, 15);
+        assert_eq!(c.head, 3);
+        assert_eq!(c.descriptors, vec![d(0, 10, false), d(100, 5, false)]);
+        assert_eq!(
+            clipped(&chain, true, 4096).descriptors,
+            vec![d(500, 8, true)]
+        );
+        assert!(clipped(&chain, false, 0).descriptors.is_empty());
+    }
+
+    #[test]
+    fn the_status_byte_is_the_last_byte_of_the_last_writable_buffer() {
+        let chain = Chain {
+            head: 1,
+            descriptors: vec![d(0, 16, false), d(4096, 512, true), d(9000, 2, true)],
+        };
+        assert_eq!(
+            status_byte(&chain).unwrap().descriptors,
+            vec![d(9001, 1, true)]
+        );
+        let none = Chain {
+            head: 1,
+            descriptors: vec![d(0, 16, false)],
+        };
+        assert!(status_byte(&none).is_none());
+    }
+
+    #[test]
+    fn a_budget_is_spent_by_bytes() {
+        let mut b = Budget::new(0);
+        assert!(!b.exhausted());
+        b.spend(BYTE_BUDGET - 1);
+        assert!(!b.exhausted());
+        b.spend(2);
+        assert!(b.exhausted());
+    }
+}

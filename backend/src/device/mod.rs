@@ -18,8 +18,10 @@
 //! once through the address space), `AddressSpace::map_chain` maps it, the model serves it,
 //! the `MappedChain` is dropped (per-request grants unmapped), and only then is the chain
 //! added to the used ring; `needs_notification` decides whether to notify. Notifications are
-//! disabled while a queue is drained and re-enabled with a re-check. A queue that keeps the
-//! thread busy for more than [`QUEUE_BUDGET`] chains is resumed after the thread has looked at
+//! disabled while a queue is drained and re-enabled with a re-check. Each request is checked
+//! against its device's size cap before anything is mapped, and a serve call stops after
+//! [`QUEUE_BUDGET`] chains per queue, 64 MiB or 50 ms over all queues; the queues still busy
+//! are resumed after the thread has looked at
 //! its messages. All queues of a device (blk multi-queue included) are served on this thread.
 //!
 //! It must never map anything before the frontend's keys passed [`read_frontend_setup`](crate::handshake::read_frontend_setup), and

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use mio::Registry;
 use xenvirtio_virtio::blk::{REQ_HEADER_SIZE, S_IOERR};
 use xenvirtio_virtio::console::{RECEIVEQ, TRANSMITQ};
+use xenvirtio_virtio::dma::{DmaAddr, DmaStrategy};
 use xenvirtio_xen::platform::Platform;
 
 use super::model::{Connection, DeviceError, Model, Totals};
@@ -95,16 +96,26 @@ fn clipped(chain: &Chain, writable: bool, max: u64) -> Chain {
 }
 
 /// A chain naming only the last byte of `chain`'s last non-empty writable buffer: the status
-/// byte of a blk request, the only byte an oversized request may cost.
-fn status_byte(chain: &Chain) -> Option<Chain> {
+/// byte of a blk request, the only byte an oversized request may cost. A buffer whose range
+/// breaks the strategy's rule (section 4) is named whole, so that mapping it is refused as
+/// it would have been.
+fn status_byte(chain: &Chain, strategy: DmaStrategy) -> Option<Chain> {
     let last = chain.writable().filter(|d| d.len > 0).last()?;
-    Some(Chain {
-        head: chain.head,
-        descriptors: vec![ChainDescriptor {
-            addr: last.addr.checked_add(u64::from(last.len) - 1)?,
+    let valid = DmaAddr::decode_range(strategy, last.addr, last.len, u64::MAX).is_ok();
+    let desc = if valid {
+        // Inside one page (grant), the pool (bounce) or the address space (direct): the
+        // last byte's address is the first's plus `len - 1`, without a carry into the tag.
+        ChainDescriptor {
+            addr: last.addr + u64::from(last.len - 1),
             len: 1,
             writable: true,
-        }],
+        }
+    } else {
+        *last
+    };
+    Some(Chain {
+        head: chain.head,
+        descriptors: vec![desc],
     })
 }
 
@@ -125,8 +136,10 @@ pub(super) fn serve_queue<P: Platform>(
         space,
         counters,
         held_rx,
+        strategy,
         ..
     } = conn;
+    let strategy = *strategy;
     let qr = &mut queues[q];
     let ring = qr.ring.mem();
     let mut served = 0usize;
@@ -190,7 +203,7 @@ pub(super) fn serve_queue<P: Platform>(
                     // is mapped (`docs/PROTOCOL.md` 10.2).
                     totals.oversized += 1;
                     budget.spend(1);
-                    let status = status_byte(&chain).ok_or(DeviceError::Blk {
+                    let status = status_byte(&chain, strategy).ok_or(DeviceError::Blk {
                         queue: q,
                         source: BlkChainError::NoStatus,
                     })?;
@@ -355,14 +368,43 @@ mod tests {
             descriptors: vec![d(0, 16, false), d(4096, 512, true), d(9000, 2, true)],
         };
         assert_eq!(
-            status_byte(&chain).unwrap().descriptors,
+            status_byte(&chain, DmaStrategy::Direct)
+                .unwrap()
+                .descriptors,
             vec![d(9001, 1, true)]
+        );
+        // A grant buffer that crosses its page is named whole (and refused when mapped), never
+        // by an address whose offset carried into the grant reference.
+        let g = DmaAddr::Grant {
+            gref: 7,
+            offset: 4000,
+        }
+        .encode();
+        let crossing = Chain {
+            head: 2,
+            descriptors: vec![d(g, 200, true)],
+        };
+        assert_eq!(
+            status_byte(&crossing, DmaStrategy::Grant)
+                .unwrap()
+                .descriptors,
+            vec![d(g, 200, true)]
+        );
+        let inside = Chain {
+            head: 2,
+            descriptors: vec![d(g, 96, true)],
+        };
+        assert_eq!(
+            status_byte(&inside, DmaStrategy::Grant)
+                .unwrap()
+                .descriptors,
+            vec![d(g + 95, 1, true)]
         );
         let none = Chain {
             head: 1,
             descriptors: vec![d(0, 16, false)],
         };
-        assert!(status_byte(&none).is_none());
+        assert!(status_byte(&none, DmaStrategy::Bounce).is_none());
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct DeviceStats {
     pub ports: u64,
     /// Requests answered with an error status, plus protocol and I/O errors of the device.
     pub errors: u64,
+    /// Requests over the per-request cap (`docs/PROTOCOL.md` 10.2, 10.3): blk ones answered
+    /// IOERR, console ones truncated. Neither mapped nor copied beyond the cap.
+    pub oversized: u64,
     /// The last fatal error, as written to the `error` node.
     pub last_error: Option<String>,
 }

@@ -1054,6 +1054,99 @@ impl<P: Platform> TestFrontend<P> {
         Ok(())
     }
 
+    /// Hostile, `bounce` only: writes `prefix` at pool offset 0, then offers one chain of
+    /// `segs` (pool offset, length, device-writable) on `queue` and kicks. The descriptors may
+    /// overlap each other and the prefix, and each may be as long as the whole pool. Returns
+    /// the head; the chain's used entry is read with [`Self::wait_raw_used`]. With
+    /// `indirect_at`, the descriptors go in an indirect table written at that pool offset and
+    /// the chain takes one ring descriptor.
+    pub fn offer_bounce_chain(
+        &mut self,
+        queue: u16,
+        prefix: &[u8],
+        segs: &[(u64, u32, bool)],
+        indirect_at: Option<u64>,
+    ) -> Result<u16, TestError> {
+        let Some(Arena {
+            backing: Backing::Granted(pool),
+            ..
+        }) = &self.arena
+        else {
+            return Err(TestError::Timeout(
+                "a bounce pool (bounce strategy only)".into(),
+            ));
+        };
+        if self.options.strategy != TestStrategy::Bounce {
+            return Err(TestError::Timeout(
+                "a bounce pool (bounce strategy only)".into(),
+            ));
+        }
+        pool.mem().write(0, prefix).map_err(TestError::Mem)?;
+        let raw: Vec<Segment> = segs
+            .iter()
+            .map(|&(offset, len, w)| (DmaAddr::Bounce { offset }.encode(), len, w))
+            .collect();
+        let q = usize::from(queue);
+        let qr = &mut self.queues[q];
+        let head = match indirect_at {
+            None => qr.ring.add(&qr.ring_mem.mem(), &raw)?,
+            Some(at) => {
+                let table = DriverRing::indirect_table(&raw);
+                pool.mem()
+                    .write(at as usize, &table)
+                    .map_err(TestError::Mem)?;
+                let addr = DmaAddr::Bounce { offset: at }.encode();
+                qr.ring
+                    .add_indirect(&qr.ring_mem.mem(), addr, table.len() as u32)?
+            }
+        };
+        self.kick(q)?;
+        Ok(head)
+    }
+
+    /// The bytes of the bounce pool from `offset` (`bounce` only; empty otherwise).
+    pub fn bounce_pool_read(&self, offset: usize, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        if let Some(Arena {
+            backing: Backing::Granted(pool),
+            ..
+        }) = &self.arena
+        {
+            if pool.mem().read(offset, &mut out).is_ok() {
+                return out;
+            }
+        }
+        Vec::new()
+    }
+
+    /// The size of the bounce pool in bytes (`bounce` only; 0 otherwise).
+    pub fn bounce_pool_bytes(&self) -> usize {
+        match (&self.arena, self.options.strategy) {
+            (
+                Some(Arena {
+                    backing: Backing::Granted(pool),
+                    ..
+                }),
+                TestStrategy::Bounce,
+            ) => pool.pages() * PAGE_SIZE,
+            _ => 0,
+        }
+    }
+
+    /// Waits for the next used entry of `queue` and returns `(head, written length)`; the
+    /// buffers of a chain offered through [`Self::request`] are released.
+    pub fn wait_raw_used(
+        &mut self,
+        queue: u16,
+        timeout: Duration,
+    ) -> Result<(u16, u32), TestError> {
+        let (head, len, bufs) = self.wait_used(queue, timeout)?;
+        for b in bufs {
+            self.free_buf(b);
+        }
+        Ok((head, len))
+    }
+
     fn raw_chain(&mut self, q: usize, segs: &[Segment]) -> Result<(), TestError> {
         let qr = &mut self.queues[q];
         qr.ring.add(&qr.ring_mem.mem(), segs)?;

@@ -18,12 +18,17 @@
 //! once through the address space), `AddressSpace::map_chain` maps it, the model serves it,
 //! the `MappedChain` is dropped (per-request grants unmapped), and only then is the chain
 //! added to the used ring; `needs_notification` decides whether to notify. Notifications are
-//! disabled while a queue is drained and re-enabled with a re-check. A queue that keeps the
-//! thread busy for more than [`QUEUE_BUDGET`] chains is resumed after the thread has looked at
+//! disabled while a queue is drained and re-enabled with a re-check. Each request is checked
+//! against its device's size cap before anything is mapped, and a serve call stops after
+//! [`QUEUE_BUDGET`] chains per queue, 64 MiB or 50 ms over all queues; the queues still busy
+//! are resumed after the thread has looked at
 //! its messages. All queues of a device (blk multi-queue included) are served on this thread.
 //!
 //! It must never map anything before the frontend's keys passed [`read_frontend_setup`](crate::handshake::read_frontend_setup), and
 //! never write `Sb = 6` before the frontend left Connected (or is gone).
+//!
+//! This file holds the state machine (phases, xenbus steps, the inbox); [`data_path`] serves
+//! the queues, [`model`] holds the device model, the connection's runtime and the errors.
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
@@ -35,34 +40,30 @@ use std::time::Instant;
 
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
-use xenvirtio_virtio::console::{RECEIVEQ, TRANSMITQ};
 use xenvirtio_virtio::dma::DmaStrategy;
 use xenvirtio_virtio::ids::DeviceKind;
 use xenvirtio_virtio::protocol::backend_keys as bk;
 use xenvirtio_xen::platform::{
     BoundPort, EventChannels, ForeignMapper, GrantMapper, MappedPages, Platform,
 };
-use xenvirtio_xen::{Access, DomId, XenError};
+use xenvirtio_xen::{Access, DomId};
 use xenvirtio_xenstore::xenbus::{self, XenbusState};
 use xenvirtio_xenstore::{TxId, WatchEvents, XenStore, XsError};
 
-use crate::blk::{BlkChainError, BlockDevice};
-use crate::chain_io::ChainWriter;
-use crate::console::ConsoleDevice;
 use crate::daemon::DaemonConfig;
-use crate::dma::{AddressSpace, DIRECT_CACHE_CHUNKS, DmaMapError, MapCounters};
+use crate::dma::{AddressSpace, DIRECT_CACHE_CHUNKS, MapCounters};
 use crate::event_loop::{EventHandler, EventLoop, LoopToken};
-use crate::handshake::{
-    self, ConnectError, DirectTrust, FrontendSetup, Offer, RingLocation, ToolstackConfig,
-};
-use crate::rng::RngDevice;
+use crate::handshake::{self, DirectTrust, FrontendSetup, Offer, RingLocation, ToolstackConfig};
 use crate::stats::DeviceStats;
-use crate::virtqueue::{Chain, DeviceQueue, QueueError};
+use crate::virtqueue::DeviceQueue;
 
-/// Chains served from one queue before the thread looks at its messages again.
-pub const QUEUE_BUDGET: usize = 256;
-/// Bytes of console input moved to the guest per receive buffer at most.
-const CONSOLE_CHUNK: usize = 4096;
+mod data_path;
+mod model;
+
+pub use data_path::QUEUE_BUDGET;
+use data_path::{Budget, blk_request_cap, deliver_console_input, serve_queue};
+pub(crate) use model::error_chain;
+use model::{Connection, Model, Phase, QueueRuntime, SetupError, Totals};
 
 /// What the daemon tells a device thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,202 +101,6 @@ impl LoopToken for DeviceToken {
         ]
         .into_iter()
         .find(|t| t.token() == token)
-    }
-}
-
-/// A fatal error of a connected device: the device goes to its error state.
-#[derive(Debug, thiserror::Error)]
-enum DeviceError {
-    #[error("queue {queue}")]
-    Queue {
-        queue: usize,
-        #[source]
-        source: QueueError,
-    },
-    #[error("queue {queue}")]
-    Dma {
-        queue: usize,
-        #[source]
-        source: DmaMapError,
-    },
-    #[error("queue {queue}")]
-    Blk {
-        queue: usize,
-        #[source]
-        source: BlkChainError,
-    },
-    #[error("queue {queue}: {what}")]
-    Io {
-        queue: usize,
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("event channel")]
-    Event(#[source] XenError),
-    #[error("queue {queue}: more receive buffers outstanding than the queue size {size}")]
-    TooManyHeld { queue: usize, size: u16 },
-}
-
-/// Why a connection could not be set up.
-#[derive(Debug, thiserror::Error)]
-enum SetupError {
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error("cannot map queue {queue}'s ring")]
-    Ring {
-        queue: usize,
-        #[source]
-        source: XenError,
-    },
-    #[error("cannot bind queue {queue}'s event channel {port}")]
-    Port {
-        queue: usize,
-        port: u32,
-        #[source]
-        source: XenError,
-    },
-    #[error("cannot set up the bounce pool")]
-    Bounce(#[source] DmaMapError),
-    #[error("cannot open the Xen devices")]
-    Platform(#[source] XenError),
-    #[error("cannot register the event channel")]
-    Poll(#[source] std::io::Error),
-}
-
-/// The full chain of an error's messages, for the `error` node and logs.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
-
-/// The device model.
-#[derive(Debug)]
-enum Model {
-    Blk(BlockDevice),
-    Console(Box<ConsoleDevice>),
-    Rng(RngDevice),
-}
-
-impl Model {
-    fn open(ts: &ToolstackConfig) -> Result<Model, String> {
-        match ts.kind {
-            DeviceKind::Block => {
-                let path = ts.image.as_deref().ok_or("a blk device needs params")?;
-                BlockDevice::open(path, ts.read_only)
-                    .map(Model::Blk)
-                    .map_err(|e| error_chain(&e))
-            }
-            DeviceKind::Console => ConsoleDevice::open(&ts.console)
-                .map(|c| Model::Console(Box::new(c)))
-                .map_err(|e| error_chain(&e)),
-            DeviceKind::Rng => Ok(Model::Rng(RngDevice::new())),
-        }
-    }
-
-    fn offer(&self, ts: &ToolstackConfig, trust: DirectTrust, config: &DaemonConfig) -> Offer {
-        let qsize = config.max_queue_size;
-        let queues = u16::try_from(ts.queues).unwrap_or(1);
-        let (features, cfg) = match self {
-            Model::Blk(b) => (
-                b.features(queues),
-                b.config(queues, u16::try_from(qsize).unwrap_or(u16::MAX))
-                    .to_bytes()
-                    .to_vec(),
-            ),
-            Model::Console(c) => (c.features(), c.config()),
-            Model::Rng(_) => (0, Vec::new()),
-        };
-        let mut offer = Offer::new(
-            ts,
-            trust,
-            features,
-            cfg,
-            qsize,
-            config.max_persistent_grants,
-        );
-        if let Model::Console(c) = self {
-            offer.tty = c.tty().map(|p| p.display().to_string());
-        }
-        offer
-    }
-}
-
-/// One queue of a connected device.
-struct QueueRuntime<E: EventChannels> {
-    ring: Box<dyn MappedPages>,
-    queue: DeviceQueue,
-    port: BoundPort<E>,
-    /// Chains are still waiting after the budget ran out.
-    busy: bool,
-}
-
-/// Everything mapped and bound for one connection. Dropping it unmaps and unbinds all of it.
-struct Connection<P: Platform> {
-    /// The event-channel handle; every port holds it too, so it closes after the last port.
-    events: Arc<P::Events>,
-    queues: Vec<QueueRuntime<P::Events>>,
-    space: AddressSpace<P::GrantMap, P::Foreign>,
-    counters: MapCounters,
-    /// Console receive chains waiting for input (validated, not mapped).
-    held_rx: VecDeque<Chain>,
-    strategy: DmaStrategy,
-}
-
-impl<P: Platform> Connection<P> {
-    fn resident_pages(&self) -> u64 {
-        let rings: usize = self.queues.iter().map(|q| q.ring.pages()).sum();
-        (rings + self.space.resident_pages()) as u64
-    }
-}
-
-/// Cumulative counters that outlive connections.
-#[derive(Debug, Default, Clone, Copy)]
-struct Totals {
-    map: MapCounters,
-    notifications_sent: u64,
-    notifications_received: u64,
-    requests: u64,
-    errors: u64,
-}
-
-/// Where the device is in section 8 (backend side).
-enum Phase<P: Platform> {
-    /// Nothing published yet (`Sb = 1`).
-    Idle,
-    /// Features published (`Sb = 2`), waiting for the frontend's Initialised.
-    InitWait,
-    /// Serving (`Sb = 4`).
-    Connected(Box<Connection<P>>),
-    /// `Sb = 5`: nothing held any more; waiting for the frontend to leave Connected.
-    Closing {
-        deadline: Option<Instant>,
-        error: bool,
-        /// The frontend was seen in a state other than Initialising since the close began.
-        frontend_left_init: bool,
-    },
-    /// `Sb = 6`: waiting for the frontend to reconnect (or for `online = 0`).
-    Closed {
-        error: bool,
-        frontend_left_init: bool,
-    },
-}
-
-impl<P: Platform> Phase<P> {
-    fn name(&self) -> &'static str {
-        match self {
-            Phase::Idle => "Initialising",
-            Phase::InitWait => "InitWait",
-            Phase::Connected(_) => "Connected",
-            Phase::Closing { .. } => "Closing",
-            Phase::Closed { .. } => "Closed",
-        }
     }
 }
 
@@ -744,6 +549,7 @@ impl<P: Platform> Machine<'_, P> {
             counters,
             held_rx: VecDeque::new(),
             strategy: setup.strategy,
+            next_first: 0,
         })
     }
 
@@ -919,13 +725,31 @@ impl<P: Platform> Machine<'_, P> {
                 qr.busy = true;
             }
         }
+        let blk_cap = match model {
+            Model::Blk(b) => {
+                let c = b.config(
+                    1,
+                    u16::try_from(self.ctx.config.max_queue_size).unwrap_or(u16::MAX),
+                );
+                blk_request_cap(c.size_max, c.seg_max)
+            }
+            _ => 0,
+        };
+        let mut budget = Budget::new(blk_cap);
         let mut result = Ok(());
-        for q in 0..conn.queues.len() {
+        let n = conn.queues.len();
+        let first = conn.next_first % n.max(1);
+        conn.next_first = first + 1;
+        for q in (0..n).map(|i| (first + i) % n) {
             if !conn.queues[q].busy {
                 continue;
             }
+            if budget.exhausted() {
+                // Still busy: served after the inbox.
+                break;
+            }
             conn.queues[q].busy = false;
-            result = serve_queue(conn, q, model, registry, self.totals);
+            result = serve_queue(conn, q, model, registry, self.totals, &mut budget);
             if result.is_err() {
                 break;
             }
@@ -1024,6 +848,7 @@ impl<P: Platform> Machine<'_, P> {
         s.notifications_received = t.notifications_received;
         s.requests = t.requests;
         s.errors = t.errors;
+        s.oversized = t.oversized;
         match &self.model {
             Some(Model::Blk(b)) => {
                 let c = b.counters();
@@ -1121,170 +946,4 @@ impl<P: Platform> EventHandler<DeviceToken> for Machine<'_, P> {
             ControlFlow::Continue(())
         }
     }
-}
-
-/// Drains one queue (up to [`QUEUE_BUDGET`] chains), notifying the frontend as it asks.
-fn serve_queue<P: Platform>(
-    conn: &mut Connection<P>,
-    q: usize,
-    model: &mut Model,
-    registry: &Registry,
-    totals: &mut Totals,
-) -> Result<(), DeviceError> {
-    let qerr = |source| DeviceError::Queue { queue: q, source };
-    let dma = |source| DeviceError::Dma { queue: q, source };
-    let Connection {
-        queues,
-        space,
-        counters,
-        held_rx,
-        ..
-    } = conn;
-    let qr = &mut queues[q];
-    let ring = qr.ring.mem();
-    let mut served = 0usize;
-    loop {
-        qr.queue.disable_notification(&ring).map_err(qerr)?;
-        loop {
-            if served >= QUEUE_BUDGET {
-                // Come back after a look at the messages; notifications stay disabled.
-                qr.busy = true;
-                break;
-            }
-            let chain = qr
-                .queue
-                .pop_chain(&ring, &mut |addr, len| space.read(addr, len, counters))
-                .map_err(qerr)?;
-            let Some(chain) = chain else { break };
-            served += 1;
-            let used = match model {
-                Model::Console(_) if q == usize::from(RECEIVEQ) => {
-                    // Held until input arrives. A driver cannot have more chains outstanding
-                    // than the queue holds; one that offers the same heads again would make
-                    // this list grow without bound.
-                    if held_rx.len() >= usize::from(qr.queue.layout().size()) {
-                        return Err(DeviceError::TooManyHeld {
-                            queue: q,
-                            size: qr.queue.layout().size(),
-                        });
-                    }
-                    held_rx.push_back(chain);
-                    continue;
-                }
-                Model::Console(c) if q == usize::from(TRANSMITQ) => {
-                    let mapped = space.map_chain(&chain, counters).map_err(dma)?;
-                    let mut buf = [0u8; CONSOLE_CHUNK];
-                    for w in mapped.readable() {
-                        let mut at = 0;
-                        while at < w.len() {
-                            let n = (w.len() - at).min(buf.len());
-                            w.read(at, &mut buf[..n])
-                                .map_err(|e| dma(DmaMapError::Mem(e)))?;
-                            c.write_output(registry, &buf[..n]);
-                            at += n;
-                        }
-                    }
-                    drop(mapped);
-                    0
-                }
-                Model::Console(_) => 0,
-                Model::Blk(b) => {
-                    let mapped = space.map_chain(&chain, counters).map_err(dma)?;
-                    let used = b
-                        .handle(&mapped.readable(), &mapped.writable())
-                        .map_err(|source| DeviceError::Blk { queue: q, source })?;
-                    drop(mapped);
-                    used
-                }
-                Model::Rng(r) => {
-                    let mapped = space.map_chain(&chain, counters).map_err(dma)?;
-                    let used = r
-                        .handle(&mapped.writable())
-                        .map_err(|source| DeviceError::Io {
-                            queue: q,
-                            what: "getrandom failed",
-                            source,
-                        })?;
-                    drop(mapped);
-                    used
-                }
-            };
-            // The request's own mappings are gone: only now is the chain returned.
-            qr.queue.add_used(&ring, chain.head, used).map_err(qerr)?;
-            totals.requests += 1;
-        }
-        if qr.queue.needs_notification(&ring).map_err(qerr)? {
-            qr.port.notify().map_err(DeviceError::Event)?;
-            totals.notifications_sent += 1;
-        }
-        if qr.busy || !qr.queue.enable_notification(&ring).map_err(qerr)? {
-            return Ok(());
-        }
-    }
-}
-
-/// Moves console input into held receive buffers, one buffer per read.
-fn deliver_console_input<P: Platform>(
-    conn: &mut Connection<P>,
-    console: &mut ConsoleDevice,
-    registry: &Registry,
-    totals: &mut Totals,
-) -> Result<(), DeviceError> {
-    let q = usize::from(RECEIVEQ);
-    let Connection {
-        queues,
-        space,
-        counters,
-        held_rx,
-        ..
-    } = conn;
-    let Some(qr) = queues.get_mut(q) else {
-        return Ok(());
-    };
-    let ring = qr.ring.mem();
-    let mut delivered = false;
-    let mut buf = [0u8; CONSOLE_CHUNK];
-    while console.input_ready() {
-        let Some(chain) = held_rx.front() else { break };
-        let room = (chain.writable_len() as usize).min(CONSOLE_CHUNK);
-        let n = if room == 0 {
-            0
-        } else {
-            let n = console.read_input(registry, &mut buf[..room]);
-            if n == 0 {
-                break;
-            }
-            n
-        };
-        let chain = held_rx.pop_front().expect("checked non-empty above");
-        if n > 0 {
-            let mapped = space
-                .map_chain(&chain, counters)
-                .map_err(|source| DeviceError::Dma { queue: q, source })?;
-            let windows = mapped.writable();
-            ChainWriter::new(&windows)
-                .write_all(&buf[..n])
-                .map_err(|e| DeviceError::Io {
-                    queue: q,
-                    what: "writing console input",
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-        }
-        // `n <= CONSOLE_CHUNK`.
-        qr.queue
-            .add_used(&ring, chain.head, n as u32)
-            .map_err(|source| DeviceError::Queue { queue: q, source })?;
-        totals.requests += 1;
-        delivered = true;
-    }
-    if delivered
-        && qr
-            .queue
-            .needs_notification(&ring)
-            .map_err(|source| DeviceError::Queue { queue: q, source })?
-    {
-        qr.port.notify().map_err(DeviceError::Event)?;
-        totals.notifications_sent += 1;
-    }
-    Ok(())
 }

@@ -31,6 +31,11 @@ pub const DIRECT_CACHE_CHUNKS: usize = 512;
 /// issue 13: a chunk with a paged-out frame cost up to 0.5 s on every request). Meanwhile
 /// requests in it map only their own pages, as they did after a failed attempt.
 pub const DIRECT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// Persistent-grant mappings (gntdev VMAs) kept per device. Each batch of new refs is one
+/// mapping; past this many the oldest batch is unmapped (its refs are mapped again when next
+/// used), so a frontend that touches one new page per request costs at most this many VMAs
+/// (finding 3 of issue 13: it cost one per page, up to `max-persistent-grants`).
+pub const MAX_PERSISTENT_MAPPINGS: usize = 32;
 /// Unmappable chunks remembered at most (the oldest is forgotten first).
 pub const DIRECT_NEGATIVE_ENTRIES: usize = 256;
 
@@ -144,6 +149,9 @@ pub struct GrantSpace<G: GrantMapper> {
     /// Persistent grants: ref -> (mapping, page index). `None` without `feature-persistent`.
     persistent: Option<HashMap<GrantRef, (SharedMapping, usize)>>,
     max_persistent: usize,
+    /// The persistent mappings with their refs, oldest first (at most
+    /// [`MAX_PERSISTENT_MAPPINGS`]).
+    batches: VecDeque<Vec<GrantRef>>,
 }
 
 impl<G: GrantMapper> std::fmt::Debug for GrantSpace<G> {
@@ -227,6 +235,7 @@ where
             peer,
             persistent: persistent.then(HashMap::new),
             max_persistent,
+            batches: VecDeque::new(),
         })
     }
 
@@ -373,12 +382,30 @@ where
             }
             if cache.len() + fresh.len() <= self.max_persistent {
                 if !fresh.is_empty() {
+                    // Keep the number of mappings bounded: unmap the oldest batch first (the
+                    // pieces of chains in flight keep it alive until they are done). A batch
+                    // holding a ref of this chain is kept.
+                    while self.batches.len() >= MAX_PERSISTENT_MAPPINGS {
+                        let Some(pos) = self
+                            .batches
+                            .iter()
+                            .position(|b| !decoded.iter().any(|(g, _, _)| b.contains(g)))
+                        else {
+                            break;
+                        };
+                        if let Some(old) = self.batches.remove(pos) {
+                            for gref in old {
+                                cache.remove(&gref);
+                            }
+                        }
+                    }
                     let m = share(self.mapper.map(self.peer, &fresh, Access::ReadWrite)?);
                     counters.map_calls += 1;
                     counters.pages_mapped += fresh.len() as u64;
                     for (i, gref) in fresh.iter().enumerate() {
                         cache.insert(*gref, (Arc::clone(&m), i));
                     }
+                    self.batches.push_back(fresh.clone());
                 }
                 let hits = (decoded.len() - fresh.len()) as u64;
                 counters.cache_hits += hits;
@@ -894,5 +921,43 @@ mod tests {
         }
         assert_eq!(mapper.chunk_attempts.load(Relaxed), 2, "one attempt per window");
         assert_eq!(hv.stats(0).foreign_maps, 0, "per-request mappings were released");
+    }
+
+    /// Finding 3 of issue 13: under persistent grants, a frontend that uses one new page of its
+    /// arena per request made one gntdev mapping (one VMA) per page, up to
+    /// `max-persistent-grants`; the mappings per device now stay at or under
+    /// [`MAX_PERSISTENT_MAPPINGS`] (32) however the pages are touched.
+    #[test]
+    fn hostile_persistent_grants_one_new_page_per_request() {
+        const PAGES: usize = 1000;
+        const VMA_BOUND: usize = 32;
+        let (hv, back, front) = setup();
+        let pages = front
+            .grant_allocator()
+            .unwrap()
+            .grant(0, PAGES, Access::ReadWrite)
+            .unwrap();
+        for i in 0..PAGES {
+            pages.mem().write(i * 4096, &(i as u32).to_le_bytes()).unwrap();
+        }
+        let refs = pages.refs().to_vec();
+        let mut space: Space =
+            AddressSpace::grant(Arc::new(back.grant_mapper().unwrap()), FRONT, true, 1024);
+        let mut c = MapCounters::default();
+        let mut most = 0;
+        for (round, &gref) in refs.iter().chain(refs.iter()).enumerate() {
+            let m = space.map_chain(&chain(&[(gaddr(gref, 0), 4, false)]), &mut c).unwrap();
+            let got = u32::from_le_bytes(m.readable()[0].read_array::<4>(0).unwrap());
+            assert_eq!(got as usize, round % PAGES, "verified data");
+            most = most.max(hv.stats(0).grant_maps);
+        }
+        assert!(
+            most <= VMA_BOUND,
+            "{} requests, one new page each, left {most} grant mappings (VMAs) of one device \
+             (bound {VMA_BOUND})",
+            2 * PAGES
+        );
+        drop(space);
+        assert_eq!(hv.stats(0).grant_maps, 0);
     }
 }

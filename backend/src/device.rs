@@ -47,6 +47,7 @@ use xenvirtio_xenstore::xenbus::{self, XenbusState};
 use xenvirtio_xenstore::{TxId, WatchEvents, XenStore, XsError};
 
 use crate::blk::{BlkChainError, BlockDevice};
+use crate::budget::{Budgeted, DomainBudgets};
 use crate::chain_io::ChainWriter;
 use crate::console::ConsoleDevice;
 use crate::daemon::DaemonConfig;
@@ -220,6 +221,7 @@ impl Model {
             qsize,
             config.max_persistent_grants,
         );
+        offer.max_pages_per_domain = config.max_pages_per_domain;
         if let Model::Console(c) = self {
             offer.tty = c.tty().map(|p| p.display().to_string());
         }
@@ -241,7 +243,7 @@ struct Connection<P: Platform> {
     /// The event-channel handle; every port holds it too, so it closes after the last port.
     events: Arc<P::Events>,
     queues: Vec<QueueRuntime<P::Events>>,
-    space: AddressSpace<P::GrantMap, P::Foreign>,
+    space: AddressSpace<Budgeted<P::GrantMap>, Budgeted<P::Foreign>>,
     counters: MapCounters,
     /// Console receive chains waiting for input (validated, not mapped).
     held_rx: VecDeque<Chain>,
@@ -308,6 +310,8 @@ pub(crate) struct DeviceContext<P: Platform> {
     pub devid: u32,
     pub inbox: Receiver<DeviceMsg>,
     pub stats: Arc<Mutex<DeviceStats>>,
+    /// The page budgets of all frontend domains (every mapping below is charged to it).
+    pub budgets: Arc<DomainBudgets>,
 }
 
 /// How a run of the state machine starts.
@@ -663,11 +667,15 @@ impl<P: Platform> Machine<'_, P> {
         let peer = self.ctx.frontend;
         let platform = &*self.ctx.platform;
         let mut counters = MapCounters::default();
-        let grants = Arc::new(platform.grant_mapper().map_err(SetupError::Platform)?);
+        let budgets = &self.ctx.budgets;
+        let grants = Arc::new(Budgeted::new(
+            platform.grant_mapper().map_err(SetupError::Platform)?,
+            Arc::clone(budgets),
+        ));
         let foreign = if setup.strategy == DmaStrategy::Direct {
             let f = platform.foreign_mapper().map_err(SetupError::Platform)?;
             f.restrict(peer).map_err(SetupError::Platform)?;
-            Some(Arc::new(f))
+            Some(Arc::new(Budgeted::new(f, Arc::clone(budgets))))
         } else {
             None
         };

@@ -355,6 +355,24 @@ where
     }
 }
 
+/// Unmaps the oldest persistent batch that holds none of `keep`'s refs; false if there is none.
+fn evict_oldest_batch(
+    batches: &mut VecDeque<Vec<GrantRef>>,
+    cache: &mut HashMap<GrantRef, (SharedMapping, usize)>,
+    keep: &[(GrantRef, usize, &ChainDescriptor)],
+) -> bool {
+    let Some(pos) = batches
+        .iter()
+        .position(|b| !keep.iter().any(|(g, _, _)| b.contains(g)))
+    else {
+        return false;
+    };
+    for gref in batches.remove(pos).unwrap_or_default() {
+        cache.remove(&gref);
+    }
+    true
+}
+
 impl<G: GrantMapper> GrantSpace<G>
 where
     G::Mapping: 'static,
@@ -381,47 +399,54 @@ where
                 }
             }
             if cache.len() + fresh.len() <= self.max_persistent {
+                let mut mapped = true;
                 if !fresh.is_empty() {
                     // Keep the number of mappings bounded: unmap the oldest batch first (the
-                    // pieces of chains in flight keep it alive until they are done). A batch
-                    // holding a ref of this chain is kept.
+                    // pieces of chains in flight keep it alive until they are done).
                     while self.batches.len() >= MAX_PERSISTENT_MAPPINGS {
-                        let Some(pos) = self
-                            .batches
-                            .iter()
-                            .position(|b| !decoded.iter().any(|(g, _, _)| b.contains(g)))
-                        else {
+                        if !evict_oldest_batch(&mut self.batches, cache, &decoded) {
                             break;
-                        };
-                        if let Some(old) = self.batches.remove(pos) {
-                            for gref in old {
-                                cache.remove(&gref);
+                        }
+                    }
+                    let m = loop {
+                        match self.mapper.map(self.peer, &fresh, Access::ReadWrite) {
+                            Ok(m) => break Some(share(m)),
+                            // Over the domain's page budget: give back the oldest batch.
+                            Err(XenError::OverBudget { .. })
+                                if evict_oldest_batch(&mut self.batches, cache, &decoded) => {}
+                            Err(XenError::OverBudget { .. }) => break None,
+                            Err(e) => return Err(e.into()),
+                        }
+                    };
+                    match m {
+                        Some(m) => {
+                            counters.map_calls += 1;
+                            counters.pages_mapped += fresh.len() as u64;
+                            for (i, gref) in fresh.iter().enumerate() {
+                                cache.insert(*gref, (Arc::clone(&m), i));
                             }
+                            self.batches.push_back(fresh.clone());
                         }
+                        None => mapped = false,
                     }
-                    let m = share(self.mapper.map(self.peer, &fresh, Access::ReadWrite)?);
-                    counters.map_calls += 1;
-                    counters.pages_mapped += fresh.len() as u64;
-                    for (i, gref) in fresh.iter().enumerate() {
-                        cache.insert(*gref, (Arc::clone(&m), i));
-                    }
-                    self.batches.push_back(fresh.clone());
                 }
-                let hits = (decoded.len() - fresh.len()) as u64;
-                counters.cache_hits += hits;
-                let pieces = decoded
-                    .iter()
-                    .map(|(gref, offset, d)| {
-                        let (map, page) = &cache[gref];
-                        Piece {
-                            map: Arc::clone(map),
-                            offset: page * PAGE_SIZE + offset,
-                            len: d.len as usize,
-                            writable: d.writable,
-                        }
-                    })
-                    .collect();
-                return Ok(MappedChain { pieces });
+                if mapped {
+                    let hits = (decoded.len() - fresh.len()) as u64;
+                    counters.cache_hits += hits;
+                    let pieces = decoded
+                        .iter()
+                        .map(|(gref, offset, d)| {
+                            let (map, page) = &cache[gref];
+                            Piece {
+                                map: Arc::clone(map),
+                                offset: page * PAGE_SIZE + offset,
+                                len: d.len as usize,
+                                writable: d.writable,
+                            }
+                        })
+                        .collect();
+                    return Ok(MappedChain { pieces });
+                }
             }
             // The cache is full: this chain is mapped per request, as without the feature.
         }
@@ -534,7 +559,18 @@ where
         }
         let first: Gfn = index * DIRECT_CHUNK_PAGES;
         let gfns: Vec<Gfn> = (first..first + DIRECT_CHUNK_PAGES).collect();
-        let m = match self.mapper.map(self.peer, &gfns, Access::ReadWrite) {
+        let result = loop {
+            match self.mapper.map(self.peer, &gfns, Access::ReadWrite) {
+                // Over the domain's page budget: give back the least recently used chunk.
+                Err(XenError::OverBudget { .. }) if !self.lru.is_empty() => {
+                    if let Some(old) = self.lru.pop_front() {
+                        self.chunks.remove(&old);
+                    }
+                }
+                r => break r,
+            }
+        };
+        let m = match result {
             Ok(m) => share(m),
             Err(e) => {
                 tracing::debug!(chunk = index, error = %e, "direct chunk not mappable; backing off");
@@ -919,8 +955,16 @@ mod tests {
         for _ in 0..REQUESTS {
             drop(space.map_chain(&chain(&[(gpa, 6, false)]), &mut c).unwrap());
         }
-        assert_eq!(mapper.chunk_attempts.load(Relaxed), 2, "one attempt per window");
-        assert_eq!(hv.stats(0).foreign_maps, 0, "per-request mappings were released");
+        assert_eq!(
+            mapper.chunk_attempts.load(Relaxed),
+            2,
+            "one attempt per window"
+        );
+        assert_eq!(
+            hv.stats(0).foreign_maps,
+            0,
+            "per-request mappings were released"
+        );
     }
 
     /// Finding 3 of issue 13: under persistent grants, a frontend that uses one new page of its
@@ -938,7 +982,10 @@ mod tests {
             .grant(0, PAGES, Access::ReadWrite)
             .unwrap();
         for i in 0..PAGES {
-            pages.mem().write(i * 4096, &(i as u32).to_le_bytes()).unwrap();
+            pages
+                .mem()
+                .write(i * 4096, &(i as u32).to_le_bytes())
+                .unwrap();
         }
         let refs = pages.refs().to_vec();
         let mut space: Space =
@@ -946,7 +993,9 @@ mod tests {
         let mut c = MapCounters::default();
         let mut most = 0;
         for (round, &gref) in refs.iter().chain(refs.iter()).enumerate() {
-            let m = space.map_chain(&chain(&[(gaddr(gref, 0), 4, false)]), &mut c).unwrap();
+            let m = space
+                .map_chain(&chain(&[(gaddr(gref, 0), 4, false)]), &mut c)
+                .unwrap();
             let got = u32::from_le_bytes(m.readable()[0].read_array::<4>(0).unwrap());
             assert_eq!(got as usize, round % PAGES, "verified data");
             most = most.max(hv.stats(0).grant_maps);

@@ -48,7 +48,11 @@ fn hostile_many_bounce_devices_of_one_domain_hit_the_domain_budget() {
          {BUDGET} ({} devices of {POOL} pool pages connected)",
         connected.len()
     );
-    assert_eq!(connected.len(), 3, "three pools fit in the budget: {refused:?}");
+    assert_eq!(
+        connected.len(),
+        3,
+        "three pools fit in the budget: {refused:?}"
+    );
     let error = w
         .device_stats(HOSTILE, 3)
         .and_then(|s| s.last_error)

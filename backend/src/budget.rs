@@ -3,9 +3,10 @@
 //! This module owns the ledger of how many of each frontend domain's pages the daemon has
 //! mapped, shared by all device threads, and the mapper wrappers that reserve pages in it
 //! **before** every grant or foreign map call and release them when the mapping is dropped.
-//! Every mapping of a frontend's memory (rings, bounce pool and its directory, persistent and
-//! per-request grants, `direct` chunks) goes through these wrappers, so a domain can never hold
-//! more than its budget, however many devices it has. It never maps anything itself.
+//! Every grant mapping of a frontend's memory (rings, bounce pool and its directory, persistent
+//! and per-request grants) goes through these wrappers, so a domain can never hold more than
+//! its budget, however many devices it has. `direct`'s foreign mappings go through them
+//! uncharged (they take no maptrack entry). It never maps anything itself.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,24 +17,24 @@ use xenvirtio_xen::platform::{
 };
 use xenvirtio_xen::{Access, DomId, Gfn, GrantRef, XenError};
 
-/// Default pages one frontend domain's devices may have mapped together: 768 (3 MiB).
+/// Default grant-mapped pages one frontend domain's devices may hold together: 1024 (4 MiB).
 ///
 /// Dom0's maptrack table holds about 256K entries at Xen's default (1024 frames of 256
-/// entries) and is shared with the kernel's blkback and netback. A guest with one blkback
-/// disk and one netback vif may make those hold up to 1056 persistent grants plus about 352
-/// in-flight segments (blkback) and 256 in-flight tx grants (netback): about 1664 entries.
-/// For 100 guests that is 166,400, which leaves about 95,700 entries, 957 per guest; 768
-/// pages per guest keeps 100 guests at 243,200 entries, about 7 % under the table's size.
-pub const DEFAULT_MAX_PAGES_PER_DOMAIN: u64 = 768;
+/// entries: 262,144) and is shared with the kernel's blkback and netback. A guest with one
+/// blkback disk (persistent grants, Linux's default: at most 1056 per ring, and the segments
+/// in flight are those grants) and one netback vif (at most 256 tx grants mapped in flight)
+/// makes them hold about 1312 entries. 100 such guests with 1024 pages each here take
+/// 100 × (1312 + 1024) = 233,600 entries, about 11 % under the table's size.
+pub const DEFAULT_MAX_PAGES_PER_DOMAIN: u64 = 1024;
 
-/// Devices of one domain the published per-device bounce-pool size leaves room for.
-pub const BOUNCE_SHARES_PER_DOMAIN: u64 = 4;
+/// Pages of the budget `max-bounce-pages` leaves for the pool's directory and the rings.
+pub const BOUNCE_HEADROOM_PAGES: u64 = 16;
 
-/// Pages of the domain budget a frontend should use for one device's bounce pool
-/// (`max-bounce-pages`): a quarter of the budget, less room for the directory and the rings,
-/// so that four devices of one domain fit; at least 1 and at most 16384.
+/// The largest bounce pool that can connect at all (`max-bounce-pages`): the budget less
+/// [`BOUNCE_HEADROOM_PAGES`], at least 1 and at most 16384. The budget is shared by the
+/// domain's devices, so a frontend with several should divide it.
 pub fn max_bounce_pages(budget: u64) -> u32 {
-    let share = (budget / BOUNCE_SHARES_PER_DOMAIN).saturating_sub(8);
+    let share = budget.saturating_sub(BOUNCE_HEADROOM_PAGES);
     share.clamp(1, u64::from(xenvirtio_virtio::protocol::MAX_BOUNCE_PAGES)) as u32
 }
 
@@ -122,13 +123,34 @@ impl Drop for Reservation {
 #[derive(Debug)]
 pub struct Budgeted<M> {
     inner: M,
-    budgets: Arc<DomainBudgets>,
+    /// `None`: mappings are not charged (see [`Budgeted::uncharged`]).
+    budgets: Option<Arc<DomainBudgets>>,
 }
 
 impl<M> Budgeted<M> {
     /// Wraps `inner`, charging its mappings to `budgets`.
     pub fn new(inner: M, budgets: Arc<DomainBudgets>) -> Self {
-        Self { inner, budgets }
+        Self {
+            inner,
+            budgets: Some(budgets),
+        }
+    }
+
+    /// Wraps `inner` without charging its mappings. Used for `direct`'s foreign mappings,
+    /// which take no maptrack entry; their count is bounded per device by the chunk cache
+    /// (`DIRECT_CACHE_CHUNKS`), and only trusted frontends get `direct` (PROTOCOL.md 10.5).
+    pub fn uncharged(inner: M) -> Self {
+        Self {
+            inner,
+            budgets: None,
+        }
+    }
+
+    fn reserve(&self, dom: DomId, pages: usize) -> Result<Option<Reservation>, XenError> {
+        self.budgets
+            .as_ref()
+            .map(|b| b.reserve(dom, pages))
+            .transpose()
     }
 
     /// The wrapped mapper.
@@ -142,7 +164,7 @@ impl<M> Budgeted<M> {
 pub struct BudgetedMapping<M> {
     // Field order is drop order: unmap first, then give the pages back.
     inner: M,
-    _reservation: Reservation,
+    _reservation: Option<Reservation>,
 }
 
 impl<M: MappedPages> MappedPages for BudgetedMapping<M> {
@@ -169,7 +191,7 @@ impl<G: GrantMapper> GrantMapper for Budgeted<G> {
         refs: &[GrantRef],
         access: Access,
     ) -> Result<Self::Mapping, XenError> {
-        let reservation = self.budgets.reserve(peer, refs.len())?;
+        let reservation = self.reserve(peer, refs.len())?;
         Ok(BudgetedMapping {
             inner: self.inner.map(peer, refs, access)?,
             _reservation: reservation,
@@ -186,7 +208,7 @@ impl<F: ForeignMapper> ForeignMapper for Budgeted<F> {
     type Mapping = BudgetedMapping<F::Mapping>;
 
     fn map(&self, dom: DomId, gfns: &[Gfn], access: Access) -> Result<Self::Mapping, XenError> {
-        let reservation = self.budgets.reserve(dom, gfns.len())?;
+        let reservation = self.reserve(dom, gfns.len())?;
         Ok(BudgetedMapping {
             inner: self.inner.map(dom, gfns, access)?,
             _reservation: reservation,
@@ -226,8 +248,8 @@ mod tests {
     }
 
     #[test]
-    fn the_published_pool_size_leaves_room_for_four_devices() {
-        assert_eq!(max_bounce_pages(DEFAULT_MAX_PAGES_PER_DOMAIN), 184);
+    fn the_published_pool_size_leaves_room_for_rings() {
+        assert_eq!(max_bounce_pages(DEFAULT_MAX_PAGES_PER_DOMAIN), 1008);
         assert_eq!(max_bounce_pages(0), 1);
         assert_eq!(max_bounce_pages(1 << 30), 16384);
     }

@@ -889,13 +889,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_persistent_grants: u32,
 
-    /// Pages all devices of one frontend domain may have mapped at once: rings, bounce pools
-    /// and their directories, persistent and per-request grants, `direct` chunks. Mappings are
+    /// Grant-mapped pages all devices of one frontend domain may hold at once: rings, bounce
+    /// pools and their directories, persistent and per-request grants. Mappings are
     /// refused before the map call once a domain holds this many (a connect that needs more
-    /// is refused with an `error` node; a request, with a protocol error). The default, 768
-    /// (3 MiB), keeps 100 guests within Dom0's default maptrack table (about 256K entries)
+    /// is refused with an `error` node; a request, with a protocol error). The default, 1024
+    /// (4 MiB), keeps 100 guests within Dom0's default maptrack table (about 256K entries)
     /// next to blkback and netback; see docs/OPERATING.md. Published to frontends as
-    /// `max-pages-per-domain`, and a quarter of it (less 8) as `max-bounce-pages`.
+    /// `max-pages-per-domain`, and less 16 as `max-bounce-pages`.
     #[arg(long, value_name = "PAGES", default_value_t = crate::budget::DEFAULT_MAX_PAGES_PER_DOMAIN)]
     pub max_pages_per_domain: u64,
 

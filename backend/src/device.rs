@@ -675,7 +675,7 @@ impl<P: Platform> Machine<'_, P> {
         let foreign = if setup.strategy == DmaStrategy::Direct {
             let f = platform.foreign_mapper().map_err(SetupError::Platform)?;
             f.restrict(peer).map_err(SetupError::Platform)?;
-            Some(Arc::new(Budgeted::new(f, Arc::clone(budgets))))
+            Some(Arc::new(Budgeted::uncharged(f)))
         } else {
             None
         };

@@ -38,9 +38,10 @@ use xenvirtio_xen::platform::Platform;
 use xenvirtio_xenstore::xenbus::{self, XenbusState};
 use xenvirtio_xenstore::{TxId, WatchEvents, XenStore, XsError};
 
+use crate::budget::DomainBudgets;
 use crate::device::{self, DeviceContext, DeviceMsg};
 use crate::event_loop::{EventHandler, EventLoop, LoopToken};
-use crate::stats::{self, DeviceStats, ProcessStats, StatsReport};
+use crate::stats::{self, DeviceStats, DomainPages, ProcessStats, StatsReport};
 
 /// Where the daemon listens by default.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/xenvirtio/backend.sock";
@@ -90,6 +91,9 @@ pub struct DaemonConfig {
     pub max_queue_size: u32,
     /// `max-persistent-grants` per device (0: no persistent grants).
     pub max_persistent_grants: u32,
+    /// Pages all devices of one frontend domain may have mapped together
+    /// (`max-pages-per-domain`, issue 13 finding 3).
+    pub max_pages_per_domain: u64,
     /// The control socket (`None`: no socket, e.g. in tests).
     pub control_socket: Option<PathBuf>,
     /// 8.5: how long to wait for a frontend to answer a reset after a restart.
@@ -104,6 +108,7 @@ impl Default for DaemonConfig {
             allow_direct: Vec::new(),
             max_queue_size: 1024,
             max_persistent_grants: 1024,
+            max_pages_per_domain: crate::budget::DEFAULT_MAX_PAGES_PER_DOMAIN,
             control_socket: None,
             restart_timeout: RESTART_TIMEOUT,
             shutdown_grace: SHUTDOWN_GRACE,
@@ -175,6 +180,8 @@ struct Shared {
     waker: Arc<Waker>,
     stop: AtomicBool,
     devices: Mutex<BTreeMap<DeviceKey, Arc<Mutex<DeviceStats>>>>,
+    /// Mapped pages per frontend domain, against `max_pages_per_domain`.
+    budgets: Arc<DomainBudgets>,
 }
 
 impl Shared {
@@ -191,7 +198,22 @@ impl Shared {
             xen_mappings: stats::own_xen_mappings(),
             event_ports: devices.iter().map(|d| d.ports).sum(),
         };
-        StatsReport { devices, process }
+        let budget = self.budgets.budget();
+        let domains = self
+            .budgets
+            .snapshot()
+            .into_iter()
+            .map(|(domid, mapped_pages)| DomainPages {
+                domid,
+                mapped_pages,
+                budget,
+            })
+            .collect();
+        StatsReport {
+            devices,
+            domains,
+            process,
+        }
     }
 }
 
@@ -363,6 +385,7 @@ impl<P: Platform> Daemon<P> {
             waker: evloop.waker(),
             stop: AtomicBool::new(false),
             devices: Mutex::new(BTreeMap::new()),
+            budgets: DomainBudgets::new(config.max_pages_per_domain),
         });
         let (exit_tx, exit_rx) = channel();
         tracing::info!(backend, root, "xenvirtio backend started");
@@ -575,6 +598,7 @@ impl<P: Platform> DaemonState<P> {
             devid: key.1,
             inbox,
             stats: Arc::clone(&stats),
+            budgets: Arc::clone(&self.shared.budgets),
         };
         let notice = ExitNotice {
             tx: self.exit_tx.clone(),
@@ -865,6 +889,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_persistent_grants: u32,
 
+    /// Grant-mapped pages all devices of one frontend domain may hold at once: rings, bounce
+    /// pools and their directories, persistent and per-request grants. Mappings are
+    /// refused before the map call once a domain holds this many (a connect that needs more
+    /// is refused with an `error` node; a request, with a protocol error). The default, 1024
+    /// (4 MiB), keeps 100 guests within Dom0's default maptrack table (about 256K entries)
+    /// next to blkback and netback; see docs/OPERATING.md. Published to frontends as
+    /// `max-pages-per-domain`, and less 16 as `max-bounce-pages`.
+    #[arg(long, value_name = "PAGES", default_value_t = crate::budget::DEFAULT_MAX_PAGES_PER_DOMAIN)]
+    pub max_pages_per_domain: u64,
+
     /// This backend's domain id. By default it is read from xenstore (`domid` in the domain's
     /// home, which Xen's init writes for Dom0).
     #[arg(long, value_name = "DOMID")]
@@ -892,6 +926,7 @@ impl ServeArgs {
             allow_direct: self.allow_direct.clone(),
             max_queue_size: self.max_queue_size,
             max_persistent_grants: self.max_persistent_grants,
+            max_pages_per_domain: self.max_pages_per_domain,
             control_socket: Some(self.socket.clone()),
             restart_timeout: Duration::from_secs(self.restart_timeout),
             shutdown_grace: Duration::from_secs(self.shutdown_grace),
@@ -995,6 +1030,7 @@ mod tests {
             "--allow-direct",
             "--max-queue-size",
             "--max-persistent-grants",
+            "--max-pages-per-domain",
             "--domid",
             "--restart-timeout",
             "--shutdown-grace",

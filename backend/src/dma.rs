@@ -13,6 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use xenvirtio_virtio::dma::{DmaAddr, DmaError, DmaStrategy};
 use xenvirtio_virtio::protocol::{PAGE_SIZE, decode_directory_page, directory_pages};
@@ -26,6 +27,17 @@ use crate::virtqueue::{Chain, ChainDescriptor};
 pub const DIRECT_CHUNK_PAGES: u64 = 512;
 /// Chunks the `direct` cache keeps mapped (1 GiB of the frontend's memory).
 pub const DIRECT_CACHE_CHUNKS: usize = 512;
+/// How long a `direct` chunk that could not be mapped whole is not tried again (finding 5 of
+/// issue 13: a chunk with a paged-out frame cost up to 0.5 s on every request). Meanwhile
+/// requests in it map only their own pages, as they did after a failed attempt.
+pub const DIRECT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// Persistent-grant mappings (gntdev VMAs) kept per device. Each batch of new refs is one
+/// mapping; past this many the oldest batch is unmapped (its refs are mapped again when next
+/// used), so a frontend that touches one new page per request costs at most this many VMAs
+/// (finding 3 of issue 13: it cost one per page, up to `max-persistent-grants`).
+pub const MAX_PERSISTENT_MAPPINGS: usize = 32;
+/// Unmappable chunks remembered at most (the oldest is forgotten first).
+pub const DIRECT_NEGATIVE_ENTRIES: usize = 256;
 
 /// Why a chain's buffers could not be reached. Each is a protocol error for the device.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +73,8 @@ pub struct MapCounters {
     pub chains: u64,
     /// Buffers served from the persistent-grant or direct cache without mapping.
     pub cache_hits: u64,
+    /// `direct` chunk maps skipped because the chunk failed to map within the backoff.
+    pub negative_hits: u64,
 }
 
 /// A mapping shared by the pieces of chains that use it.
@@ -135,6 +149,9 @@ pub struct GrantSpace<G: GrantMapper> {
     /// Persistent grants: ref -> (mapping, page index). `None` without `feature-persistent`.
     persistent: Option<HashMap<GrantRef, (SharedMapping, usize)>>,
     max_persistent: usize,
+    /// The persistent mappings with their refs, oldest first (at most
+    /// [`MAX_PERSISTENT_MAPPINGS`]).
+    batches: VecDeque<Vec<GrantRef>>,
 }
 
 impl<G: GrantMapper> std::fmt::Debug for GrantSpace<G> {
@@ -168,6 +185,9 @@ pub struct DirectSpace<F: ForeignMapper> {
     chunks: HashMap<u64, SharedMapping>,
     lru: VecDeque<u64>,
     max_chunks: usize,
+    /// Chunks that could not be mapped whole, with when they may be tried again, oldest first.
+    unmappable: VecDeque<(u64, Instant)>,
+    retry_backoff: Duration,
 }
 
 impl<F: ForeignMapper> std::fmt::Debug for DirectSpace<F> {
@@ -215,6 +235,7 @@ where
             peer,
             persistent: persistent.then(HashMap::new),
             max_persistent,
+            batches: VecDeque::new(),
         })
     }
 
@@ -262,7 +283,17 @@ where
             chunks: HashMap::new(),
             lru: VecDeque::new(),
             max_chunks: max_chunks.max(1),
+            unmappable: VecDeque::new(),
+            retry_backoff: DIRECT_RETRY_BACKOFF,
         })
+    }
+
+    /// Sets how long an unmappable `direct` chunk is not tried again (tests use a short one).
+    pub fn with_direct_retry_backoff(mut self, backoff: Duration) -> Self {
+        if let AddressSpace::Direct(d) = &mut self {
+            d.retry_backoff = backoff;
+        }
+        self
     }
 
     /// The strategy.
@@ -324,6 +355,24 @@ where
     }
 }
 
+/// Unmaps the oldest persistent batch that holds none of `keep`'s refs; false if there is none.
+fn evict_oldest_batch(
+    batches: &mut VecDeque<Vec<GrantRef>>,
+    cache: &mut HashMap<GrantRef, (SharedMapping, usize)>,
+    keep: &[(GrantRef, usize, &ChainDescriptor)],
+) -> bool {
+    let Some(pos) = batches
+        .iter()
+        .position(|b| !keep.iter().any(|(g, _, _)| b.contains(g)))
+    else {
+        return false;
+    };
+    for gref in batches.remove(pos).unwrap_or_default() {
+        cache.remove(&gref);
+    }
+    true
+}
+
 impl<G: GrantMapper> GrantSpace<G>
 where
     G::Mapping: 'static,
@@ -350,29 +399,54 @@ where
                 }
             }
             if cache.len() + fresh.len() <= self.max_persistent {
+                let mut mapped = true;
                 if !fresh.is_empty() {
-                    let m = share(self.mapper.map(self.peer, &fresh, Access::ReadWrite)?);
-                    counters.map_calls += 1;
-                    counters.pages_mapped += fresh.len() as u64;
-                    for (i, gref) in fresh.iter().enumerate() {
-                        cache.insert(*gref, (Arc::clone(&m), i));
+                    // Keep the number of mappings bounded: unmap the oldest batch first (the
+                    // pieces of chains in flight keep it alive until they are done).
+                    while self.batches.len() >= MAX_PERSISTENT_MAPPINGS {
+                        if !evict_oldest_batch(&mut self.batches, cache, &decoded) {
+                            break;
+                        }
+                    }
+                    let m = loop {
+                        match self.mapper.map(self.peer, &fresh, Access::ReadWrite) {
+                            Ok(m) => break Some(share(m)),
+                            // Over the domain's page budget: give back the oldest batch.
+                            Err(XenError::OverBudget { .. })
+                                if evict_oldest_batch(&mut self.batches, cache, &decoded) => {}
+                            Err(XenError::OverBudget { .. }) => break None,
+                            Err(e) => return Err(e.into()),
+                        }
+                    };
+                    match m {
+                        Some(m) => {
+                            counters.map_calls += 1;
+                            counters.pages_mapped += fresh.len() as u64;
+                            for (i, gref) in fresh.iter().enumerate() {
+                                cache.insert(*gref, (Arc::clone(&m), i));
+                            }
+                            self.batches.push_back(fresh.clone());
+                        }
+                        None => mapped = false,
                     }
                 }
-                let hits = (decoded.len() - fresh.len()) as u64;
-                counters.cache_hits += hits;
-                let pieces = decoded
-                    .iter()
-                    .map(|(gref, offset, d)| {
-                        let (map, page) = &cache[gref];
-                        Piece {
-                            map: Arc::clone(map),
-                            offset: page * PAGE_SIZE + offset,
-                            len: d.len as usize,
-                            writable: d.writable,
-                        }
-                    })
-                    .collect();
-                return Ok(MappedChain { pieces });
+                if mapped {
+                    let hits = (decoded.len() - fresh.len()) as u64;
+                    counters.cache_hits += hits;
+                    let pieces = decoded
+                        .iter()
+                        .map(|(gref, offset, d)| {
+                            let (map, page) = &cache[gref];
+                            Piece {
+                                map: Arc::clone(map),
+                                offset: page * PAGE_SIZE + offset,
+                                len: d.len as usize,
+                                writable: d.writable,
+                            }
+                        })
+                        .collect();
+                    return Ok(MappedChain { pieces });
+                }
             }
             // The cache is full: this chain is mapped per request, as without the feature.
         }
@@ -459,7 +533,9 @@ impl<F: ForeignMapper> DirectSpace<F>
 where
     F::Mapping: 'static,
 {
-    fn chunk(&mut self, index: u64, counters: &mut MapCounters) -> Result<SharedMapping, XenError> {
+    /// The chunk `index`, mapped whole, or `None` if it cannot be (now, or within the backoff
+    /// after a failed attempt).
+    fn chunk(&mut self, index: u64, counters: &mut MapCounters) -> Option<SharedMapping> {
         if let Some(c) = self.chunks.get(&index) {
             counters.cache_hits += 1;
             let c = Arc::clone(c);
@@ -467,21 +543,50 @@ where
                 self.lru.remove(pos);
             }
             self.lru.push_back(index);
-            return Ok(c);
+            return Some(c);
         }
-        let first: Gfn = index * DIRECT_CHUNK_PAGES;
-        let gfns: Vec<Gfn> = (first..first + DIRECT_CHUNK_PAGES).collect();
-        let m = share(self.mapper.map(self.peer, &gfns, Access::ReadWrite)?);
-        counters.map_calls += 1;
-        counters.pages_mapped += DIRECT_CHUNK_PAGES;
+        let now = Instant::now();
+        self.unmappable.retain(|&(_, until)| until > now);
+        if self.unmappable.iter().any(|&(i, _)| i == index) {
+            counters.negative_hits += 1;
+            return None;
+        }
         if self.chunks.len() >= self.max_chunks {
+            // Evict before mapping, so the cache never holds more than its cap (or budget).
             if let Some(old) = self.lru.pop_front() {
                 self.chunks.remove(&old);
             }
         }
+        let first: Gfn = index * DIRECT_CHUNK_PAGES;
+        let gfns: Vec<Gfn> = (first..first + DIRECT_CHUNK_PAGES).collect();
+        let result = loop {
+            match self.mapper.map(self.peer, &gfns, Access::ReadWrite) {
+                // Over the domain's page budget: give back the least recently used chunk.
+                Err(XenError::OverBudget { .. }) if !self.lru.is_empty() => {
+                    if let Some(old) = self.lru.pop_front() {
+                        self.chunks.remove(&old);
+                    }
+                }
+                r => break r,
+            }
+        };
+        let m = match result {
+            Ok(m) => share(m),
+            Err(e) => {
+                tracing::debug!(chunk = index, error = %e, "direct chunk not mappable; backing off");
+                if self.unmappable.len() >= DIRECT_NEGATIVE_ENTRIES {
+                    self.unmappable.pop_front();
+                }
+                self.unmappable
+                    .push_back((index, Instant::now() + self.retry_backoff));
+                return None;
+            }
+        };
+        counters.map_calls += 1;
+        counters.pages_mapped += DIRECT_CHUNK_PAGES;
         self.chunks.insert(index, Arc::clone(&m));
         self.lru.push_back(index);
-        Ok(m)
+        Some(m)
     }
 
     fn map_chain(
@@ -504,10 +609,10 @@ where
                 let within = at % chunk_bytes;
                 let n = (chunk_bytes - within).min(end - at);
                 let map = match self.chunk(index, counters) {
-                    Ok(m) => m,
+                    Some(m) => m,
                     // A chunk that reaches past the frontend's memory (or into a hole) cannot
                     // be mapped whole: map just this buffer's pages, for this request only.
-                    Err(_) => {
+                    None => {
                         let first = at / PAGE_SIZE as u64;
                         let last = (at + n - 1) / PAGE_SIZE as u64;
                         let gfns: Vec<Gfn> = (first..=last).collect();
@@ -776,5 +881,132 @@ mod tests {
             space.map_chain(&chain(&[(gpa, 6, false)]), &mut c),
             Err(DmaMapError::Map(_))
         ));
+    }
+
+    /// A foreign mapper that counts its map attempts, successful or not, by size.
+    struct CountingForeign {
+        inner: <LoopbackDomain as Platform>::Foreign,
+        chunk_attempts: std::sync::atomic::AtomicUsize,
+        attempts: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ForeignMapper for CountingForeign {
+        type Mapping = <<LoopbackDomain as Platform>::Foreign as ForeignMapper>::Mapping;
+        fn map(&self, dom: DomId, gfns: &[Gfn], access: Access) -> Result<Self::Mapping, XenError> {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.attempts.fetch_add(1, Relaxed);
+            if gfns.len() as u64 == DIRECT_CHUNK_PAGES {
+                self.chunk_attempts.fetch_add(1, Relaxed);
+            }
+            self.inner.map(dom, gfns, access)
+        }
+        fn restrict(&self, dom: DomId) -> Result<(), XenError> {
+            self.inner.restrict(dom)
+        }
+    }
+
+    /// Finding 5 of issue 13: a `direct` chunk that cannot be mapped whole (here it reaches
+    /// past the frontend's 256 pages of RAM; on Xen, a paged-out frame costs up to 0.5 s of
+    /// retries) is tried once per backoff window, not on every request; the requests in it
+    /// are still served through their own pages.
+    #[test]
+    fn hostile_direct_unmappable_chunk_is_not_retried() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let hv = LoopbackXen::with_config(xenvirtio_xen::loopback::LoopbackConfig {
+            ram_pages: 256,
+            ..Default::default()
+        });
+        let back = hv.domain(0);
+        let front = hv.domain(FRONT);
+        let pinned = front.pinned_allocator().unwrap().alloc_pinned(2).unwrap();
+        pinned.mem().write(4096 + 7, b"direct").unwrap();
+        let gpa = pinned.gfns()[1] * 4096 + 7;
+        let mapper = Arc::new(CountingForeign {
+            inner: back.foreign_mapper().unwrap(),
+            chunk_attempts: Default::default(),
+            attempts: Default::default(),
+        });
+        let mut space: AddressSpace<<LoopbackDomain as Platform>::GrantMap, CountingForeign> =
+            AddressSpace::direct(Arc::clone(&mapper), FRONT, 4);
+        let mut c = MapCounters::default();
+        const REQUESTS: usize = 50;
+        let started = Instant::now();
+        for _ in 0..REQUESTS {
+            let m = space.map_chain(&chain(&[(gpa, 6, false)]), &mut c).unwrap();
+            assert_eq!(m.readable()[0].read_array::<6>(0).unwrap(), *b"direct");
+        }
+        assert!(
+            started.elapsed() < DIRECT_RETRY_BACKOFF,
+            "the requests ran within one backoff window"
+        );
+        let chunk_attempts = mapper.chunk_attempts.load(Relaxed);
+        assert_eq!(
+            chunk_attempts, 1,
+            "{REQUESTS} requests in one backoff window made {chunk_attempts} attempts to map \
+             the unmappable chunk (expected 1)"
+        );
+        assert_eq!(
+            mapper.attempts.load(Relaxed),
+            1 + REQUESTS,
+            "each request still maps its own page"
+        );
+        // After the window, the chunk is tried once more.
+        std::thread::sleep(DIRECT_RETRY_BACKOFF + Duration::from_millis(50));
+        for _ in 0..REQUESTS {
+            drop(space.map_chain(&chain(&[(gpa, 6, false)]), &mut c).unwrap());
+        }
+        assert_eq!(
+            mapper.chunk_attempts.load(Relaxed),
+            2,
+            "one attempt per window"
+        );
+        assert_eq!(
+            hv.stats(0).foreign_maps,
+            0,
+            "per-request mappings were released"
+        );
+    }
+
+    /// Finding 3 of issue 13: under persistent grants, a frontend that uses one new page of its
+    /// arena per request made one gntdev mapping (one VMA) per page, up to
+    /// `max-persistent-grants`; the mappings per device now stay at or under
+    /// [`MAX_PERSISTENT_MAPPINGS`] (32) however the pages are touched.
+    #[test]
+    fn hostile_persistent_grants_one_new_page_per_request() {
+        const PAGES: usize = 1000;
+        const VMA_BOUND: usize = 32;
+        let (hv, back, front) = setup();
+        let pages = front
+            .grant_allocator()
+            .unwrap()
+            .grant(0, PAGES, Access::ReadWrite)
+            .unwrap();
+        for i in 0..PAGES {
+            pages
+                .mem()
+                .write(i * 4096, &(i as u32).to_le_bytes())
+                .unwrap();
+        }
+        let refs = pages.refs().to_vec();
+        let mut space: Space =
+            AddressSpace::grant(Arc::new(back.grant_mapper().unwrap()), FRONT, true, 1024);
+        let mut c = MapCounters::default();
+        let mut most = 0;
+        for (round, &gref) in refs.iter().chain(refs.iter()).enumerate() {
+            let m = space
+                .map_chain(&chain(&[(gaddr(gref, 0), 4, false)]), &mut c)
+                .unwrap();
+            let got = u32::from_le_bytes(m.readable()[0].read_array::<4>(0).unwrap());
+            assert_eq!(got as usize, round % PAGES, "verified data");
+            most = most.max(hv.stats(0).grant_maps);
+        }
+        assert!(
+            most <= VMA_BOUND,
+            "{} requests, one new page each, left {most} grant mappings (VMAs) of one device \
+             (bound {VMA_BOUND})",
+            2 * PAGES
+        );
+        drop(space);
+        assert_eq!(hv.stats(0).grant_maps, 0);
     }
 }

@@ -221,6 +221,8 @@ pub struct Offer {
     pub max_queue_size: u32,
     /// `max-persistent-grants` (`feature-persistent = 1` when non-zero).
     pub max_persistent_grants: u32,
+    /// `max-pages-per-domain`: the domain's page budget (`max-bounce-pages` follows from it).
+    pub max_pages_per_domain: u64,
     /// `config`: the device config struct.
     pub config: Vec<u8>,
     /// console: `tty`.
@@ -250,6 +252,7 @@ impl Offer {
             max_queues: toolstack.queues,
             max_queue_size: max_queue_size.clamp(1, MAX_QUEUE_SIZE),
             max_persistent_grants,
+            max_pages_per_domain: crate::budget::DEFAULT_MAX_PAGES_PER_DOMAIN,
             config,
             tty: None,
         }
@@ -303,6 +306,16 @@ pub fn publish(store: &dyn XenStore, bdir: &str, offer: &Offer) -> Result<u32, X
             tx,
             &key(bk::MAX_PERSISTENT_GRANTS),
             &offer.max_persistent_grants.to_string(),
+        )?;
+        store.write_str(
+            tx,
+            &key(bk::MAX_PAGES_PER_DOMAIN),
+            &offer.max_pages_per_domain.to_string(),
+        )?;
+        store.write_str(
+            tx,
+            &key(bk::MAX_BOUNCE_PAGES),
+            &crate::budget::max_bounce_pages(offer.max_pages_per_domain).to_string(),
         )?;
         store.write_str(tx, &key(bk::CONFIG), &protocol::encode_hex(&offer.config))?;
         store.write_str(tx, &key(bk::CONFIG_GENERATION), &generation.to_string())?;

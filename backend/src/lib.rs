@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod blk;
+pub mod budget;
 pub mod chain_io;
 pub mod console;
 pub mod daemon;

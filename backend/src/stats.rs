@@ -64,11 +64,24 @@ pub struct ProcessStats {
     pub event_ports: u64,
 }
 
+/// One frontend domain's mapped pages against its budget (`--max-pages-per-domain`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DomainPages {
+    /// Frontend domain.
+    pub domid: DomId,
+    /// Pages of it mapped now, by all its devices.
+    pub mapped_pages: u64,
+    /// Its budget.
+    pub budget: u64,
+}
+
 /// A full report.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StatsReport {
     /// One record per device, ordered by domid then devid.
     pub devices: Vec<DeviceStats>,
+    /// One record per frontend domain with pages mapped, by domid.
+    pub domains: Vec<DomainPages>,
     /// The process record.
     pub process: ProcessStats,
 }
@@ -145,6 +158,13 @@ impl StatsReport {
                 let _ = writeln!(o, "{:>11} error: {e}", "");
             }
         }
+        for d in &self.domains {
+            let _ = writeln!(
+                o,
+                "domain {}: {} of {} budgeted pages mapped",
+                d.domid, d.mapped_pages, d.budget
+            );
+        }
         let p = &self.process;
         let _ = writeln!(
             o,
@@ -189,6 +209,11 @@ mod tests {
                 xen_mappings: 2,
                 event_ports: 1,
             },
+            domains: vec![DomainPages {
+                domid: 3,
+                mapped_pages: 70,
+                budget: 768,
+            }],
         };
         let j = r.to_json();
         assert!(j.starts_with("{\"devices\":[{\"domid\":3,\"devid\":1,\"type\":\"blk\""));
@@ -198,5 +223,7 @@ mod tests {
         let t = r.to_table();
         assert!(t.contains("Connected"));
         assert!(t.contains("2 Xen mappings"));
+        assert!(j.contains("\"domains\":[{\"domid\":3,\"mapped_pages\":70,\"budget\":768}]"));
+        assert!(t.contains("domain 3: 70 of 768 budgeted pages mapped"));
     }
 }

@@ -660,11 +660,32 @@ impl<P: Platform + Clone> Frontend<P> {
         let persistent =
             choice.strategy == DmaStrategy::Grant && options.persistent && offer.persistent;
 
+        // A bounce pool no larger than the backend's per-device share of this domain's page
+        // budget (`max-bounce-pages`, PROTOCOL.md 2.2): a larger one would be refused.
+        let mut dma_pages = options.dma_pages;
+        if choice.strategy == DmaStrategy::Bounce {
+            let max = xenbus::optional(xenbus::read_u32(
+                &*self.store,
+                TxId::NONE,
+                &format!("{}/{}", ctx.bdir, bk::MAX_BOUNCE_PAGES),
+            ))
+            .ok()
+            .flatten();
+            if let Some(max) = max.filter(|&m| m > 0 && (m as usize) < dma_pages) {
+                tracing::info!(
+                    devid,
+                    asked = dma_pages,
+                    max_bounce_pages = max,
+                    "bounce pool sized to the backend's max-bounce-pages"
+                );
+                dma_pages = max as usize;
+            }
+        }
         let dma = DmaMemory::new(
             &self.platform,
             choice.strategy,
             backend,
-            options.dma_pages,
+            dma_pages,
             persistent,
         )
         .map_err(|source| ConnectError::Dma { devid, source })?;

@@ -58,6 +58,10 @@ pub mod backend_keys {
     pub const FEATURE_PERSISTENT: &str = "feature-persistent";
     /// Most persistent grants the backend keeps mapped per device (backend).
     pub const MAX_PERSISTENT_GRANTS: &str = "max-persistent-grants";
+    /// Pages all devices of the frontend's domain may have mapped together (backend).
+    pub const MAX_PAGES_PER_DOMAIN: &str = "max-pages-per-domain";
+    /// Largest bounce pool, in pages, the frontend should ask for on this device (backend).
+    pub const MAX_BOUNCE_PAGES: &str = "max-bounce-pages";
     /// Device config space: lowercase hex of the little-endian struct (backend).
     pub const CONFIG: &str = "config";
     /// Incremented on every config change (backend).

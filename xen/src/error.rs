@@ -184,6 +184,22 @@ pub enum XenError {
         #[source]
         source: Option<io::Error>,
     },
+    /// A mapping was refused before any system call because it would take the peer domain's
+    /// mapped pages past the budget the operator set.
+    #[error(
+        "mapping {pages} more pages of domain {dom} would pass its budget \
+         ({mapped} of {budget} pages already mapped)"
+    )]
+    OverBudget {
+        /// The domain whose pages were to be mapped.
+        dom: DomId,
+        /// Pages in the refused mapping.
+        pages: usize,
+        /// Pages of that domain mapped at the time.
+        mapped: u64,
+        /// The budget.
+        budget: u64,
+    },
     /// The loopback domain acting has been destroyed, or ran out of memory.
     #[error("domain {domid}: {reason}")]
     Domain {
@@ -210,6 +226,7 @@ impl XenError {
             | XenError::ForeignMap { source, .. } => source.raw_os_error(),
             XenError::Pinned { source, .. } => source.as_ref().and_then(io::Error::raw_os_error),
             XenError::Invalid { .. } => Some(libc::EINVAL),
+            XenError::OverBudget { .. } => Some(libc::ENOSPC),
             XenError::CopySegment { .. } => Some(libc::EIO),
             XenError::GrantRefused { reason, .. }
             | XenError::EventRefused { reason, .. }

@@ -50,6 +50,7 @@ use xenvirtio_xen::{Access, DomId};
 use xenvirtio_xenstore::xenbus::{self, XenbusState};
 use xenvirtio_xenstore::{TxId, WatchEvents, XenStore, XsError};
 
+use crate::budget::{Budgeted, DomainBudgets};
 use crate::daemon::DaemonConfig;
 use crate::dma::{AddressSpace, DIRECT_CACHE_CHUNKS, MapCounters};
 use crate::event_loop::{EventHandler, EventLoop, LoopToken};
@@ -113,6 +114,8 @@ pub(crate) struct DeviceContext<P: Platform> {
     pub devid: u32,
     pub inbox: Receiver<DeviceMsg>,
     pub stats: Arc<Mutex<DeviceStats>>,
+    /// The page budgets of all frontend domains (every mapping below is charged to it).
+    pub budgets: Arc<DomainBudgets>,
 }
 
 /// How a run of the state machine starts.
@@ -468,11 +471,15 @@ impl<P: Platform> Machine<'_, P> {
         let peer = self.ctx.frontend;
         let platform = &*self.ctx.platform;
         let mut counters = MapCounters::default();
-        let grants = Arc::new(platform.grant_mapper().map_err(SetupError::Platform)?);
+        let budgets = &self.ctx.budgets;
+        let grants = Arc::new(Budgeted::new(
+            platform.grant_mapper().map_err(SetupError::Platform)?,
+            Arc::clone(budgets),
+        ));
         let foreign = if setup.strategy == DmaStrategy::Direct {
             let f = platform.foreign_mapper().map_err(SetupError::Platform)?;
             f.restrict(peer).map_err(SetupError::Platform)?;
-            Some(Arc::new(f))
+            Some(Arc::new(Budgeted::uncharged(f)))
         } else {
             None
         };

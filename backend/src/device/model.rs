@@ -12,6 +12,7 @@ use xenvirtio_xen::XenError;
 use xenvirtio_xen::platform::{BoundPort, EventChannels, MappedPages, Platform};
 
 use crate::blk::{BlkChainError, BlockDevice};
+use crate::budget::Budgeted;
 use crate::console::ConsoleDevice;
 use crate::daemon::DaemonConfig;
 use crate::dma::{AddressSpace, DmaMapError, MapCounters};
@@ -141,6 +142,7 @@ impl Model {
             qsize,
             config.max_persistent_grants,
         );
+        offer.max_pages_per_domain = config.max_pages_per_domain;
         if let Model::Console(c) = self {
             offer.tty = c.tty().map(|p| p.display().to_string());
         }
@@ -162,7 +164,7 @@ pub(super) struct Connection<P: Platform> {
     /// The event-channel handle; every port holds it too, so it closes after the last port.
     pub(super) events: Arc<P::Events>,
     pub(super) queues: Vec<QueueRuntime<P::Events>>,
-    pub(super) space: AddressSpace<P::GrantMap, P::Foreign>,
+    pub(super) space: AddressSpace<Budgeted<P::GrantMap>, Budgeted<P::Foreign>>,
     pub(super) counters: MapCounters,
     /// Console receive chains waiting for input (validated, not mapped).
     pub(super) held_rx: VecDeque<Chain>,

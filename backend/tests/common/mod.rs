@@ -43,12 +43,20 @@ impl World {
 
     /// A world whose daemon runs with `config` (its shutdown grace shortened to 500 ms unless
     /// the test chose one, so that tests ending on a device in Closing end fast).
-    pub fn with_config(mut config: DaemonConfig) -> World {
+    pub fn with_config(config: DaemonConfig) -> World {
+        Self::with_loopback(config, xenvirtio_xen::loopback::LoopbackConfig::default())
+    }
+
+    /// [`World::with_config`] over a loopback hypervisor configured as `loopback`.
+    pub fn with_loopback(
+        mut config: DaemonConfig,
+        loopback: xenvirtio_xen::loopback::LoopbackConfig,
+    ) -> World {
         logs();
         if config.shutdown_grace == DaemonConfig::default().shutdown_grace {
             config.shutdown_grace = Duration::from_millis(500);
         }
-        let hv = LoopbackXen::new();
+        let hv = LoopbackXen::with_config(loopback);
         let xs = MemStore::new();
         let dom0: Arc<dyn XenStore> = Arc::new(xs.connect(0).unwrap());
         dom0.write_str(TxId::NONE, "/local/domain/0/domid", "0")

@@ -45,6 +45,8 @@ pub const DEFAULT_QUEUE_SIZE: u32 = 256;
 const TRANSACTION_ATTEMPTS: u32 = 16;
 /// How often the monitor thread checks whether it should stop.
 const MONITOR_TICK: Duration = Duration::from_millis(100);
+/// Quiet monitor ticks after which the backend's state is re-read anyway (1 s).
+const MONITOR_RECHECK_TICKS: u32 = 10;
 
 /// What the caller can choose about a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1268,15 +1270,25 @@ fn monitor_loop(ctx: &DeviceCtx, link: &Link, config: &Mutex<DeviceConfig>, stop
             tracing::warn!(path = %p, error = %e, "cannot watch the backend");
         }
     }
+    let mut quiet_ticks = 0u32;
     while !stop.load(Ordering::Relaxed) {
         match events.next_timeout(MONITOR_TICK) {
-            Ok(None) => continue,
+            // Level-triggered as well: the backend's state is re-read every
+            // MONITOR_RECHECK_TICKS quiet ticks, so a watch event that never came (a
+            // xenstored restart, a dropped connection) cannot leave I/O waiting forever.
+            Ok(None) => {
+                quiet_ticks += 1;
+                if quiet_ticks < MONITOR_RECHECK_TICKS {
+                    continue;
+                }
+            }
             Ok(Some(_)) => while let Ok(Some(_)) = events.try_next() {},
             Err(e) => {
                 link.mark_lost(format!("the xenstore connection was lost: {e}"));
                 break;
             }
         }
+        quiet_ticks = 0;
         if link.lost().is_none() {
             match xenbus::read_state(store, TxId::NONE, &state_path) {
                 Ok(XenbusState::Connected) => {}

@@ -229,12 +229,18 @@ fn a_guest_destroyed_mid_io_100_times_leaves_the_backend_at_its_baseline() {
                 for t in 0..2u64 {
                     let dev = &dev;
                     io.spawn(move || {
-                        // Ends with an error once the domain is gone.
+                        // Ends with an error once the domain is gone; a write still
+                        // succeeding 20 s later means the death went unnoticed.
+                        let began = Instant::now();
                         let mut i = 0u64;
                         while dev
                             .write_at(&data(8192, i as u8), (t * 64 + i % 64) * 8192)
                             .is_ok()
                         {
+                            assert!(
+                                began.elapsed() < Duration::from_secs(20),
+                                "guest {victim} ({strategy:?}): writes still succeed 20 s on"
+                            );
                             i += 1;
                         }
                     });

@@ -12,7 +12,10 @@
 //!   exceeds the writable buffers;
 //! - after the frontend closes and the daemon stops, the backend holds nothing: no grant or
 //!   foreign mapping, no port, no event handle (the loopback's counters);
-//! - the image keeps its size.
+//! - the image keeps its size;
+//! - the byte budget (issue 13, finding 2): a request of aliased bounce descriptors over the
+//!   device's cap (`size_max × seg_max + 17`) is answered IOERR, counted in `oversized`, and
+//!   moves no image byte; one within the cap moves at most its length.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +24,7 @@ use xenvirtio_backend::daemon::{Daemon, DaemonConfig, DomainSelector};
 use xenvirtio_backend::test_utils::{
     FrontendOptions, Hostile, TestDevice, TestError, TestFrontend, TestStrategy, attach,
 };
-use xenvirtio_virtio::blk::{S_IOERR, S_OK, S_UNSUPP};
+use xenvirtio_virtio::blk::{ReqHeader, S_IOERR, S_OK, S_UNSUPP, T_IN, T_OUT};
 use xenvirtio_xen::loopback::LoopbackXen;
 use xenvirtio_xenstore::xenbus::XenbusState;
 use xenvirtio_xenstore::{MemStore, TxId, XenStore};
@@ -83,7 +86,29 @@ pub struct DaemonInput {
     pub sectors: u8,
     /// The frontend's steps.
     pub steps: Vec<Step>,
+    /// Then, under `bounce` only, requests of aliased descriptors (read last, so that inputs
+    /// saved before it existed read as none).
+    pub aliased: Vec<Aliased>,
 }
+
+/// A blk request of `1 + count % 60` device-readable (a write) or device-writable (a read)
+/// descriptors, each `len` bytes (at most the pool) at pool offset 0, after a header at offset
+/// 0 and before a status byte at the pool's end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Aliased {
+    /// A write (the descriptors are device-readable), or a read.
+    pub write: bool,
+    /// Descriptors: `1 + count % 60`.
+    pub count: u8,
+    /// Bytes per descriptor (clamped to 4096..=pool).
+    pub len: u32,
+    /// The request's sector.
+    pub sector: u8,
+}
+
+/// Pages of the frontend's pool when the input has aliased requests (2 MiB: 60 descriptors
+/// of it pass the 64 MiB cap of the default `max-queue-size`).
+const ALIASED_POOL_PAGES: usize = 512;
 
 impl Structured for DaemonInput {
     fn read(r: &mut Reader<'_>) -> Self {
@@ -106,6 +131,12 @@ impl Structured for DaemonInput {
                     in_len: r.u16() % 8193,
                 },
                 _ => Step::Provoke(r.u8(), r.u8()),
+            }),
+            aliased: r.list(4, |r| Aliased {
+                write: r.bool(),
+                count: r.u8(),
+                len: r.u32(),
+                sector: r.u8(),
             }),
         }
     }
@@ -145,6 +176,12 @@ impl Structured for DaemonInput {
                 w.u8(*q);
                 w.u8(*h);
             }
+        });
+        w.list(&self.aliased, 4, |w, a| {
+            w.bool(a.write);
+            w.u8(a.count);
+            w.u32(a.len);
+            w.u8(a.sector);
         });
     }
 }
@@ -187,6 +224,9 @@ pub fn run(input: &DaemonInput) {
     let mut options = FrontendOptions::new(strategy).queues(queues);
     options.indirect = input.indirect;
     options.timeout = Duration::from_secs(5);
+    if !input.aliased.is_empty() {
+        options.arena_pages = ALIASED_POOL_PAGES;
+    }
     let guest: Arc<dyn XenStore> = Arc::new(xs.connect(FRONT).expect("the guest's store"));
     let mut frontend = TestFrontend::connect(hv.domain(FRONT), guest, 0, 0, options)
         .unwrap_or_else(|e| panic!("a well-behaved {strategy:?} frontend could not connect: {e}"));
@@ -270,6 +310,14 @@ pub fn run(input: &DaemonInput) {
             Err(e) => panic!("the backend did not answer {step:?}: {e}"),
         }
     }
+    if !closed && strategy == TestStrategy::Bounce {
+        for a in &input.aliased {
+            if !aliased_request(&daemon, &mut frontend, a, sectors) {
+                closed = true;
+                break;
+            }
+        }
+    }
     if closed {
         drop(frontend);
     } else if let Err(e) = frontend.close() {
@@ -286,6 +334,70 @@ pub fn run(input: &DaemonInput) {
     );
     let len = std::fs::metadata(&image).expect("the image").len();
     assert_eq!(len, sectors * 512, "the image changed size");
+}
+
+/// One aliased request and the byte budget's oracle; false when the device closed.
+fn aliased_request(
+    daemon: &xenvirtio_backend::daemon::RunningDaemon,
+    frontend: &mut TestFrontend<xenvirtio_xen::loopback::LoopbackDomain>,
+    a: &Aliased,
+    sectors: u64,
+) -> bool {
+    let pool = frontend.bounce_pool_bytes() as u64;
+    let stats = || daemon.handle().device(FRONT, 0).unwrap_or_default();
+    let before = stats();
+    let len = u64::from(a.len).clamp(4096, pool);
+    let count = 1 + u64::from(a.count % 60);
+    let mut segs = vec![(0, 16, false)];
+    segs.extend((0..count).map(|_| (0, len as u32, !a.write)));
+    segs.push((pool - 1, 1, true));
+    let header = ReqHeader {
+        req_type: if a.write { T_OUT } else { T_IN },
+        reserved: 0,
+        sector: u64::from(a.sector) % sectors,
+    }
+    .to_bytes();
+    if frontend
+        .offer_bounce_chain(0, &header, &segs, None)
+        .is_err()
+    {
+        // More descriptors than the ring has free: the frontend's own refusal.
+        return true;
+    }
+    let used = match frontend.wait_raw_used(0, Duration::from_secs(30)) {
+        Ok((_, used)) => used,
+        Err(TestError::BackendClosed { error, .. }) => {
+            assert!(!error.is_empty(), "closed without an error node");
+            return false;
+        }
+        Err(e) => panic!("the backend did not answer {a:?}: {e}"),
+    };
+    let status = frontend.bounce_pool_read(pool as usize - 1, 1)[0];
+    // The counters are published after the batch the frontend already saw completed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut after = stats();
+    while after.requests <= before.requests && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+        after = stats();
+    }
+    let moved =
+        (after.bytes_read - before.bytes_read) + (after.bytes_written - before.bytes_written);
+    let total = 16 + count * len + 1;
+    // The offer of the default `max-queue-size` (1024): seg_max 1022, size_max 65536.
+    let cap = 1022 * 65536 + 17;
+    if total > cap {
+        assert_eq!(
+            (status, used, after.oversized - before.oversized, moved),
+            (S_IOERR, 1, 1, 0),
+            "a request of {total} bytes over the cap {cap}"
+        );
+    } else {
+        assert!(
+            moved <= total && [S_OK, S_IOERR].contains(&status),
+            "a request of {total} bytes moved {moved} (status {status})"
+        );
+    }
+    true
 }
 
 /// Seeds: the backend's loopback device tests, per strategy, and each hostile move.
@@ -322,6 +434,7 @@ pub fn seeds() -> Vec<(&'static str, DaemonInput)> {
                 queues: 1,
                 sectors: 15,
                 steps: io.clone(),
+                aliased: Vec::new(),
             },
         ));
     }
@@ -342,8 +455,40 @@ pub fn seeds() -> Vec<(&'static str, DaemonInput)> {
                 queues: 0,
                 sectors: 7,
                 steps: vec![raw(0, 0, vec![], 512), Step::Provoke(0, h as u8)],
+                aliased: Vec::new(),
             },
         ));
     }
+    // The byte budget: aliased 2 MiB descriptors, under and over the cap, both directions.
+    out.push((
+        "aliased_bounce_over_and_under_the_cap",
+        DaemonInput {
+            strategy: 2,
+            indirect: false,
+            queues: 0,
+            sectors: 15,
+            steps: vec![raw(0, 0, vec![], 512)],
+            aliased: vec![
+                Aliased {
+                    write: true,
+                    count: 59,
+                    len: 2 << 20,
+                    sector: 0,
+                },
+                Aliased {
+                    write: false,
+                    count: 59,
+                    len: 2 << 20,
+                    sector: 1,
+                },
+                Aliased {
+                    write: false,
+                    count: 1,
+                    len: 4096,
+                    sector: 2,
+                },
+            ],
+        },
+    ));
     out
 }

@@ -345,7 +345,20 @@ fn aliased_request(
 ) -> bool {
     let pool = frontend.bounce_pool_bytes() as u64;
     let stats = || daemon.handle().device(FRONT, 0).unwrap_or_default();
-    let before = stats();
+    // The counters are published after each batch, so those of the request before this one
+    // may still be on their way: wait until they hold still before taking the baseline.
+    let mut before = stats();
+    let settle = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let again = stats();
+        let same = (again.requests, again.bytes_read, again.bytes_written)
+            == (before.requests, before.bytes_read, before.bytes_written);
+        before = again;
+        if same || std::time::Instant::now() > settle {
+            break;
+        }
+    }
     let len = u64::from(a.len).clamp(4096, pool);
     let count = 1 + u64::from(a.count % 60);
     let mut segs = vec![(0, 16, false)];

@@ -114,20 +114,13 @@ impl Connection<'_> {
             .with_context(|| format!("writing {}/ready", self.agent.config.base))?;
         (self.agent.config.log)(&format!("xv-agent: serving {}", self.agent.config.base));
         while !stop.load(Ordering::Relaxed) {
-            let Some(event) = events.next_timeout(Duration::from_millis(500))? else {
+            if events.next_timeout(Duration::from_millis(500))?.is_none() {
                 continue;
-            };
-            if event.path == req {
-                // The event of setting the watch: whatever was written before.
-                self.serve_pending()?;
-            } else if let Some(seq) = event
-                .path
-                .strip_prefix(&format!("{req}/"))
-                .and_then(|rest| rest.strip_suffix("/cmd"))
-                .and_then(|seq| seq.parse::<u64>().ok())
-            {
-                self.serve_one(seq)?;
             }
+            // Events of one token fold into one while unread (xenstore's watch queue keeps at
+            // most one pending per token), so an event names "something under req changed",
+            // not which request: look at every request not served yet.
+            self.serve_pending()?;
         }
         let _ = self.store.unwatch(&req, TOKEN);
         Ok(())

@@ -60,9 +60,10 @@ fn hostile_many_bounce_devices_of_one_domain_hit_the_domain_budget() {
         3,
         "three pools fit in the budget: {refused:?}"
     );
+    // The frontend sees the error node before the device thread publishes its statistics.
     let error = w
-        .device_stats(HOSTILE, 3)
-        .and_then(|s| s.last_error)
+        .stats_when(HOSTILE, 3, |s| s.last_error.is_some())
+        .last_error
         .unwrap_or_default();
     assert!(
         error.contains("budget"),

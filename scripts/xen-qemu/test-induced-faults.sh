@@ -13,6 +13,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${XENVIRTIO_E2E_WORK:-/tmp/xenvirtio-e2e}
 LOGS=$WORK/logs
+mkdir -p "$WORK"
 passed=0 failed=0
 result() { # PASS|FAIL NAME DETAIL
   echo "$1 induced-$2: $3"

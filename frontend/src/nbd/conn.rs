@@ -44,6 +44,14 @@ impl Socket {
         }
     }
 
+    /// A second descriptor of the same socket (for a writer beside the reader).
+    pub(crate) fn try_clone(&self) -> io::Result<Socket> {
+        Ok(match self {
+            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
+            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
+        })
+    }
+
     pub(crate) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
             Socket::Unix(s) => s.shutdown(how),
@@ -178,13 +186,32 @@ impl<'s> ServerConn<'s> {
         shutdown: &'s ShutdownSignal,
         grace: Duration,
     ) -> io::Result<ServerConn<'s>> {
+        ServerConn::with_interest(
+            socket,
+            shutdown,
+            grace,
+            Interest::READABLE | Interest::WRITABLE,
+        )
+    }
+
+    /// A connection for replies only, on a second descriptor of the same socket with its own
+    /// poll, so that reply writers and the request reader never wait on each other. Closing
+    /// either closes the socket for both.
+    pub(crate) fn writer(&self) -> io::Result<ServerConn<'s>> {
+        let socket = self.socket.try_clone()?;
+        ServerConn::with_interest(socket, self.shutdown, self.grace, Interest::WRITABLE)
+    }
+
+    fn with_interest(
+        socket: Socket,
+        shutdown: &'s ShutdownSignal,
+        grace: Duration,
+        interest: Interest,
+    ) -> io::Result<ServerConn<'s>> {
         socket.set_nonblocking(true)?;
         let poll = Poll::new()?;
-        poll.registry().register(
-            &mut SourceFd(&socket.as_raw_fd()),
-            SOCKET,
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
+        poll.registry()
+            .register(&mut SourceFd(&socket.as_raw_fd()), SOCKET, interest)?;
         shutdown.watch(&poll, WAKE)?;
         Ok(ServerConn {
             socket,

@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -82,6 +83,16 @@ pub trait BlockExport: Send + Sync {
     /// per-connection cache (advertises `NBD_FLAG_CAN_MULTI_CONN`).
     fn can_multi_conn(&self) -> bool {
         false
+    }
+
+    /// The unallocated ranges (holes, which read as zeroes) in `offset..offset + len`, in
+    /// order, at most `max_holes` of them, and the end of the range the answer covers: the
+    /// end of the request, or less when the list was cut short. Served as NBD's
+    /// `base:allocation` metadata context. The default reports everything as data, which is
+    /// always true.
+    fn holes(&self, offset: u64, len: u64, max_holes: usize) -> io::Result<(Vec<Range<u64>>, u64)> {
+        let _ = max_holes;
+        Ok((Vec::new(), offset.saturating_add(len)))
     }
 }
 
@@ -176,6 +187,25 @@ impl FileExport {
     }
 }
 
+/// Where the next data (`SEEK_DATA`) or hole (`SEEK_HOLE`) at or after `offset` starts: `None`
+/// when there is none before the end of the file (`ENXIO`).
+fn seek_extent(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek reads only its scalar arguments; the descriptor is owned by `file` and
+    // stays open for the call. It moves the descriptor's file position, which FileExport never
+    // uses (all its I/O is positioned).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        _ => Err(e),
+    }
+}
+
 /// Errors that mean "this file system or device cannot do that", after which a fallback applies.
 fn unsupported(e: &io::Error) -> bool {
     matches!(
@@ -256,6 +286,38 @@ impl BlockExport for FileExport {
 
     fn can_multi_conn(&self) -> bool {
         true
+    }
+
+    fn holes(&self, offset: u64, len: u64, max_holes: usize) -> io::Result<(Vec<Range<u64>>, u64)> {
+        self.check(offset, len)?;
+        let end = offset + len;
+        let mut holes = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let data = match seek_extent(&self.file, at, libc::SEEK_DATA) {
+                Ok(data) => data.map_or(end, |d| d.min(end)),
+                // Block devices and file systems without SEEK_DATA: all data.
+                Err(e) if unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) => {
+                    return Ok((holes, end));
+                }
+                Err(e) => return Err(e),
+            };
+            if data > at {
+                if holes.len() == max_holes {
+                    return Ok((holes, at));
+                }
+                holes.push(at..data);
+                at = data;
+                continue;
+            }
+            at = match seek_extent(&self.file, at, libc::SEEK_HOLE)? {
+                Some(hole) if hole > at => hole.min(end),
+                // A hole at `at` right after SEEK_DATA said data: the file changed under us;
+                // what is left is reported as data.
+                _ => end,
+            };
+        }
+        Ok((holes, end))
     }
 }
 

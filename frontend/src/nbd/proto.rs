@@ -79,6 +79,8 @@ pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 /// Option reply `NBD_REP_INFO`.
 pub const REP_INFO: u32 = 3;
+/// Option reply `NBD_REP_META_CONTEXT`.
+pub const REP_META_CONTEXT: u32 = 4;
 /// Bit 31 marks an error reply.
 pub const REP_FLAG_ERROR: u32 = 1 << 31;
 /// Option reply `NBD_REP_ERR_UNSUP`.
@@ -99,6 +101,28 @@ pub const REP_ERR_SHUTDOWN: u32 = REP_FLAG_ERROR | 7;
 pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_FLAG_ERROR | 8;
 /// Option reply `NBD_REP_ERR_TOO_BIG`.
 pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
+
+/// Structured reply flag `NBD_REPLY_FLAG_DONE`: the last chunk of a reply.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+/// Structured reply type `NBD_REPLY_TYPE_NONE`.
+pub const REPLY_TYPE_NONE: u16 = 0;
+/// Structured reply type `NBD_REPLY_TYPE_OFFSET_DATA`.
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Structured reply type `NBD_REPLY_TYPE_OFFSET_HOLE`.
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+/// Structured reply type `NBD_REPLY_TYPE_BLOCK_STATUS`.
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Structured reply type `NBD_REPLY_TYPE_ERROR`.
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+/// Structured reply type `NBD_REPLY_TYPE_ERROR_OFFSET`.
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
+
+/// The one metadata context this server offers.
+pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
+/// `base:allocation` flag `NBD_STATE_HOLE`: the extent is not allocated.
+pub const STATE_HOLE: u32 = 1 << 0;
+/// `base:allocation` flag `NBD_STATE_ZERO`: the extent reads as zeroes.
+pub const STATE_ZERO: u32 = 1 << 1;
 
 /// Information type `NBD_INFO_EXPORT`.
 pub const INFO_EXPORT: u16 = 0;
@@ -210,6 +234,7 @@ pub fn reply_name(reply: u32) -> &'static str {
         REP_ACK => "ACK",
         REP_SERVER => "SERVER",
         REP_INFO => "INFO",
+        REP_META_CONTEXT => "META_CONTEXT",
         REP_ERR_UNSUP => "ERR_UNSUP",
         REP_ERR_POLICY => "ERR_POLICY",
         REP_ERR_INVALID => "ERR_INVALID",

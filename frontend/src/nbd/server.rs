@@ -50,6 +50,10 @@ pub struct NbdServerConfig {
     pub max_request: u32,
     /// Connections served at once; further ones are closed at accept.
     pub max_connections: usize,
+    /// Requests one connection may have in flight (served at once, replied as each
+    /// completes); 1 serves requests one at a time, in order. Their payload and data are also
+    /// bounded, at 8 MiB per connection.
+    pub max_in_flight: usize,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
     /// After a shutdown, time a client has to finish a message it has started, and to take
@@ -59,7 +63,8 @@ pub struct NbdServerConfig {
 
 impl NbdServerConfig {
     /// A configuration for `export_name` with no listener yet and the defaults: socket mode
-    /// 0600, requests up to 32 MiB, 64 connections, a 10 s handshake, a 5 s shutdown grace.
+    /// 0600, requests up to 32 MiB, 64 connections, 32 requests in flight per connection, a
+    /// 10 s handshake, a 5 s shutdown grace.
     pub fn new(export_name: impl Into<String>) -> NbdServerConfig {
         NbdServerConfig {
             export_name: export_name.into(),
@@ -69,6 +74,7 @@ impl NbdServerConfig {
             tcp: None,
             max_request: DEFAULT_MAX_REQUEST,
             max_connections: 64,
+            max_in_flight: 32,
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
         }
@@ -177,6 +183,7 @@ pub(crate) struct ExportSettings {
     pub(crate) block_sizes: BlockSizes,
     pub(crate) handshake_timeout: Duration,
     pub(crate) shutdown_grace: Duration,
+    pub(crate) max_in_flight: usize,
 }
 
 impl ExportSettings {
@@ -424,6 +431,7 @@ fn settings(
         block_sizes,
         handshake_timeout: config.handshake_timeout,
         shutdown_grace: config.shutdown_grace,
+        max_in_flight: config.max_in_flight.max(1),
     })
 }
 

@@ -1,11 +1,11 @@
-//! One NBD connection on the server side: the fixed newstyle handshake, then transmission.
+//! One NBD connection on the server side: the fixed newstyle handshake, then transmission
+//! ([`transmit`](super::transmit)).
 //!
 //! The session owns the protocol state of one client. Everything the client sends is hostile
-//! until checked: option and request lengths are capped before anything is allocated, every
-//! request is validated against the export's size, alignment and capabilities before the
-//! device is touched, and a client that breaks the protocol loses only its own connection.
-//! Requests are served one at a time, in order, with simple replies; a WRITE's payload and a
-//! READ's data move through one bounded per-connection buffer, in chunks.
+//! until checked: option lengths are capped before anything is allocated, and a client that
+//! breaks the protocol loses only its own connection. The handshake negotiates structured
+//! replies and the `base:allocation` metadata context on request; transmission then serves
+//! many requests at once and replies as each completes.
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -13,8 +13,9 @@ use std::time::Instant;
 
 use super::conn::{ConnError, ServerConn};
 use super::export::BlockExport;
-use super::proto::{self, OptionHeader, OptionReplyHeader, Request, SimpleReply};
+use super::proto::{self, OptionHeader, OptionReplyHeader};
 use super::server::{ExportSettings, StatCounters};
+use super::transmit::{self, Transmission};
 
 /// The largest option payload read from a client. `NBD_OPT_GO` with a 4096-byte name and a few
 /// information requests fits many times; anything larger is treated as an attack and ends the
@@ -23,6 +24,8 @@ use super::server::{ExportSettings, StatCounters};
 const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// Options accepted in one handshake before the client is deemed abusive.
 const MAX_OPTIONS: usize = 1024;
+/// The context id of `base:allocation` in SET_META_CONTEXT replies and BLOCK_STATUS chunks.
+const ALLOCATION_CONTEXT_ID: u32 = 1;
 /// Chunk in which READ data and WRITE payloads move between the socket and the device; the
 /// per-connection buffer never grows beyond it (plus a reply header).
 pub(crate) const IO_CHUNK: usize = 1 << 20;
@@ -53,21 +56,18 @@ pub(crate) enum SessionError {
     ReadAfterHeader(#[source] io::Error),
 }
 
-/// What transmission uses from the handshake.
-#[derive(Debug, Clone, Copy)]
-struct Transmission {
-    size: u64,
-    flags: u16,
-}
-
 /// The server side of one connection.
 pub(crate) struct Session<'a> {
     conn: ServerConn<'a>,
     export: &'a dyn BlockExport,
     settings: &'a ExportSettings,
     stats: &'a StatCounters,
-    /// Reply header then data for READ, payload for WRITE; at most `16 + IO_CHUNK` bytes.
+    /// The reader's chunk buffer during transmission; at most a reply header and `IO_CHUNK`.
     buf: Vec<u8>,
+    /// `NBD_OPT_STRUCTURED_REPLY` was agreed.
+    structured: bool,
+    /// `base:allocation` was selected by `NBD_OPT_SET_META_CONTEXT`.
+    allocation: bool,
 }
 
 impl std::fmt::Debug for Session<'_> {
@@ -91,6 +91,8 @@ impl<'a> Session<'a> {
             settings,
             stats,
             buf: Vec::new(),
+            structured: false,
+            allocation: false,
         }
     }
 
@@ -116,7 +118,14 @@ impl<'a> Session<'a> {
             flags = transmission.flags,
             "transmission"
         );
-        self.transmit(transmission)
+        let connection = transmit::Connection {
+            conn: &mut self.conn,
+            export: self.export,
+            settings: self.settings,
+            stats: self.stats,
+            buf: &mut self.buf,
+        };
+        transmit::run(connection, transmission)
     }
 
     // ---- Handshake ("Fixed newstyle negotiation") -------------------------------------------
@@ -220,8 +229,20 @@ impl<'a> Session<'a> {
                         return Ok(Some(t));
                     }
                 }
-                // Structured replies, TLS, metadata contexts and anything newer are not
-                // implemented: NBD_REP_ERR_UNSUP, and the session continues ("Baseline").
+                proto::OPT_STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        let message = "STRUCTURED_REPLY takes no data";
+                        self.option_error(option, proto::REP_ERR_INVALID, message)?;
+                        continue;
+                    }
+                    self.structured = true;
+                    self.option_reply(option, proto::REP_ACK, &[])?;
+                }
+                proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
+                    self.meta_context(option, &data)?;
+                }
+                // TLS, extended headers and anything newer are not implemented:
+                // NBD_REP_ERR_UNSUP, and the session continues ("Baseline").
                 _ => {
                     let message = format!("option {option} is not supported by this server");
                     self.option_error(option, proto::REP_ERR_UNSUP, &message)?;
@@ -285,6 +306,53 @@ impl<'a> Session<'a> {
         Ok((option == proto::OPT_GO).then_some(t))
     }
 
+    /// `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`: the one context offered is
+    /// `base:allocation`. LIST answers every query that names it (or the whole `base:`
+    /// namespace, or no query at all); SET selects it when asked for it by name, and replaces
+    /// any earlier selection. Unknown contexts are left out of the answer, as the protocol says.
+    fn meta_context(&mut self, option: u32, data: &[u8]) -> Result<(), SessionError> {
+        let set = option == proto::OPT_SET_META_CONTEXT;
+        if set && !self.structured {
+            let message = "SET_META_CONTEXT needs structured replies first";
+            self.option_error(option, proto::REP_ERR_INVALID, message)?;
+            return Ok(());
+        }
+        let Some(request) = MetaRequest::parse(data) else {
+            let message = "malformed request: name length, name, count, queries";
+            self.option_error(option, proto::REP_ERR_INVALID, message)?;
+            return Ok(());
+        };
+        if !self.settings.names(request.name) {
+            let message = format!(
+                "no export named {:?}; this server exports {:?}",
+                String::from_utf8_lossy(request.name),
+                self.settings.name
+            );
+            self.option_error(option, proto::REP_ERR_UNKNOWN, &message)?;
+            return Ok(());
+        }
+        let base = proto::CONTEXT_BASE_ALLOCATION.as_bytes();
+        let matches = if set {
+            request.queries.contains(&base)
+        } else {
+            request.queries.is_empty()
+                || request.queries.iter().any(|q| *q == base || *q == b"base:")
+        };
+        if set {
+            self.allocation = matches;
+        }
+        if matches {
+            // "For NBD_OPT_LIST_META_CONTEXT the server MUST set the context ID to 0."
+            let id = if set { ALLOCATION_CONTEXT_ID } else { 0 };
+            let mut reply = Vec::with_capacity(4 + base.len());
+            reply.extend_from_slice(&id.to_be_bytes());
+            reply.extend_from_slice(base);
+            self.option_reply(option, proto::REP_META_CONTEXT, &reply)?;
+        }
+        self.option_reply(option, proto::REP_ACK, &[])?;
+        Ok(())
+    }
+
     /// Size and transmission flags from the export's current state.
     fn transmission(&self) -> Transmission {
         let export = self.export;
@@ -311,6 +379,9 @@ impl<'a> Session<'a> {
         Transmission {
             size: export.size(),
             flags,
+            structured: self.structured,
+            allocation_context: (self.structured && self.allocation)
+                .then_some(ALLOCATION_CONTEXT_ID),
         }
     }
 
@@ -345,258 +416,6 @@ impl<'a> Session<'a> {
         self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
         SessionError::Protocol(what)
     }
-
-    // ---- Transmission ----------------------------------------------------------------------
-
-    fn transmit(&mut self, t: Transmission) -> Result<SessionEnd, SessionError> {
-        loop {
-            let mut header = [0u8; proto::REQUEST_LEN];
-            self.conn.read_message(&mut header)?;
-            let request = Request::decode(&header)
-                .map_err(|magic| self.violation(format!("request magic {magic:#010x}")))?;
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            if request.command == proto::CMD_DISC {
-                // Requests are served in order, so none is outstanding.
-                return Ok(SessionEnd::Disconnected);
-            }
-            // "On a server shutdown ... The error value issued in respect of ... any
-            // subsequently received requests SHOULD be NBD_ESHUTDOWN."
-            if self.conn.shutting_down() {
-                self.refuse(&request, proto::ESHUTDOWN)?;
-                continue;
-            }
-            match self.check(&request, t) {
-                Err(error) => self.refuse(&request, error)?,
-                Ok(()) => self.execute(&request)?,
-            }
-        }
-    }
-
-    /// Validates a request before it touches the device; `Err` is the NBD error to reply
-    /// ("Error values", "Block size constraints").
-    fn check(&self, r: &Request, t: Transmission) -> Result<(), u32> {
-        let writes = matches!(
-            r.command,
-            proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
-        );
-        if !writes && !matches!(r.command, proto::CMD_READ | proto::CMD_FLUSH) {
-            return Err(proto::EINVAL); // unknown or unsupported command
-        }
-        if writes && t.flags & proto::FLAG_READ_ONLY != 0 {
-            return Err(proto::EPERM);
-        }
-        let mut allowed = 0;
-        if t.flags & proto::FLAG_SEND_FUA != 0 {
-            allowed |= proto::CMD_FLAG_FUA; // valid on every command once negotiated
-        }
-        if r.command == proto::CMD_WRITE_ZEROES {
-            allowed |= proto::CMD_FLAG_NO_HOLE;
-        }
-        if r.flags & !allowed != 0 {
-            return Err(proto::EINVAL);
-        }
-        let advertised = match r.command {
-            proto::CMD_FLUSH => proto::FLAG_SEND_FLUSH,
-            proto::CMD_TRIM => proto::FLAG_SEND_TRIM,
-            proto::CMD_WRITE_ZEROES => proto::FLAG_SEND_WRITE_ZEROES,
-            _ => proto::FLAG_HAS_FLAGS,
-        };
-        if t.flags & advertised == 0 {
-            return Err(proto::EINVAL);
-        }
-        if r.command == proto::CMD_FLUSH {
-            // "For a flush request, length and offset are reserved, and MUST be set to
-            // all-zero."
-            return if r.offset == 0 && r.length == 0 {
-                Ok(())
-            } else {
-                Err(proto::EINVAL)
-            };
-        }
-        // TRIM is the one command whose length the maximum block size does not bound.
-        if r.command != proto::CMD_TRIM && r.length > self.settings.block_sizes.maximum {
-            return Err(proto::EINVAL);
-        }
-        let minimum = u64::from(self.settings.block_sizes.minimum);
-        if r.offset % minimum != 0 || u64::from(r.length) % minimum != 0 {
-            return Err(proto::EINVAL);
-        }
-        let in_range = r
-            .offset
-            .checked_add(u64::from(r.length))
-            .is_some_and(|end| end <= t.size);
-        if !in_range {
-            // ENOSPC for writes past the end, EINVAL for reads and trims.
-            return Err(match r.command {
-                proto::CMD_WRITE | proto::CMD_WRITE_ZEROES => proto::ENOSPC,
-                _ => proto::EINVAL,
-            });
-        }
-        Ok(())
-    }
-
-    /// Replies `error` to a request, first draining a WRITE's payload so that the stream stays
-    /// in step (through the bounded buffer: a refused request allocates nothing new).
-    fn refuse(&mut self, r: &Request, error: u32) -> Result<(), SessionError> {
-        tracing::debug!(
-            command = proto::command_name(r.command),
-            flags = r.flags,
-            offset = r.offset,
-            length = r.length,
-            error = proto::errno_name(error),
-            "request refused"
-        );
-        if r.command == proto::CMD_WRITE {
-            let mut left = r.length as usize;
-            while left > 0 {
-                let n = left.min(IO_CHUNK);
-                self.ensure_buf(n);
-                self.conn.read_exact(&mut self.buf[..n])?;
-                left -= n;
-            }
-        }
-        self.reply(r.handle, error)
-    }
-
-    fn execute(&mut self, r: &Request) -> Result<(), SessionError> {
-        let fua = r.flags & proto::CMD_FLAG_FUA != 0;
-        let offset = r.offset;
-        let length = u64::from(r.length);
-        let result = match r.command {
-            proto::CMD_READ => return self.read(r),
-            proto::CMD_WRITE => self.write(r)?,
-            proto::CMD_FLUSH => self.export.flush(),
-            proto::CMD_TRIM if length == 0 => Ok(()),
-            proto::CMD_TRIM => self.export.trim(offset, length),
-            proto::CMD_WRITE_ZEROES if length == 0 => Ok(()),
-            proto::CMD_WRITE_ZEROES => {
-                let may_trim = r.flags & proto::CMD_FLAG_NO_HOLE == 0;
-                self.export.write_zeroes(offset, length, may_trim)
-            }
-            _ => unreachable!("check() admits only READ, WRITE, FLUSH, TRIM and WRITE_ZEROES"),
-        };
-        // FUA: the reply waits until the data written by this command is stable.
-        let result = match result {
-            Ok(()) if fua && r.command != proto::CMD_FLUSH => self.export.flush(),
-            other => other,
-        };
-        let error = match result {
-            Ok(()) => 0,
-            Err(e) => {
-                self.device_error(r, &e);
-                nbd_error(&e)
-            }
-        };
-        self.reply(r.handle, error)
-    }
-
-    /// Serves a READ: the first chunk is read before the reply header goes out, so a device
-    /// error there is an ordinary error reply; a failure in a later chunk can only be reported
-    /// by a hard disconnect.
-    fn read(&mut self, r: &Request) -> Result<(), SessionError> {
-        let total = r.length as usize;
-        if total == 0 {
-            return self.reply(r.handle, 0);
-        }
-        let first = total.min(IO_CHUNK);
-        let header = proto::SIMPLE_REPLY_LEN;
-        self.ensure_buf(header + first);
-        if let Err(e) = self
-            .export
-            .read_at(&mut self.buf[header..header + first], r.offset)
-        {
-            self.device_error(r, &e);
-            return self.reply(r.handle, nbd_error(&e));
-        }
-        self.buf[..header].copy_from_slice(
-            &SimpleReply {
-                error: 0,
-                handle: r.handle,
-            }
-            .encode(),
-        );
-        self.conn.write_all(&self.buf[..header + first])?;
-        let mut done = first;
-        while done < total {
-            let n = (total - done).min(IO_CHUNK);
-            let offset = r.offset + done as u64;
-            let chunk = &mut self.buf[header..header + n];
-            self.export
-                .read_at(chunk, offset)
-                .map_err(SessionError::ReadAfterHeader)?;
-            self.conn.write_all(&self.buf[header..header + n])?;
-            done += n;
-        }
-        self.stats
-            .bytes_read
-            .fetch_add(total as u64, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Serves a WRITE's payload chunk by chunk. After a device error the rest of the payload
-    /// is still read (and dropped) to keep the stream in step; the outer result is the socket,
-    /// the inner one the device.
-    fn write(&mut self, r: &Request) -> Result<io::Result<()>, SessionError> {
-        let total = r.length as usize;
-        let mut done = 0;
-        let mut outcome = Ok(());
-        while done < total {
-            let n = (total - done).min(IO_CHUNK);
-            let offset = r.offset + done as u64;
-            self.ensure_buf(n);
-            self.conn.read_exact(&mut self.buf[..n])?;
-            if outcome.is_ok() {
-                outcome = self.export.write_at(&self.buf[..n], offset);
-            }
-            done += n;
-        }
-        if outcome.is_ok() {
-            self.stats
-                .bytes_written
-                .fetch_add(total as u64, Ordering::Relaxed);
-        }
-        Ok(outcome)
-    }
-
-    fn reply(&mut self, handle: u64, error: u32) -> Result<(), SessionError> {
-        if error != 0 {
-            self.stats.request_errors.fetch_add(1, Ordering::Relaxed);
-        }
-        self.conn
-            .write_all(&SimpleReply { error, handle }.encode())?;
-        Ok(())
-    }
-
-    fn device_error(&self, r: &Request, e: &io::Error) {
-        tracing::debug!(
-            command = proto::command_name(r.command),
-            offset = r.offset,
-            length = r.length,
-            error = %e,
-            "device request failed"
-        );
-    }
-
-    fn ensure_buf(&mut self, n: usize) {
-        debug_assert!(n <= IO_CHUNK + proto::SIMPLE_REPLY_LEN);
-        if self.buf.len() < n {
-            self.buf.resize(n, 0);
-        }
-    }
-}
-
-/// The NBD error value for a device error (see [`BlockExport`]).
-pub(crate) fn nbd_error(e: &io::Error) -> u32 {
-    match e.raw_os_error() {
-        Some(libc::EPERM | libc::EROFS | libc::EACCES) => proto::EPERM,
-        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => proto::ENOSPC,
-        Some(libc::EINVAL | libc::EOPNOTSUPP) => proto::EINVAL,
-        Some(libc::ESHUTDOWN) => proto::ESHUTDOWN,
-        Some(_) => proto::EIO,
-        None if e.kind() == io::ErrorKind::Unsupported => proto::EINVAL,
-        None if e.kind() == io::ErrorKind::InvalidInput => proto::EINVAL,
-        None => proto::EIO,
-    }
 }
 
 /// The data of `NBD_OPT_INFO` / `NBD_OPT_GO`: name length, name, count, information types.
@@ -625,6 +444,41 @@ impl<'d> InfoRequest<'d> {
         self.infos
             .chunks_exact(2)
             .any(|c| u16::from_be_bytes([c[0], c[1]]) == info)
+    }
+}
+
+/// The data of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`: name length, name,
+/// number of queries, then each query as a length and a string.
+#[derive(Debug)]
+struct MetaRequest<'d> {
+    name: &'d [u8],
+    queries: Vec<&'d [u8]>,
+}
+
+impl<'d> MetaRequest<'d> {
+    fn parse(data: &'d [u8]) -> Option<MetaRequest<'d>> {
+        let mut rest = data;
+        let mut take = |n: usize| -> Option<&'d [u8]> {
+            let (head, tail) = rest.split_at_checked(n)?;
+            rest = tail;
+            Some(head)
+        };
+        let u32_at = |b: &[u8]| u32::from_be_bytes(b.try_into().expect("four bytes")) as usize;
+        let name_len = u32_at(take(4)?);
+        if name_len > proto::MAX_STRING_LEN {
+            return None;
+        }
+        let name = take(name_len)?;
+        let count = u32_at(take(4)?);
+        let mut queries = Vec::new();
+        for _ in 0..count {
+            let len = u32_at(take(4)?);
+            if len > proto::MAX_STRING_LEN {
+                return None;
+            }
+            queries.push(take(len)?);
+        }
+        (rest.is_empty()).then_some(MetaRequest { name, queries })
     }
 }
 
@@ -675,18 +529,33 @@ mod tests {
     }
 
     #[test]
-    fn device_errors_map_to_nbd_errors() {
-        let os = io::Error::from_raw_os_error;
-        assert_eq!(nbd_error(&os(libc::EROFS)), proto::EPERM);
-        assert_eq!(nbd_error(&os(libc::EDQUOT)), proto::ENOSPC);
-        assert_eq!(nbd_error(&os(libc::EFBIG)), proto::ENOSPC);
-        assert_eq!(nbd_error(&os(libc::EINVAL)), proto::EINVAL);
-        assert_eq!(nbd_error(&os(libc::EOPNOTSUPP)), proto::EINVAL);
-        assert_eq!(nbd_error(&io::ErrorKind::Unsupported.into()), proto::EINVAL);
-        assert_eq!(nbd_error(&os(libc::ESHUTDOWN)), proto::ESHUTDOWN);
-        assert_eq!(nbd_error(&os(libc::ENOMEM)), proto::EIO);
-        assert_eq!(nbd_error(&os(libc::EBADMSG)), proto::EIO);
-        assert_eq!(nbd_error(&io::ErrorKind::UnexpectedEof.into()), proto::EIO);
+    fn meta_context_requests_follow_the_length_rules() {
+        let mut d = Vec::new();
+        d.extend_from_slice(&4u32.to_be_bytes());
+        d.extend_from_slice(b"xvda");
+        d.extend_from_slice(&2u32.to_be_bytes());
+        for q in [&b"base:allocation"[..], b"qemu:dirty-bitmap:x"] {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q);
+        }
+        let r = MetaRequest::parse(&d).unwrap();
+        assert_eq!(r.name, b"xvda");
+        assert_eq!(
+            r.queries,
+            vec![&b"base:allocation"[..], b"qemu:dirty-bitmap:x"]
+        );
+        // Trailing bytes, a short query, a count beyond the data.
+        let mut extra = d.clone();
+        extra.push(0);
+        assert!(MetaRequest::parse(&extra).is_none());
+        assert!(MetaRequest::parse(&d[..d.len() - 1]).is_none());
+        let mut many = Vec::new();
+        many.extend_from_slice(&0u32.to_be_bytes());
+        many.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(MetaRequest::parse(&many).is_none());
+        let empty = [0u8, 0, 0, 0, 0, 0, 0, 0];
+        let r = MetaRequest::parse(&empty).unwrap();
+        assert!(r.name.is_empty() && r.queries.is_empty());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Shared helpers of the NBD integration tests: images, servers, real client tools.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;

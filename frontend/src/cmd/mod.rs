@@ -1,0 +1,8 @@
+//! The subcommands of `xenvirtio-frontend`, one module each; `main.rs` holds the command line,
+//! the shared helpers and the dispatch.
+
+pub(crate) mod bench;
+pub(crate) mod copy;
+pub(crate) mod serve;
+pub(crate) mod stdio;
+pub(crate) mod verify;

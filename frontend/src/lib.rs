@@ -64,6 +64,7 @@
 pub mod blk;
 pub mod console;
 pub mod dma;
+pub mod knbd;
 pub mod nbd;
 pub mod pattern;
 pub mod policy;

@@ -15,6 +15,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use xenvirtio_frontend::Frontend;
 use xenvirtio_frontend::blk::{BlkDevice, BlkOptions};
+use xenvirtio_frontend::knbd::{KernelNbd, KernelNbdConfig};
 use xenvirtio_frontend::nbd::{BlockExport, NbdAddress, NbdClient, NbdServer, NbdServerConfig};
 use xenvirtio_frontend::pattern::{self, Comparer};
 use xenvirtio_frontend::supervisor::{DEFAULT_RETRY_WAIT, SupervisedBlk};
@@ -175,6 +176,13 @@ struct ServeArgs {
     /// Also export blk over NBD on 127.0.0.1:PORT (PORT+N for device N).
     #[arg(long, value_name = "PORT")]
     nbd_tcp: Option<u16>,
+    /// Also give each blk device to this domain's kernel as /dev/nbdN, through the kernel's NBD
+    /// netlink interface (needs nbd.ko: `modprobe nbd`): `auto` takes the first free device,
+    /// a number N takes /dev/nbdN (N, N+1, ... for several blk devices). A device already
+    /// connected by an earlier run of this frontend to the same export gets the new
+    /// connections (a pause, not an error, for a mounted filesystem).
+    #[arg(long, value_name = "auto|N", value_parser = parse_kernel_nbd)]
+    kernel_nbd: Option<KernelNbdIndex>,
     /// Where the console's port 0 goes: stdio, or a new pty whose path is printed.
     #[arg(long, value_enum, default_value_t = ConsoleSink::Stdio)]
     console: ConsoleSink,
@@ -185,6 +193,25 @@ struct ServeArgs {
         default_value = "/run/xenvirtio-frontend/rng.fifo"
     )]
     rng_fifo: PathBuf,
+}
+
+/// Which kernel NBD device `serve --kernel-nbd` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KernelNbdIndex {
+    Auto,
+    From(u32),
+}
+
+fn parse_kernel_nbd(s: &str) -> std::result::Result<KernelNbdIndex, String> {
+    match s {
+        "auto" => Ok(KernelNbdIndex::Auto),
+        n => n
+            .strip_prefix("/dev/nbd")
+            .unwrap_or(n)
+            .parse()
+            .map(KernelNbdIndex::From)
+            .map_err(|_| format!("{s:?} is neither `auto` nor a device number such as 0")),
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

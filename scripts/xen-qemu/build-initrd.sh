@@ -49,6 +49,12 @@ install -m 755 "$HERE/guest/domU-init" "$U/init"
 for m in xen-evtchn xen-gntalloc xen-gntdev; do
   cp "$S/$M/kernel/drivers/xen/$m.ko" "$U/lib/modules/"
 done
+# The kernel's NBD driver and ext4 (for ext2 filesystems on it), loaded by the kernel
+# block-device cells (tests/knbd-lib.sh): nbd has no dependencies, ext4 needs jbd2, mbcache,
+# crc16, and crc32c from the crypto API at mount.
+for m in drivers/block/nbd fs/ext4/ext4 fs/jbd2/jbd2 fs/mbcache lib/crc16 crypto/crc32c_generic; do
+  cp "$S/$M/kernel/$m.ko" "$U/lib/modules/"
+done
 add_xv "$U"
 add_project_bins "$U"
 (cd "$U" && find . | cpio -o -H newc --quiet) | gzip -1 >"$OUT/domU.cpio.gz"

@@ -39,6 +39,16 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
         bail!("this domain has no virtio devices to serve; see `xenvirtio-frontend list`");
     }
     let connect = args.dma.connect(global)?;
+    if args.kernel_nbd.is_some() {
+        // Before any thread starts, so that every serving thread inherits it.
+        if let Err(e) = xenvirtio_frontend::knbd::mark_io_flusher() {
+            eprintln!(
+                "warning: cannot mark the frontend as an I/O flusher ({e}); under memory \
+                 pressure the kernel NBD device may stall"
+            );
+        }
+    }
+    let mut kernel_devices = 0u32;
     let mut workers = Vec::new();
     let mut closers: Vec<Box<dyn FnOnce() -> Result<()>>> = Vec::new();
     for d in &wanted {
@@ -96,9 +106,35 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
                         .map(|a| format!(" and tcp {a}"))
                         .unwrap_or_default()
                 );
+                let kernel = match args.kernel_nbd {
+                    None => None,
+                    Some(which) => {
+                        let index = match which {
+                            KernelNbdIndex::Auto => None,
+                            KernelNbdIndex::From(n) => Some(n + kernel_devices),
+                        };
+                        kernel_devices += 1;
+                        Some(connect_kernel_nbd(
+                            d.devid,
+                            &socket,
+                            server.export_name(),
+                            index,
+                        )?)
+                    }
+                };
                 let devid = d.devid;
                 closers.push(Box::new(move || {
+                    // The kernel first, so that it stops sending before the export closes.
+                    if let Some(k) = kernel {
+                        let device = k.device();
+                        println!("device {devid}: disconnecting {}", device.display());
+                        k.disconnect().with_context(|| {
+                            format!("cannot disconnect {} of device {devid}", device.display())
+                        })?;
+                        println!("device {devid}: {} disconnected", device.display());
+                    }
                     server.shutdown();
+                    println!("device {devid}: NBD export closed");
                     Arc::try_unwrap(dev)
                         .map_err(|_| anyhow!("blk device {devid} is still in use"))?
                         .close()
@@ -178,6 +214,38 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
         }
     }
     Ok(i32::from(failed))
+}
+
+/// Connects blk device `devid`'s export on `socket` to a kernel NBD device and says which.
+fn connect_kernel_nbd(
+    devid: u32,
+    socket: &Path,
+    export: &str,
+    index: Option<u32>,
+) -> Result<KernelNbd> {
+    let config = KernelNbdConfig {
+        index,
+        ..KernelNbdConfig::new(export)
+    };
+    let address = NbdAddress::Unix(socket.to_path_buf());
+    let k = KernelNbd::connect(&address, export, &config)
+        .with_context(|| format!("cannot give blk device {devid} to the kernel over NBD"))?;
+    let ready = k.wait_ready(Duration::from_secs(5));
+    println!(
+        "device {devid}: kernel block device {} (NBD netlink{}){}",
+        k.device().display(),
+        if k.reconfigured() {
+            ", reconfigured: it was connected before"
+        } else {
+            ""
+        },
+        if ready {
+            ""
+        } else {
+            "; sysfs does not show its size yet"
+        }
+    );
+    Ok(k)
 }
 
 pub(crate) fn pump_console(

@@ -347,6 +347,18 @@ impl NbdClient {
         })
     }
 
+    /// Hands over the socket in the transmission phase, with no request outstanding, for
+    /// another client to speak on (the kernel's NBD driver): no `NBD_CMD_DISC` is sent.
+    /// The descriptor returned is a duplicate; this client's own is closed, which leaves the
+    /// connection open.
+    pub fn into_socket(mut self) -> Result<std::os::fd::OwnedFd> {
+        self.open = false;
+        Ok(match &self.socket {
+            Socket::Unix(s) => s.try_clone()?.into(),
+            Socket::Tcp(s) => s.try_clone()?.into(),
+        })
+    }
+
     /// Ends the session cleanly with `NBD_CMD_DISC`.
     pub fn disconnect(mut self) -> Result<()> {
         self.send_disc()

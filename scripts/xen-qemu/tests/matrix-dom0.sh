@@ -13,6 +13,8 @@
 . /xv/tests/common.sh
 # shellcheck source=matrix-lib.sh
 . /xv/tests/matrix-lib.sh
+# shellcheck source=knbd-lib.sh
+. /xv/tests/knbd-lib.sh
 
 BOOT_TIMEOUT=${XV_BOOT_TIMEOUT:-300}
 AGENT_TIMEOUT=${XV_AGENT_TIMEOUT:-120}
@@ -223,6 +225,11 @@ if [ -n "$lc_restart" ]; then
     mx_restart_cell "$d" KILL crash 10
   fi
 fi
+
+# The guest kernel's own block device, in the DomU whose export survived the restarts: /dev/nbd0
+# through the NBD netlink interface, a filesystem on it, a daemon restart under it.
+case $XV_ARCH in x86_64) lc_kernel=domU-pvh ;; *) lc_kernel=domU-arm ;; esac
+case " $ready " in *" $lc_kernel "*) kn_cells "$lc_kernel" ;; esac
 
 # xl destroy in the middle of I/O: every mapping and binding of that domain goes, the other
 # export keeps working.

@@ -86,12 +86,12 @@ mx_probe_serve() {
 # ---------------------------------------------------------------------------------------------
 
 # mx_in DOMAIN TIMEOUT COMMAND: run COMMAND with sh in DOMAIN (Dom0 itself, or a DomU through
-# the command channel), with this library loaded. Prints its output; returns its status.
+# the command channel), with this library and knbd-lib.sh loaded. Prints its output; returns its status.
 mx_in() {
   if [ "$1" = dom0 ]; then
-    timeout -k 5 "$2" sh -c ". /xv/lib/xv-lib.sh; . /xv/tests/matrix-lib.sh; XV_RUN=$MX_RUN; $3" </dev/null 2>&1
+    timeout -k 5 "$2" sh -c ". /xv/lib/xv-lib.sh; . /xv/tests/matrix-lib.sh; . /xv/tests/knbd-lib.sh; XV_RUN=$MX_RUN; $3" </dev/null 2>&1
   else
-    xv_domu_run "$1" "$2" ". /xv/lib/xv-lib.sh; . /xv/tests/matrix-lib.sh; $3"
+    xv_domu_run "$1" "$2" ". /xv/lib/xv-lib.sh; . /xv/tests/matrix-lib.sh; . /xv/tests/knbd-lib.sh; $3"
   fi
 }
 

@@ -1,0 +1,176 @@
+# shellcheck shell=dash
+# knbd-lib.sh: the guest kernel's own block device (issue 12, item 1), sourced by matrix-dom0.sh
+# after matrix-lib.sh. `xenvirtio-frontend serve --kernel-nbd 0` in a DomU gives blk 0 to the
+# DomU's kernel as /dev/nbd0 through the NBD netlink interface; the cells then use it as an
+# operator would: raw I/O checked from both ends, an ext2 filesystem made, mounted, written and
+# read back, the same filesystem written while Dom0's daemon restarts, and a clean disconnect.
+# Every cell emits its own check line; nothing is skipped.
+
+# kn_probe_load: load nbd.ko (4 devices, no partitions) and ext4 (which mounts ext2) with its
+# dependencies in this domain, from the kernel package's modules in the image (ext4 asks the
+# crypto API for crc32c at every mount, and there is no modprobe to load it on demand).
+kn_probe_load() {
+  local _m
+  for _m in crc32c_generic crc16 mbcache jbd2 ext4; do
+    [ -d "/sys/module/$_m" ] || insmod "/lib/modules/$_m.ko" || return 1
+  done
+  [ -d /sys/module/nbd ] || insmod /lib/modules/nbd.ko nbds_max=4 max_part=0 || return 1
+  [ -b /dev/nbd0 ] || return 1
+  set -- /sys/block/nbd*
+  echo "nbd.ko loaded: $# devices"
+}
+
+# kn_probe_wait_kernel: wait (60 s) until the running serve says it connected the kernel device
+# (it does so after the export's socket appears); print that line.
+kn_probe_wait_kernel() {
+  local _end
+  _end=$(($(xv_uptime) + 60))
+  while ! grep -q 'kernel block device' /run/xv/serve.log; do
+    if [ "$(xv_uptime)" -ge "$_end" ] || ! kill -0 "$(cat /run/xv/serve.pid)" 2>/dev/null; then
+      echo "no kernel block device: $(tail -n 6 /run/xv/serve.log | cut -c1-300 | xv_oneline)"
+      return 1
+    fi
+    sleep 0.3
+  done
+  grep -m 1 'kernel block device' /run/xv/serve.log
+}
+
+# kn_md5 FILE [SKIP_MIB COUNT_MIB]: the md5 of FILE, or of COUNT MiB of it from SKIP MiB.
+kn_md5() {
+  if [ -n "$2" ]; then
+    dd if="$1" bs=1M skip="$2" count="$3" 2>/dev/null | md5sum | cut -d' ' -f1
+  else
+    md5sum <"$1" | cut -d' ' -f1
+  fi
+}
+
+# kn_serve_cell DOMAIN: stop DOMAIN's export, load nbd.ko and serve blk 0 again with the kernel
+# device. Checks knbd-serve. Returns non-zero when there is no kernel device to test.
+kn_serve_cell() {
+  local _d _out _rc
+  _d=$1
+  # shellcheck disable=SC2016 # expanded in the DomU
+  mx_in "$_d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while kill -0 $p 2>/dev/null; do sleep 0.3; done' >/dev/null
+  _out=$(mx_in "$_d" 180 "kn_probe_load && mx_probe_serve 0 $NBD --kernel-nbd 0 && kn_probe_wait_kernel")
+  _rc=$?
+  if [ $_rc = 0 ] && mx_line '/dev/nbd0' "$_out" >/dev/null; then
+    mx_check "$_d" knbd-serve PASS "$(mx_line 'nbd.ko' "$_out"); $(mx_line 'kernel block device' "$_out" | xv_oneline)"
+    return 0
+  fi
+  mx_check "$_d" knbd-serve FAIL "rc=$_rc: $(echo "$_out" | tail -n 4 | xv_oneline)"
+  return 1
+}
+
+# kn_raw_cell DOMAIN: the device's size, then 4 MiB of random data written through /dev/nbd0 at
+# 40 MiB and read back after dropping the DomU's caches; Dom0 reads the same bytes from the
+# backend's image. Checks knbd-size, knbd-raw and image-knbd-raw.
+kn_raw_cell() {
+  local _d _out _want _size _sum _img
+  _d=$1
+  _want=$((MX_IMAGE_MB * 1024 * 1024))
+  _size=$(mx_in "$_d" 20 "blockdev --getsize64 /dev/nbd0")
+  if [ "$_size" = "$_want" ]; then
+    mx_check "$_d" knbd-size PASS "/dev/nbd0 is $_size bytes, the image's size; logical block $(mx_in "$_d" 20 'cat /sys/block/nbd0/queue/logical_block_size') bytes"
+  else
+    mx_check "$_d" knbd-size FAIL "blockdev --getsize64 /dev/nbd0: '$(echo "$_size" | xv_oneline)', want $_want"
+  fi
+  _out=$(mx_in "$_d" 120 "dd if=/dev/urandom of=/tmp/knbd.raw bs=1M count=4 2>/dev/null &&
+    dd if=/tmp/knbd.raw of=/dev/nbd0 bs=1M seek=40 conv=fsync 2>&1 | tail -n 1 &&
+    echo 3 >/proc/sys/vm/drop_caches && blockdev --flushbufs /dev/nbd0 &&
+    echo want=\$(kn_md5 /tmp/knbd.raw) got=\$(kn_md5 /dev/nbd0 40 4)")
+  _sum=$(kn_sum "$_out" want)
+  if kn_sums_match "$_out"; then
+    mx_check "$_d" knbd-raw PASS "4 MiB written to /dev/nbd0 with dd and read back from the device after drop_caches: md5 $_sum"
+  else
+    mx_check "$_d" knbd-raw FAIL "$(echo "$_out" | tail -n 3 | xv_oneline)"
+  fi
+  _img=$(kn_md5 "$(mx_image "$_d")" 40 4)
+  if [ -n "$_sum" ] && [ "$_img" = "$_sum" ]; then
+    mx_check "$_d" image-knbd-raw PASS "Dom0 reads the same 4 MiB at 40 MiB of $(mx_image "$_d"): md5 $_img"
+  else
+    mx_check "$_d" image-knbd-raw FAIL "Dom0's image at 40 MiB: md5 $_img; the DomU wrote '${_sum:-nothing}'"
+  fi
+}
+
+# kn_fs_cell DOMAIN: mke2fs on /dev/nbd0, mount, an 8 MiB file written, unmounted, mounted again
+# and read back. Checks knbd-fs.
+kn_fs_cell() {
+  local _d _out
+  _d=$1
+  _out=$(mx_in "$_d" 240 "mkdir -p /mnt/knbd && mke2fs -F /dev/nbd0 >/dev/null 2>&1 &&
+    mount -t ext2 /dev/nbd0 /mnt/knbd && dd if=/dev/urandom of=/tmp/knbd.file bs=1M count=8 2>/dev/null &&
+    cp /tmp/knbd.file /mnt/knbd/data && sync && umount /mnt/knbd && echo 3 >/proc/sys/vm/drop_caches &&
+    mount -t ext2 /dev/nbd0 /mnt/knbd && echo want=\$(kn_md5 /tmp/knbd.file) got=\$(kn_md5 /mnt/knbd/data) &&
+    df -k /mnt/knbd | tail -n 1 && umount /mnt/knbd; echo rc=\$?; dmesg | grep -E 'EXT4|nbd' | tail -n 2")
+  if kn_sums_match "$_out" && mx_line '^rc=0$' "$_out" >/dev/null; then
+    mx_check "$_d" knbd-fs PASS "mke2fs, mount, 8 MiB file written, umount, drop_caches, mount: the file reads back (md5 $(kn_sum "$_out" want)); df: $(mx_line '/mnt/knbd' "$_out" | xv_oneline)"
+  else
+    mx_check "$_d" knbd-fs FAIL "$(echo "$_out" | tail -n 4 | xv_oneline)"
+  fi
+}
+
+# kn_sum TEXT KEY: the value of KEY= in the want=... got=... line of TEXT.
+kn_sum() {
+  mx_line '^want=' "$1" | tr ' ' '\n' | sed -n "s/^$2=//p"
+}
+
+# kn_sums_match TEXT: the want= and got= checksums of TEXT are there and equal.
+kn_sums_match() {
+  local _w _g
+  _w=$(kn_sum "$1" want)
+  _g=$(kn_sum "$1" got)
+  [ -n "$_w" ] && [ "$_w" = "$_g" ]
+}
+
+# kn_restart_cell DOMAIN: a 16 MiB file is copied onto the mounted filesystem (with fsync) while
+# Dom0's daemon is stopped (SIGTERM) and started again; the copy must finish without an error,
+# the file must read back after a remount, and the DomU's kernel must log no I/O error for
+# nbd0: a backend restart is a pause for the filesystem. Checks knbd-restart.
+kn_restart_cell() {
+  local _d _out _stopped _started
+  _d=$1
+  mx_in "$_d" 60 "mount -t ext2 /dev/nbd0 /mnt/knbd && dd if=/dev/urandom of=/tmp/knbd.big bs=1M count=16 2>/dev/null && dmesg -c >/dev/null" >/dev/null
+  # The daemon is frozen first, so that the copy's first writes wait for it.
+  kill -STOP "$MX_BACKEND_PID" 2>/dev/null
+  mx_in "$_d" 10 "(dd if=/tmp/knbd.big of=/mnt/knbd/big bs=1M conv=fsync >/run/xv/knbd-copy.out 2>&1; echo rc=\$? >>/run/xv/knbd-copy.out) </dev/null >/dev/null 2>&1 &" >/dev/null
+  sleep 3
+  mx_backend_stop
+  _stopped=$MX_BACKEND_STOPPED
+  if mx_backend_start; then _started="the new daemon is pid $MX_BACKEND_PID"; else _started="the new daemon did not start"; fi
+  _out=$(mx_in "$_d" 240 "end=\$((\$(xv_uptime) + 200)); while ! grep -q '^rc=' /run/xv/knbd-copy.out; do [ \$(xv_uptime) -lt \$end ] || break; sleep 0.5; done;
+    cat /run/xv/knbd-copy.out; umount /mnt/knbd && echo 3 >/proc/sys/vm/drop_caches && mount -t ext2 /dev/nbd0 /mnt/knbd &&
+    echo want=\$(kn_md5 /tmp/knbd.big) got=\$(kn_md5 /mnt/knbd/big); umount /mnt/knbd;
+    echo errors=\$(dmesg | grep -c -i -E 'nbd0.*(error|timed out)|I/O error')")
+  if mx_line '^rc=0$' "$_out" >/dev/null && kn_sums_match "$_out" && mx_line '^errors=0$' "$_out" >/dev/null; then
+    mx_check "$_d" knbd-restart PASS "a 16 MiB copy onto the mounted ext2 spanned a daemon restart (old daemon: $_stopped; $_started): it finished, reads back after a remount (md5 $(kn_sum "$_out" want)), no I/O error in the kernel log"
+  else
+    mx_check "$_d" knbd-restart FAIL "old daemon: $_stopped; $_started: $(echo "$_out" | tail -n 5 | xv_oneline)"
+  fi
+}
+
+# kn_disconnect_cell DOMAIN: SIGTERM to the export; it disconnects /dev/nbd0 from the kernel
+# (size 0 afterwards) and exits 0 within 60 s. Checks knbd-disconnect.
+kn_disconnect_cell() {
+  local _d _out
+  _d=$1
+  # shellcheck disable=SC2016 # expanded in the DomU
+  _out=$(mx_in "$_d" 120 'p=$(cat /run/xv/serve.pid); kill $p; end=$(($(xv_uptime) + 60)); while kill -0 $p 2>/dev/null && [ $(xv_uptime) -lt $end ]; do sleep 0.3; done;
+    if kill -0 $p 2>/dev/null; then echo "still running after 60 s"; kill -KILL $p; fi;
+    echo size=$(cat /sys/block/nbd0/size); tail -n 4 /run/xv/serve.log | cut -c1-300; dmesg | grep -i nbd | tail -n 3')
+  if mx_line '^size=0$' "$_out" >/dev/null && ! mx_line 'still running|cannot disconnect|closing:' "$_out" >/dev/null; then
+    mx_check "$_d" knbd-disconnect PASS "SIGTERM to serve: /dev/nbd0 disconnected (size 0): $(echo "$_out" | grep -v '^size=' | xv_oneline)"
+  else
+    mx_check "$_d" knbd-disconnect FAIL "$(echo "$_out" | xv_oneline)"
+  fi
+}
+
+# kn_cells DOMAIN: every kernel block-device cell in DOMAIN, then DOMAIN's plain export again.
+kn_cells() {
+  if kn_serve_cell "$1"; then
+    kn_raw_cell "$1"
+    kn_fs_cell "$1"
+    kn_restart_cell "$1"
+    kn_disconnect_cell "$1"
+  fi
+  mx_serve_cell "$1" serve-after-knbd
+}

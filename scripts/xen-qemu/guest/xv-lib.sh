@@ -37,6 +37,12 @@ xv_uptime() {
   cut -d. -f1 /proc/uptime
 }
 
+# xv_alive PID: PID runs and is not a zombie. A DomU's orphans belong to its PID 1 (the agent),
+# which does not wait for them, so `kill -0` alone is true for ever after one exits.
+xv_alive() {
+  kill -0 "$1" 2>/dev/null && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+
 # xv_oneline [TEXT...]: TEXT (or stdin) squashed to one line of at most 300 characters, with
 # "@@" broken up so that quoted output never looks like a check line or a summary.
 xv_oneline() {

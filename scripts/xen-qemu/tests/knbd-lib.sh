@@ -26,7 +26,7 @@ kn_probe_wait_kernel() {
   local _end
   _end=$(($(xv_uptime) + 60))
   while ! grep -q 'kernel block device' /run/xv/serve.log; do
-    if [ "$(xv_uptime)" -ge "$_end" ] || ! kill -0 "$(cat /run/xv/serve.pid)" 2>/dev/null; then
+    if [ "$(xv_uptime)" -ge "$_end" ] || ! xv_alive "$(cat /run/xv/serve.pid)"; then
       echo "no kernel block device: $(tail -n 6 /run/xv/serve.log | cut -c1-300 | xv_oneline)"
       return 1
     fi
@@ -50,7 +50,7 @@ kn_serve_cell() {
   local _d _out _rc
   _d=$1
   # shellcheck disable=SC2016 # expanded in the DomU
-  mx_in "$_d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while kill -0 $p 2>/dev/null; do sleep 0.3; done' >/dev/null
+  mx_in "$_d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while xv_alive $p; do sleep 0.3; done' >/dev/null
   _out=$(mx_in "$_d" 180 "kn_probe_load && mx_probe_serve 0 $NBD --kernel-nbd 0 && kn_probe_wait_kernel")
   _rc=$?
   if [ $_rc = 0 ] && mx_line '/dev/nbd0' "$_out" >/dev/null; then
@@ -154,8 +154,8 @@ kn_disconnect_cell() {
   local _d _out
   _d=$1
   # shellcheck disable=SC2016 # expanded in the DomU
-  _out=$(mx_in "$_d" 120 'p=$(cat /run/xv/serve.pid); kill $p; end=$(($(xv_uptime) + 60)); while kill -0 $p 2>/dev/null && [ $(xv_uptime) -lt $end ]; do sleep 0.3; done;
-    if kill -0 $p 2>/dev/null; then echo "still running after 60 s"; kill -KILL $p; fi;
+  _out=$(mx_in "$_d" 120 'p=$(cat /run/xv/serve.pid); kill $p; end=$(($(xv_uptime) + 60)); while xv_alive $p && [ $(xv_uptime) -lt $end ]; do sleep 0.3; done;
+    if xv_alive $p; then echo "still running after 60 s"; kill -KILL $p; fi;
     echo size=$(cat /sys/block/nbd0/size); tail -n 4 /run/xv/serve.log | cut -c1-300; dmesg | grep -i nbd | tail -n 3')
   if mx_line '^size=0$' "$_out" >/dev/null && ! mx_line 'still running|cannot disconnect|closing:' "$_out" >/dev/null; then
     mx_check "$_d" knbd-disconnect PASS "SIGTERM to serve: /dev/nbd0 disconnected (size 0): $(echo "$_out" | grep -v '^size=' | xv_oneline)"

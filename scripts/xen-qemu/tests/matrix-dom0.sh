@@ -239,7 +239,7 @@ if [ -n "$lc_destroy" ]; then
   # The victim's export (if any) stops first, so that what the daemon holds is exactly the
   # other devices' share: the baseline.
   # shellcheck disable=SC2016 # expanded in the DomU
-  mx_in "$d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while kill -0 $p 2>/dev/null; do sleep 0.3; done' >/dev/null
+  mx_in "$d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while xv_alive $p; do sleep 0.3; done' >/dev/null
   mx_wait_backend_state "$d" 0 2 30
   # The survivor keeps an export connected throughout.
   if [ "$lc_survivor" = dom0 ]; then

@@ -72,7 +72,7 @@ mx_probe_serve() {
   # Connecting takes a few seconds under TCG, and much longer on a loaded machine.
   _end=$(($(xv_uptime) + 120))
   while [ ! -S "$_s" ]; do
-    if [ "$(xv_uptime)" -ge "$_end" ] || ! kill -0 "$(cat "$MX_RUN/serve.pid")" 2>/dev/null; then
+    if [ "$(xv_uptime)" -ge "$_end" ] || ! xv_alive "$(cat "$MX_RUN/serve.pid")"; then
       echo "serve did not export $_s within 120s: $(tail -n 8 "$MX_RUN/serve.log" | cut -c1-300 | xv_oneline)"
       return 1
     fi

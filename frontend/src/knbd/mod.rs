@@ -1,8 +1,9 @@
 //! The guest kernel's own block device: `/dev/nbdN` connected to an NBD export through the
 //! kernel's NBD netlink family, as `nbd-client` does, with no extra tool.
 //!
-//! [`KernelNbd::connect`] opens one connection per kernel queue to the export (normally this
-//! frontend's own, on its unix socket), negotiates each with [`NbdClient`] (`NBD_OPT_GO`), and
+//! [`KernelNbd::connect`] opens connections to the export (one per kernel queue where the export
+//! allows several, otherwise one), normally this frontend's own on its unix socket, negotiates
+//! each with [`NbdClient`] (`NBD_OPT_GO`), and
 //! hands the sockets, in the transmission phase, to the kernel with `NBD_CMD_CONNECT`: size and
 //! block size from the export, the transmission flags as the server sent them (flush, FUA,
 //! trim, read-only, multi-connection). From then on the kernel's NBD driver speaks to the export

@@ -137,6 +137,16 @@ pub enum AdminError {
         /// What it is instead.
         what: &'static str,
     },
+    /// The image is empty or not a whole number of sectors.
+    #[error("image {} is {bytes} bytes: {why}", path.display())]
+    ImageSize {
+        /// The image path.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+        /// What is wrong and how to fix it.
+        why: String,
+    },
     /// A path that cannot be stored as xenstore text.
     #[error("{what} {} is not valid UTF-8", path.display())]
     PathNotUtf8 {

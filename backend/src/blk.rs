@@ -53,6 +53,35 @@ pub enum BlkOpenError {
     /// It is neither a regular file nor a block device.
     #[error("image {0} is neither a regular file nor a block device")]
     NotAnImage(PathBuf),
+    /// Its size is 0 or not a whole number of 512-byte sectors.
+    #[error("image {} is {bytes} bytes: {}", path.display(), image_size_problem(*bytes).unwrap_or_default())]
+    BadSize {
+        /// The image path.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+    },
+}
+
+/// Why an image of `bytes` cannot be served, if it cannot: virtio-blk counts 512-byte sectors,
+/// so an empty image has nothing to serve and a partial last sector could never be read or
+/// written. Such images are refused rather than silently cut (issue 16, item 6).
+pub fn image_size_problem(bytes: u64) -> Option<String> {
+    if bytes == 0 {
+        return Some(
+            "an empty image has no sector to serve; give it a size first (truncate -s 1G FILE)"
+                .to_owned(),
+        );
+    }
+    let tail = bytes % SECTOR_SIZE;
+    (tail != 0).then(|| {
+        format!(
+            "not a whole number of 512-byte sectors: its last {tail} bytes could never be read \
+             or written; resize it to {} or {} bytes (truncate -s)",
+            bytes - tail,
+            bytes - tail + SECTOR_SIZE
+        )
+    })
 }
 
 /// A request chain the device cannot even answer.
@@ -116,6 +145,12 @@ impl BlockDevice {
                 path: path.to_path_buf(),
                 source,
             })?;
+        if image_size_problem(bytes).is_some() {
+            return Err(BlkOpenError::BadSize {
+                path: path.to_path_buf(),
+                bytes,
+            });
+        }
         let mut id = [0u8; ID_BYTES];
         let name = path
             .file_name()
@@ -829,5 +864,35 @@ mod tests {
             BlockDevice::open(Path::new("/tmp"), true),
             Err(BlkOpenError::NotAnImage(_)) | Err(BlkOpenError::Open { .. })
         ));
+    }
+
+    #[test]
+    fn empty_and_partial_sector_images_are_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        for (bytes, says) in [
+            (0u64, "empty image"),
+            (1_000_000, "its last 64 bytes could never be read"),
+            (511, "its last 511 bytes"),
+        ] {
+            let path = dir.path().join(format!("{bytes}.img"));
+            std::fs::File::create(&path)
+                .unwrap()
+                .set_len(bytes)
+                .unwrap();
+            let e = BlockDevice::open(&path, false).unwrap_err();
+            assert!(matches!(e, BlkOpenError::BadSize { .. }), "{bytes}: {e}");
+            assert!(e.to_string().contains(says), "{bytes}: {e}");
+        }
+        assert!(
+            image_size_problem(1_000_000)
+                .unwrap()
+                .contains("999936 or 1000448")
+        );
+        let ok = dir.path().join("ok.img");
+        std::fs::File::create(&ok)
+            .unwrap()
+            .set_len(1_000_448)
+            .unwrap();
+        assert_eq!(BlockDevice::open(&ok, false).unwrap().capacity(), 1954);
     }
 }

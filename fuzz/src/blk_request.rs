@@ -13,7 +13,7 @@
 //! - a chain without a writable byte, or whose status byte is read-only, is refused;
 //! - the used length counts the status byte and never exceeds the writable windows.
 
-use xenvirtio_backend::blk::{BlkChainError, BlockDevice, MAX_DISCARD_SECTORS};
+use xenvirtio_backend::blk::{BlkChainError, BlkOpenError, BlockDevice, MAX_DISCARD_SECTORS};
 use xenvirtio_virtio::blk::{
     ID_BYTES, S_IOERR, S_OK, S_UNSUPP, SECTOR_SIZE, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
     T_WRITE_ZEROES,
@@ -43,7 +43,7 @@ pub struct Window {
 /// One fuzz input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlkInput {
-    /// Image capacity: `sectors % 17` sectors.
+    /// Image capacity: `sectors % 17` sectors (an empty image must be refused at open).
     pub sectors: u8,
     /// Open the image read-only.
     pub read_only: bool,
@@ -130,6 +130,14 @@ pub fn run(input: &BlkInput) {
     let path = dir.path().join(IMAGE_NAME);
     let image: Vec<u8> = (0..image_len).map(|i| pattern(1, i)).collect();
     std::fs::write(&path, &image).expect("writing the image");
+    if capacity == 0 {
+        let refused = BlockDevice::open(&path, input.read_only);
+        assert!(
+            matches!(refused, Err(BlkOpenError::BadSize { bytes: 0, .. })),
+            "an empty image must be refused: {refused:?}"
+        );
+        return;
+    }
     let mut dev = BlockDevice::open(&path, input.read_only).expect("opening the image");
     assert_eq!(dev.capacity(), capacity);
 

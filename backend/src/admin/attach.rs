@@ -480,9 +480,11 @@ fn check_image(path: &Path, readonly: bool) -> Result<PathBuf, AdminError> {
     // Opening is harmless for a file or a block device (no O_EXCL, no truncation), and it is
     // the only honest test: permissions, ACLs, read-only mounts.
     let open = |write: bool| OpenOptions::new().read(true).write(write).open(&absolute);
-    if let Err(source) = open(false) {
-        return Err(inaccessible(absolute, source));
-    }
+    let mut file = match open(false) {
+        Ok(file) => file,
+        Err(source) => return Err(inaccessible(absolute, source)),
+    };
+
     if !readonly {
         if let Err(source) = open(true) {
             return Err(AdminError::ImageInaccessible {
@@ -492,6 +494,18 @@ fn check_image(path: &Path, readonly: bool) -> Result<PathBuf, AdminError> {
                 source,
             });
         }
+    }
+    // A block device's metadata says 0 bytes; its end says its size.
+    let bytes = match std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)) {
+        Ok(bytes) => bytes,
+        Err(source) => return Err(inaccessible(absolute, source)),
+    };
+    if let Some(why) = crate::blk::image_size_problem(bytes) {
+        return Err(AdminError::ImageSize {
+            path: absolute,
+            bytes,
+            why,
+        });
     }
     Ok(absolute)
 }
@@ -838,8 +852,20 @@ mod tests {
         let w = World::new();
         let image = w.image("disk.img");
         let sock_dir_missing = w.dir.path().join("nodir/console.sock");
+        let empty = w.dir.path().join("empty.img");
+        std::fs::File::create(&empty).unwrap();
+        let odd = w.dir.path().join("odd.img");
+        std::fs::File::create(&odd)
+            .unwrap()
+            .set_len(1_000_000)
+            .unwrap();
         let cases: Vec<(AttachRequest, &str)> = vec![
             (AttachRequest::new(5, DeviceKind::Block), "needs an image"),
+            (AttachRequest::blk(5, &empty), "is 0 bytes: an empty image"),
+            (
+                AttachRequest::blk(5, &odd),
+                "is 1000000 bytes: not a whole number of 512-byte sectors: its last 64 bytes",
+            ),
             (
                 AttachRequest::blk(5, w.dir.path().join("absent.img")),
                 "absent.img does not exist",
@@ -976,6 +1002,12 @@ mod tests {
         );
         let mut req = AttachRequest::blk(5, &image);
         req.readonly = true;
+        // As root the unwritable file is a sysfs one, whose size need not be whole sectors
+        // (refused for that reason); the read-only attach is then shown with our own file.
+        let sectors = std::fs::metadata(&image).is_ok_and(|m| m.len() > 0 && m.len() % 512 == 0);
+        if !sectors {
+            req.image = Some(w.image("ro-whole-sectors.img"));
+        }
         let out = attach(&w.dom0, &req).unwrap();
         assert_eq!(w.tree(&out.backend_dir)["mode"].0, "r");
     }

@@ -40,7 +40,7 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
     }
     let connect = args.dma.connect(global)?;
     if args.kernel_nbd.is_some() {
-        // Before any thread starts, so that every serving thread inherits it.
+        // Before the export and the supervisor start their threads, so that they inherit it.
         if let Err(e) = xenvirtio_frontend::knbd::mark_io_flusher() {
             eprintln!(
                 "warning: cannot mark the frontend as an I/O flusher ({e}); under memory \

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nbd_support::raw::Raw;
 use nbd_support::*;
-use xenvirtio_frontend::nbd::proto::{self, Request};
+use xenvirtio_frontend::nbd::proto;
 use xenvirtio_frontend::nbd::{BlockExport, FileExport, NbdServer, NbdServerConfig};
 
 const SIZE: u64 = 8 << 20;
@@ -74,19 +74,6 @@ fn structured(img: &Image, allocation: bool) -> Raw {
     }
     raw.go(EXPORT);
     raw
-}
-
-fn request(raw: &mut Raw, flags: u16, command: u16, handle: u64, offset: u64, length: u32) {
-    raw.send(
-        &Request {
-            flags,
-            command,
-            handle,
-            offset,
-            length,
-        }
-        .encode(),
-    );
 }
 
 /// Reads a structured READ reply to the end; returns the data by offset and the error, if any.
@@ -163,14 +150,14 @@ fn structured_reads_carry_offsets_and_errors_end_the_reply() {
     let mut raw = structured(&img, false);
 
     // One chunk for a small read.
-    request(&mut raw, 0, proto::CMD_READ, 1, 4096, 8192);
+    raw.request(0, proto::CMD_READ, 1, 4096, 8192);
     let (data, error) = read_reply(&mut raw, 1);
     assert_eq!(error, None);
     assert_eq!(data, vec![(4096, contents[4096..12288].to_vec())]);
 
     // A read larger than the server's chunk comes in several chunks that tile it.
     let (offset, len) = (1 << 20, 3 << 20);
-    request(&mut raw, 0, proto::CMD_READ, 2, offset, len);
+    raw.request(0, proto::CMD_READ, 2, offset, len);
     let (data, error) = read_reply(&mut raw, 2);
     assert_eq!(error, None);
     assert!(data.len() > 1, "{} chunks", data.len());
@@ -183,16 +170,16 @@ fn structured_reads_carry_offsets_and_errors_end_the_reply() {
     assert_eq!(at, offset + u64::from(len));
 
     // A refused read is an error chunk, never a simple reply.
-    request(&mut raw, 0, proto::CMD_READ, 3, SIZE, 512);
+    raw.request(0, proto::CMD_READ, 3, SIZE, 512);
     assert_eq!(read_reply(&mut raw, 3), (vec![], Some(proto::EINVAL)));
     // A zero-length read is one NONE chunk.
-    request(&mut raw, 0, proto::CMD_READ, 4, 0, 0);
+    raw.request(0, proto::CMD_READ, 4, 0, 0);
     assert_eq!(read_reply(&mut raw, 4), (vec![], None));
     // BLOCK_STATUS without a selected context is refused.
-    request(&mut raw, 0, proto::CMD_BLOCK_STATUS, 5, 0, 4096);
+    raw.request(0, proto::CMD_BLOCK_STATUS, 5, 0, 4096);
     assert_eq!(read_reply(&mut raw, 5), (vec![], Some(proto::EINVAL)));
     // Other commands keep simple replies.
-    request(&mut raw, 0, proto::CMD_FLUSH, 6, 0, 0);
+    raw.request(0, proto::CMD_FLUSH, 6, 0, 0);
     let reply = raw.reply();
     assert_eq!((reply.handle, reply.error), (6, 0));
 }
@@ -249,7 +236,7 @@ fn block_status_reports_holes_and_data_of_a_sparse_file() {
     const HOLE: u32 = proto::STATE_HOLE | proto::STATE_ZERO;
     const MIB: u32 = 1 << 20;
 
-    request(&mut raw, 0, proto::CMD_BLOCK_STATUS, 1, 0, SIZE as u32);
+    raw.request(0, proto::CMD_BLOCK_STATUS, 1, 0, SIZE as u32);
     let (context, d) = block_status(&mut raw, 1);
     assert_ne!(context, 0);
     assert_eq!(
@@ -258,8 +245,7 @@ fn block_status_reports_holes_and_data_of_a_sparse_file() {
         "data, hole, data, hole"
     );
     // REQ_ONE: one descriptor, from the offset asked for.
-    request(
-        &mut raw,
+    raw.request(
         proto::CMD_FLAG_REQ_ONE,
         proto::CMD_BLOCK_STATUS,
         2,
@@ -268,9 +254,9 @@ fn block_status_reports_holes_and_data_of_a_sparse_file() {
     );
     assert_eq!(block_status(&mut raw, 2).1, vec![(MIB, HOLE)]);
     // Zero length and past the end are refused.
-    request(&mut raw, 0, proto::CMD_BLOCK_STATUS, 3, 0, 0);
+    raw.request(0, proto::CMD_BLOCK_STATUS, 3, 0, 0);
     assert_eq!(read_reply(&mut raw, 3).1, Some(proto::EINVAL));
-    request(&mut raw, 0, proto::CMD_BLOCK_STATUS, 4, SIZE - 512, 1024);
+    raw.request(0, proto::CMD_BLOCK_STATUS, 4, SIZE - 512, 1024);
     assert_eq!(read_reply(&mut raw, 4).1, Some(proto::EINVAL));
 }
 
@@ -400,8 +386,8 @@ fn requests_are_served_at_once_and_replied_as_they_complete() {
     // The read of handle 1 is held until handle 2's reply has arrived: only a server that
     // replies out of order can pass this.
     export.hold(0);
-    request(&mut raw, 0, proto::CMD_READ, 1, 0, 4096);
-    request(&mut raw, 0, proto::CMD_READ, 2, 8192, 4096);
+    raw.request(0, proto::CMD_READ, 1, 0, 4096);
+    raw.request(0, proto::CMD_READ, 2, 8192, 4096);
     let reply = raw.reply();
     assert_eq!((reply.handle, reply.error), (2, 0));
     let mut data = vec![0u8; 4096];
@@ -415,7 +401,7 @@ fn requests_are_served_at_once_and_replied_as_they_complete() {
 
     // Sixteen reads sent together run together, and each reply carries its own data.
     for h in 0..16u64 {
-        request(&mut raw, 0, proto::CMD_READ, 100 + h, h * 65536, 65536);
+        raw.request(0, proto::CMD_READ, 100 + h, h * 65536, 65536);
     }
     let mut seen = Vec::new();
     for _ in 0..16 {
@@ -441,7 +427,7 @@ fn the_in_flight_limit_bounds_the_reads_running_at_once() {
     let _server = serve(&img, export.clone(), 4);
     let (mut raw, _, _) = Raw::transmission(&img.socket());
     for h in 0..24u64 {
-        request(&mut raw, 0, proto::CMD_READ, h, h * 4096, 4096);
+        raw.request(0, proto::CMD_READ, h, h * 4096, 4096);
     }
     for _ in 0..24 {
         let reply = raw.reply();
@@ -463,10 +449,10 @@ fn disconnect_waits_for_the_writes_in_flight() {
     let server = serve(&img, export, 32);
     let (mut raw, _, _) = Raw::transmission(&img.socket());
     for h in 0..32u64 {
-        request(&mut raw, 0, proto::CMD_WRITE, h, h * 4096, 4096);
+        raw.request(0, proto::CMD_WRITE, h, h * 4096, 4096);
         raw.send(&[h as u8 + 1; 4096]);
     }
-    request(&mut raw, 0, proto::CMD_DISC, 99, 0, 0);
+    raw.request(0, proto::CMD_DISC, 99, 0, 0);
     let mut handles: Vec<u64> = (0..32)
         .map(|_| {
             let r = raw.reply();

@@ -265,12 +265,7 @@ impl<'a> Session<'a> {
             return Ok(None);
         };
         if !self.settings.names(request.name) {
-            let message = format!(
-                "no export named {:?}; this server exports {:?}",
-                String::from_utf8_lossy(request.name),
-                self.settings.name
-            );
-            self.option_error(option, proto::REP_ERR_UNKNOWN, &message)?;
+            self.unknown_export(option, request.name)?;
             return Ok(None);
         }
         let t = self.transmission();
@@ -323,12 +318,7 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         if !self.settings.names(request.name) {
-            let message = format!(
-                "no export named {:?}; this server exports {:?}",
-                String::from_utf8_lossy(request.name),
-                self.settings.name
-            );
-            self.option_error(option, proto::REP_ERR_UNKNOWN, &message)?;
+            self.unknown_export(option, request.name)?;
             return Ok(());
         }
         let base = proto::CONTEXT_BASE_ALLOCATION.as_bytes();
@@ -398,6 +388,16 @@ impl<'a> Session<'a> {
         );
         message.extend_from_slice(data);
         self.conn.write_all(&message)
+    }
+
+    /// `NBD_REP_ERR_UNKNOWN` for an option naming an export this server does not have.
+    fn unknown_export(&mut self, option: u32, name: &[u8]) -> Result<(), ConnError> {
+        let message = format!(
+            "no export named {:?}; this server exports {:?}",
+            String::from_utf8_lossy(name),
+            self.settings.name
+        );
+        self.option_error(option, proto::REP_ERR_UNKNOWN, &message)
     }
 
     /// An error reply with a message for humans ("All error replies MAY have some data set").

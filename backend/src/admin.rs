@@ -147,6 +147,36 @@ pub enum AdminError {
         /// What is wrong and how to fix it.
         why: String,
     },
+    /// The image is attached already, and the two uses conflict (a writer beside anyone).
+    #[error(
+        "image {} is already attached {} to domain {frontend}{} as device {devid} \
+         ({held_dir}); attaching it {} too would let {} corrupt it. Detach that device first, \
+         or give --force-share if every user really coordinates",
+        path.display(),
+        if *held_read_only { "read-only" } else { "read-write" },
+        name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default(),
+        if *read_only { "read-only" } else { "read-write" },
+        if *read_only { "a reader see a writer" } else { "two writers" }
+    )]
+    ImageAttached {
+        /// The image.
+        path: PathBuf,
+        /// Whether this attach asked for read-only.
+        read_only: bool,
+        /// The domain that has it.
+        frontend: DomId,
+        /// That domain's name.
+        name: Option<String>,
+        /// Its devid there.
+        devid: u32,
+        /// Whether that device is read-only.
+        held_read_only: bool,
+        /// Its backend directory.
+        held_dir: String,
+    },
+    /// Another process holds a conflicting lock on the image.
+    #[error(transparent)]
+    ImageLocked(crate::image_lock::LockError),
     /// A path that cannot be stored as xenstore text.
     #[error("{what} {} is not valid UTF-8", path.display())]
     PathNotUtf8 {

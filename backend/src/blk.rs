@@ -21,6 +21,7 @@ use xenvirtio_virtio::features::{bit, blk as fb};
 use xenvirtio_xen::mem::SharedMem;
 
 use crate::chain_io::{ChainReader, ChainWriter, pread_into, pwrite_from};
+use crate::image_lock::{self, ImageLock, LockError, LockMode};
 
 /// Largest segment size offered (`size_max`).
 pub const SIZE_MAX: u32 = 65536;
@@ -53,6 +54,9 @@ pub enum BlkOpenError {
     /// It is neither a regular file nor a block device.
     #[error("image {0} is neither a regular file nor a block device")]
     NotAnImage(PathBuf),
+    /// Someone else uses the image in a way ours would conflict with (or it cannot be locked).
+    #[error(transparent)]
+    Lock(#[from] LockError),
     /// Its size is 0 or not a whole number of 512-byte sectors.
     #[error("image {} is {bytes} bytes: {}", path.display(), image_size_problem(*bytes).unwrap_or_default())]
     BadSize {
@@ -108,10 +112,25 @@ pub struct BlkCounters {
     pub errors: u64,
 }
 
+/// How an opened image is shared with other users (module `image_lock`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sharing {
+    /// Locked: exclusively when read-write, shared when read-only. `who` names this user in a
+    /// later conflict (`domain 5 device 0`).
+    Lock {
+        /// This user, for conflict messages.
+        who: String,
+    },
+    /// No lock taken and none respected (`force-share`): the operator coordinates the users.
+    ForceShare,
+}
+
 /// An opened image.
 #[derive(Debug)]
 pub struct BlockDevice {
     file: File,
+    /// This process's record of the lock on `file` (the lock goes with the file).
+    _lock: Option<ImageLock>,
     path: PathBuf,
     read_only: bool,
     capacity: u64,
@@ -120,8 +139,20 @@ pub struct BlockDevice {
 }
 
 impl BlockDevice {
-    /// Opens `path` (a regular file or a block device), read-only if `read_only`.
+    /// Opens `path` (a regular file or a block device), read-only if `read_only`, and locks it
+    /// for "a blk device" of this process.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlkOpenError> {
+        let who = "a blk device".to_owned();
+        Self::open_shared(path, read_only, &Sharing::Lock { who })
+    }
+
+    /// Opens `path` (a regular file or a block device), read-only if `read_only`, shared with
+    /// other users as `sharing` says.
+    pub fn open_shared(
+        path: &Path,
+        read_only: bool,
+        sharing: &Sharing,
+    ) -> Result<Self, BlkOpenError> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -138,6 +169,15 @@ impl BlockDevice {
         if !ft.is_file() && !ft.is_block_device() {
             return Err(BlkOpenError::NotAnImage(path.to_path_buf()));
         }
+        let lock = match sharing {
+            Sharing::Lock { who } => Some(image_lock::lock(
+                &file,
+                path,
+                LockMode::for_read_only(read_only),
+                who,
+            )?),
+            Sharing::ForceShare => None,
+        };
         // For a block device the metadata size is 0; seeking to the end gives its size.
         let bytes = file
             .seek(SeekFrom::End(0))
@@ -160,6 +200,7 @@ impl BlockDevice {
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
         Ok(Self {
             file,
+            _lock: lock,
             path: path.to_path_buf(),
             read_only,
             capacity: bytes / SECTOR_SIZE,

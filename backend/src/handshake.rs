@@ -106,6 +106,8 @@ pub struct ToolstackConfig {
     pub image: Option<PathBuf>,
     /// blk: `mode = r`.
     pub read_only: bool,
+    /// blk: `force-share = 1`: no image lock.
+    pub force_share: bool,
     /// console: where port 0 goes.
     pub console: ConsoleTarget,
     /// blk: `requested-queues`, clamped to 1..=16.
@@ -170,6 +172,9 @@ pub fn read_toolstack_config(
         Some("r") => true,
         Some(s) => return Err(ToolstackError::BadMode(s.to_owned())),
     };
+    let force_share =
+        xenbus::optional(xenbus::read_bool(store, TxId::NONE, &key(bk::FORCE_SHARE)))?
+            .unwrap_or(false);
     let image = read_opt_string(store, &key(bk::PARAMS))?
         .filter(|s| !s.is_empty())
         .map(PathBuf::from);
@@ -199,6 +204,7 @@ pub fn read_toolstack_config(
         dma,
         image,
         read_only,
+        force_share,
         console,
         queues,
     })
@@ -736,6 +742,7 @@ mod tests {
             dma: DmaPin::Auto,
             image: None,
             read_only: false,
+            force_share: false,
             console: ConsoleTarget::Pty,
             queues: if kind == DeviceKind::Console { 2 } else { 4 },
         }

@@ -17,6 +17,7 @@ pub mod device;
 pub mod dma;
 pub mod event_loop;
 pub mod handshake;
+pub mod image_lock;
 pub mod rng;
 pub mod stats;
 #[cfg(feature = "test-utils")]

@@ -180,6 +180,13 @@ struct AttachArgs {
     #[arg(long)]
     readonly: bool,
 
+    /// blk only: share the image with every other user, taking no lock and checking no other
+    /// attachment. Without it a read-write image has one user (and a read-only one only
+    /// readers), as QEMU's image locks enforce; with it, the users must coordinate (a cluster
+    /// filesystem), or the image gets corrupted.
+    #[arg(long)]
+    force_share: bool,
+
     /// The device number within the guest [default: the smallest free one].
     #[arg(long, value_name = "N")]
     devid: Option<u32>,
@@ -286,6 +293,7 @@ fn run_attach(store: &dyn XenStore, args: AttachArgs) -> anyhow::Result<()> {
         queues: args.queues,
         dma: args.dma.into(),
         console: args.console,
+        force_share: args.force_share,
     };
     let out = admin::attach(store, &request)?;
     if args.quiet {

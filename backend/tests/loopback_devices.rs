@@ -12,7 +12,7 @@ use xenvirtio_backend::daemon::{DaemonConfig, DomainSelector};
 use xenvirtio_backend::test_utils::{DriverRingError, TestDevice, TestError, TestStrategy};
 use xenvirtio_virtio::blk::S_IOERR;
 use xenvirtio_xenstore::TxId;
-use xenvirtio_xenstore::xenbus::XenbusState;
+use xenvirtio_xenstore::xenbus::{self, XenbusState};
 
 const F: u16 = 5;
 
@@ -331,6 +331,47 @@ fn hostile_guest_gets_an_event_channel_handle_restricted_to_it() {
         "every handle of the daemon is restricted to its guest: {dom0:?}"
     );
     for fe in frontends {
+        fe.close().unwrap();
+    }
+}
+
+#[test]
+fn one_image_has_one_writing_device_and_the_refusal_names_the_holder() {
+    let w = World::new();
+    let image = w.image("one.img", 64);
+    let err_of = |f: u16| {
+        let bdir = xenbus::backend_dir(0, f, 0);
+        w.dom0
+            .read_string(TxId::NONE, &format!("{bdir}/error"))
+            .ok()
+    };
+    // Written straight into xenstore (attach would refuse it): a second writer on the image.
+    w.attach(F, 0, &TestDevice::blk(&image));
+    let mut fe = w.connect(F, 0, options(TestStrategy::GrantPersistent));
+    w.attach(6, 0, &TestDevice::blk(&image).read_only());
+    eventually("the second device's error node", || err_of(6).is_some());
+    let e = err_of(6).unwrap();
+    assert!(
+        e.contains("is in use: domain 5 device 0 of this process has it read-write")
+            && e.contains("cannot also be used read-only"),
+        "{e}"
+    );
+    // The writer still works, and its image is its alone.
+    fe.blk_write(0, 0, &[7u8; 512]).unwrap();
+    assert_eq!(read_file_range(&image, 0, 512), vec![7u8; 512]);
+    assert!(err_of(F).is_none());
+    fe.close().unwrap();
+
+    // Readers share an image.
+    let shared = w.image("shared.img", 64);
+    w.attach(7, 0, &TestDevice::blk(&shared).read_only());
+    w.attach(8, 0, &TestDevice::blk(&shared).read_only());
+    for f in [7, 8] {
+        let mut fe = w.connect(f, 0, options(TestStrategy::Bounce));
+        assert_eq!(
+            fe.blk_read(0, 0, 512).unwrap(),
+            read_file_range(&shared, 0, 512)
+        );
         fe.close().unwrap();
     }
 }

@@ -293,6 +293,7 @@ fn frontend_setup(input: &HandshakeInput, store: &dyn XenStore, fdir: &str) -> b
         dma: pin,
         image: None,
         read_only: false,
+        force_share: false,
         console: ConsoleTarget::Pty,
         queues: 1 + u32::from(input.max_queues % 16),
     };

@@ -149,6 +149,10 @@ struct ServeArgs {
     /// Attach the image read-only (writes fail with EPERM).
     #[arg(long)]
     readonly: bool,
+    /// Take no image lock (by default a read-write image has one user and a read-only one
+    /// only readers, as QEMU's locks enforce): for users that coordinate among themselves.
+    #[arg(long)]
+    force_share: bool,
     /// The role the frontend domain plays, which decides the default strategy and what is
     /// refused: dom0 (the frontend in Dom0 itself), x86-pv, x86-pvh, arm-domu (guests are
     /// domain 1).
@@ -322,6 +326,7 @@ fn serve(args: &ServeArgs) -> Result<i32> {
         .context("cannot create the guest domain")?;
     let mut req = AttachRequest::blk(domid, image);
     req.readonly = args.readonly;
+    req.force_share = args.force_share;
     req.queues = Some(args.queues);
     let attached = pair
         .attach(&req)

@@ -669,3 +669,48 @@ fn bulk_copies_in_and_out_over_two_queues() {
         );
     }
 }
+
+#[test]
+fn a_served_image_has_one_writer_and_the_refusal_names_the_holder() {
+    tool("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = seeded_image(dir.path(), 11);
+    let img = image.to_str().unwrap();
+    let sock = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let first = Loopback::start(&["--image", img, "--nbd", &sock("a.sock")]);
+    // A second loopback on the same image, read-write or read-only.
+    for extra in [&[][..], &["--readonly"][..]] {
+        let b = sock("b.sock");
+        let mut args = vec!["--image", img, "--nbd", &b];
+        args.extend_from_slice(extra);
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{extra:?}: a second user was accepted"
+        );
+        let holder = format!("process {} (xenvirtio-loopb)", first.child.id());
+        assert!(
+            err.contains("is in use") && err.contains(&holder) && err.contains("--force-share"),
+            "{extra:?}: {err}"
+        );
+        assert!(!Path::new(&b).exists(), "no second export was started");
+    }
+    // The operator who means it.
+    let forced = Loopback::start(&["--image", img, "--nbd", &sock("c.sock"), "--force-share"]);
+    forced.line("frontend connected");
+    let (status, out, err) = forced.stop(libc::SIGTERM);
+    assert!(status.success(), "{out}\n{err}");
+    // qemu-io on the file itself, as QEMU's own locks refuse it.
+    let out = run_tool("qemu-io", &["-f", "raw", img, "-c", "read 0 512"]);
+    assert!(!out.status.success(), "qemu-io opened a served image");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lock"));
+    let (status, out, err) = first.stop(libc::SIGTERM);
+    assert!(status.success(), "{out}\n{err}");
+    // Once it is gone, the image is free again.
+    run_ok("qemu-io", &["-f", "raw", img, "-c", "read 0 512"]);
+}

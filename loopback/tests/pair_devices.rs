@@ -44,7 +44,7 @@ fn blk_over_every_strategy_matches_the_image_on_disk() {
     let fe = w.frontend(GUEST);
     for (round, strategy) in STRATEGIES.into_iter().enumerate() {
         w.pair.hypervisor().clear_records();
-        let devid = w.attach_blk(F, &img, None);
+        let devid = w.attach_blk_again(F, &img, None);
         let dev = w.connect_blk(&fe, devid, strategy);
         assert_eq!(dev.negotiated().strategy, strategy.dma(), "{strategy:?}");
         assert_eq!(dev.negotiated().persistent, strategy.persistent());
@@ -226,7 +226,7 @@ fn multi_queue_blk_takes_concurrent_io_on_every_queue() {
     let img = w.image("mq.img", size);
     let fe = w.frontend(GUEST);
     for strategy in STRATEGIES {
-        let devid = w.attach_blk(F, &img, Some(4));
+        let devid = w.attach_blk_again(F, &img, Some(4));
         let mut opts = strategy.blk();
         opts.connect.num_queues = Some(4);
         opts.connect.dma_pages = 512;
@@ -328,7 +328,7 @@ fn each_role_gets_its_default_strategy_from_the_real_backend() {
         // The daemon trusts domain 1 and the backend is Dom0: grant_usage=0 reaches the guest.
         (RoleName::ArmDomU, DmaStrategy::Direct),
     ] {
-        let devid = w.attach_blk(role.domid(), &img, None);
+        let devid = w.attach_blk_again(role.domid(), &img, None);
         let (strategy, reason) = try_connect(&w, role, devid, None).unwrap();
         assert_eq!(strategy, want, "{role}: {reason}");
         assert!(!reason.is_empty());
@@ -350,7 +350,7 @@ fn the_policy_refuses_what_the_role_forbids_with_the_reason() {
             "ACCESS_PLATFORM",
         ),
     ] {
-        let devid = w.attach_blk(domid, &img, None);
+        let devid = w.attach_blk_again(domid, &img, None);
         let fe = w.frontend_as(role, domid);
         let mut opts = Strategy::Direct.blk();
         opts.connect.dma = Some(dma);
@@ -458,7 +458,7 @@ fn a_dom0_frontend_uses_every_strategy_its_role_allows() {
         Strategy::GrantPerRequest,
         Strategy::GrantPersistent,
     ] {
-        let devid = w.attach_blk(0, &img, None);
+        let devid = w.attach_blk_again(0, &img, None);
         let dev = w.connect_blk(&fe, devid, strategy);
         assert_eq!(dev.negotiated().strategy, strategy.dma());
         let d = data(100_000, devid as u8);

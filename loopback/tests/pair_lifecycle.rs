@@ -175,7 +175,7 @@ fn a_guest_destroyed_mid_io_leaves_the_backend_holding_nothing_of_it() {
         // A fresh victim domain each time (a destroyed domid stays destroyed).
         let victim = 10 + strategy as u16;
         let devid = w.attach_blk(victim, &img, Some(2));
-        let other_devid = w.attach_blk(OTHER, &other_img, None);
+        let other_devid = w.attach_blk_again(OTHER, &other_img, None);
         let fe = w.frontend_as(GUEST, victim);
         let other_fe = w.frontend_as(GUEST, OTHER);
         let mut opts = strategy.blk();

@@ -42,6 +42,8 @@ pub mod backend_keys {
     pub const PARAMS: &str = "params";
     /// blk: `r` (read-only) or `w` (toolstack).
     pub const MODE: &str = "mode";
+    /// blk: `1` to take no image lock and respect none (toolstack, optional; absent is `0`).
+    pub const FORCE_SHARE: &str = "force-share";
     /// console: `pty` or `socket:<path>` (toolstack).
     pub const CONSOLE: &str = "console";
     /// console: the pty the backend opened (backend).

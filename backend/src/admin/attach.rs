@@ -121,6 +121,8 @@ pub struct AttachRequest {
     pub dma: DmaSetting,
     /// console: where port 0 goes (`pty` when `None`); refused for other types.
     pub console: Option<ConsoleOutput>,
+    /// blk: take no image lock and check no other attachment of the image (`force-share`).
+    pub force_share: bool,
 }
 
 impl AttachRequest {
@@ -136,6 +138,7 @@ impl AttachRequest {
             queues: None,
             dma: DmaSetting::Auto,
             console: None,
+            force_share: false,
         }
     }
 
@@ -170,6 +173,9 @@ impl AttachRequest {
                 }
                 if self.readonly {
                     return Err(not_for("--readonly", DeviceKind::Block));
+                }
+                if self.force_share {
+                    return Err(not_for("--force-share", DeviceKind::Block));
                 }
                 if kind == DeviceKind::Rng && self.console.is_some() {
                     return Err(not_for("--console", DeviceKind::Console));
@@ -253,12 +259,15 @@ pub fn attach(store: &dyn XenStore, req: &AttachRequest) -> Result<AttachOutcome
         DeviceKind::Block => {
             let image = req.image.as_deref().ok_or(AdminError::ImageRequired)?;
             let image = if local {
-                check_image(image, req.readonly)?
+                check_image(image, req.readonly, req.force_share)?
             } else {
                 remote_path("image", image, backend)?
             };
             device_keys.push((bk::PARAMS, utf8("image", &image)?));
             device_keys.push((bk::MODE, if req.readonly { "r" } else { "w" }.to_owned()));
+            if req.force_share {
+                device_keys.push((bk::FORCE_SHARE, "1".to_owned()));
+            }
             if let Some(queues) = req.queues {
                 device_keys.push((bk::REQUESTED_QUEUES, queues.to_string()));
             }
@@ -281,7 +290,27 @@ pub fn attach(store: &dyn XenStore, req: &AttachRequest) -> Result<AttachOutcome
     }
 
     let kind = req.kind;
+    let image = device_keys
+        .iter()
+        .find(|(k, _)| *k == bk::PARAMS)
+        .map(|(_, v)| PathBuf::from(v))
+        .filter(|_| !req.force_share);
     let devid = transaction(store, TRANSACTION_ATTEMPTS, |tx| {
+        if let Some(image) = &image {
+            if let Some(user) = image_user(store, tx, backend, image, local)? {
+                if !(req.readonly && user.read_only) {
+                    return Ok(Err(AdminError::ImageAttached {
+                        path: image.clone(),
+                        read_only: req.readonly,
+                        frontend: user.frontend,
+                        name: super::domain_name(store, user.frontend).ok().flatten(),
+                        devid: user.devid,
+                        held_read_only: user.read_only,
+                        held_dir: user.dir,
+                    }));
+                }
+            }
+        }
         let devid = match req.devid {
             Some(devid) => {
                 if let Some(path) = devid_user(store, tx, backend, frontend, devid)? {
@@ -440,8 +469,72 @@ fn absolute_here(path: &Path) -> std::io::Result<PathBuf> {
     }
 }
 
-/// Checks a local image and returns its absolute path.
-fn check_image(path: &Path, readonly: bool) -> Result<PathBuf, AdminError> {
+/// A blk device of backend domain `backend` over an image.
+struct ImageUser {
+    frontend: DomId,
+    devid: u32,
+    read_only: bool,
+    dir: String,
+}
+
+/// The first blk device of `backend` (not `force-share`, of a live guest) over `image`,
+/// read-write ones first.
+/// A local image is compared by its file (device and inode), a driver domain's by its path.
+fn image_user(
+    store: &dyn XenStore,
+    tx: TxId,
+    backend: DomId,
+    image: &Path,
+    local: bool,
+) -> Result<Option<ImageUser>, XsError> {
+    use std::os::unix::fs::MetadataExt;
+    let file_of = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let ours = if local { file_of(image) } else { None };
+    let root = format!("/local/domain/{backend}/backend/virtio");
+    let mut found: Option<ImageUser> = None;
+    for frontend in numeric_children::<DomId>(store, tx, &root)? {
+        // A destroyed guest's leftover devices hold nothing: its daemon released them.
+        if frontend != backend && !store.is_domain_introduced(frontend).unwrap_or(true) {
+            continue;
+        }
+        for devid in numeric_children::<u32>(store, tx, &format!("{root}/{frontend}"))? {
+            let dir = xenbus::backend_dir(backend, frontend, devid);
+            let read = |k: &str| {
+                xenbus::optional(store.read_string(tx, &format!("{dir}/{k}")))
+                    .map(|v| v.map(|s| s.trim().to_owned()))
+            };
+            let Some(params) = read(bk::PARAMS)? else {
+                continue;
+            };
+            if read(bk::FORCE_SHARE)?.as_deref() == Some("1") {
+                continue;
+            }
+            let same = match ours {
+                Some(key) => file_of(Path::new(&params)) == Some(key),
+                None => Path::new(&params) == image,
+            };
+            if !same {
+                continue;
+            }
+            let read_only = read(bk::MODE)?.as_deref() == Some("r");
+            let user = ImageUser {
+                frontend,
+                devid,
+                read_only,
+                dir,
+            };
+            if !read_only {
+                return Ok(Some(user));
+            }
+            found.get_or_insert(user);
+        }
+    }
+    Ok(found)
+}
+
+/// Checks a local image and returns its absolute path. Unless `force_share`, the image must
+/// also be free of conflicting locks (another daemon, a loopback, QEMU).
+fn check_image(path: &Path, readonly: bool, force_share: bool) -> Result<PathBuf, AdminError> {
     let inaccessible = |path: PathBuf, source| AdminError::ImageInaccessible {
         path,
         access: "reading",
@@ -506,6 +599,13 @@ fn check_image(path: &Path, readonly: bool) -> Result<PathBuf, AdminError> {
             bytes,
             why,
         });
+    }
+    if !force_share {
+        let mode = crate::image_lock::LockMode::for_read_only(readonly);
+        // A device detached a moment ago may still be dropping its image in its daemon.
+        let grace = crate::image_lock::RELEASE_GRACE;
+        crate::image_lock::probe_waiting(&file, &absolute, mode, grace)
+            .map_err(AdminError::ImageLocked)?;
     }
     Ok(absolute)
 }
@@ -973,6 +1073,122 @@ mod tests {
             "nothing was written"
         );
         assert!(!w.dom0.exists(N, "/local/domain/0/backend").unwrap());
+    }
+
+    #[test]
+    fn an_image_has_one_writer_or_only_readers_unless_force_shared() {
+        let w = World::new();
+        let image = w.image("shared.img");
+        let link = w.dir.path().join("link.img");
+        std::os::unix::fs::symlink(&image, &link).unwrap();
+        let ro = |d: DomId, p: &Path| AttachRequest {
+            readonly: true,
+            ..AttachRequest::blk(d, p)
+        };
+        // Two readers share it; a writer beside them is refused, by any path to the file.
+        attach(&w.dom0, &ro(5, &image)).unwrap();
+        attach(&w.dom0, &ro(6, &link)).unwrap();
+        let e = attach(&w.dom0, &AttachRequest::blk(6, &link)).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(
+                e,
+                AdminError::ImageAttached {
+                    frontend: 5,
+                    devid: 0,
+                    ..
+                }
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("already attached read-only to domain 5 (guest1) as device 0")
+                && msg.contains("attaching it read-write too")
+                && msg.contains("--force-share"),
+            "{msg}"
+        );
+        // A writer holds it: neither a reader nor a second writer gets it.
+        let other = w.image("other.img");
+        attach(&w.dom0, &AttachRequest::blk(5, &other)).unwrap();
+        for req in [AttachRequest::blk(6, &other), ro(6, &other)] {
+            let msg = attach(&w.dom0, &req).unwrap_err().to_string();
+            assert!(
+                msg.contains("already attached read-write to domain 5 (guest1)"),
+                "{msg}"
+            );
+        }
+        // The operator who means it.
+        let forced = AttachRequest {
+            force_share: true,
+            ..AttachRequest::blk(6, &other)
+        };
+        let out = attach(&w.dom0, &forced).unwrap();
+        let key = format!("{}/force-share", out.backend_dir);
+        assert_eq!(w.dom0.read_string(N, &key).unwrap(), "1");
+        // A force-shared device does not stop others either.
+        let third = w.image("third.img");
+        attach(
+            &w.dom0,
+            &AttachRequest {
+                force_share: true,
+                ..AttachRequest::blk(5, &third)
+            },
+        )
+        .unwrap();
+        attach(&w.dom0, &AttachRequest::blk(6, &third)).unwrap();
+        // Not for other types.
+        let bad = AttachRequest {
+            force_share: true,
+            ..AttachRequest::new(5, DeviceKind::Rng)
+        };
+        assert!(
+            attach(&w.dom0, &bad)
+                .unwrap_err()
+                .to_string()
+                .contains("--force-share")
+        );
+    }
+
+    #[test]
+    fn an_image_another_process_locked_is_refused_with_that_process() {
+        let w = World::new();
+        let image = w.image("held.img");
+        let mut holder = std::process::Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .arg(&image)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-io (qemu-utils) is needed");
+        let file = std::fs::File::open(&image).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while crate::image_lock::probe(&file, &image, crate::image_lock::LockMode::Exclusive)
+            .is_ok()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-io never locked it"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let e = attach(&w.dom0, &AttachRequest::blk(5, &image)).unwrap_err();
+        let forced = attach(
+            &w.dom0,
+            &AttachRequest {
+                force_share: true,
+                ..AttachRequest::blk(5, &image)
+            },
+        );
+        let _ = holder.kill();
+        let _ = holder.wait();
+        let msg = e.to_string();
+        assert!(matches!(e, AdminError::ImageLocked(_)), "{msg}");
+        assert!(
+            msg.contains(&format!("process {} (qemu-io)", holder.id())),
+            "{msg}"
+        );
+        forced.unwrap();
     }
 
     #[test]

@@ -370,7 +370,8 @@ impl<P: Platform> Machine<'_, P> {
             }
         };
         if self.model.is_none() {
-            match Model::open(&ts) {
+            let who = format!("domain {} device {}", self.ctx.frontend, self.ctx.devid);
+            match Model::open(&ts, &who) {
                 Ok(mut m) => {
                     if let Model::Console(c) = &mut m {
                         if let Err(e) = c.register(

@@ -4,19 +4,20 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use xenvirtio_virtio::dma::DmaStrategy;
 use xenvirtio_virtio::ids::DeviceKind;
 use xenvirtio_xen::XenError;
 use xenvirtio_xen::platform::{BoundPort, EventChannels, MappedPages, Platform};
 
-use crate::blk::{BlkChainError, BlockDevice};
+use crate::blk::{BlkChainError, BlkOpenError, BlockDevice, Sharing};
 use crate::budget::Budgeted;
 use crate::console::ConsoleDevice;
 use crate::daemon::DaemonConfig;
 use crate::dma::{AddressSpace, DmaMapError, MapCounters};
 use crate::handshake::{ConnectError, DirectTrust, Offer, ToolstackConfig};
+use crate::image_lock::{LockError, RELEASE_GRACE};
 use crate::rng::RngDevice;
 use crate::virtqueue::{Chain, DeviceQueue, QueueError};
 
@@ -101,13 +102,31 @@ pub(super) enum Model {
 }
 
 impl Model {
-    pub(super) fn open(ts: &ToolstackConfig) -> Result<Model, String> {
+    /// Opens the model of the device `who` (`domain 5 device 0`) describes. A locked image is
+    /// tried again for [`RELEASE_GRACE`]: its holder may be on its way out (a device of this
+    /// daemon detached a moment ago, a daemon that is still exiting).
+    pub(super) fn open(ts: &ToolstackConfig, who: &str) -> Result<Model, String> {
         match ts.kind {
             DeviceKind::Block => {
                 let path = ts.image.as_deref().ok_or("a blk device needs params")?;
-                BlockDevice::open(path, ts.read_only)
-                    .map(Model::Blk)
-                    .map_err(|e| error_chain(&e))
+                let sharing = if ts.force_share {
+                    Sharing::ForceShare
+                } else {
+                    Sharing::Lock {
+                        who: who.to_owned(),
+                    }
+                };
+                let deadline = Instant::now() + RELEASE_GRACE;
+                loop {
+                    match BlockDevice::open_shared(path, ts.read_only, &sharing) {
+                        Err(BlkOpenError::Lock(LockError::Held { .. }))
+                            if Instant::now() < deadline =>
+                        {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        r => return r.map(Model::Blk).map_err(|e| error_chain(&e)),
+                    }
+                }
             }
             DeviceKind::Console => ConsoleDevice::open(&ts.console)
                 .map(|c| Model::Console(Box::new(c)))

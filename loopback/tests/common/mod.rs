@@ -132,6 +132,17 @@ impl World {
         self.pair.attach(&req).unwrap().devid
     }
 
+    /// [`World::attach_blk`] for a test that gives one image to a device per round while the
+    /// devices of earlier rounds stay attached: `force-share`, since those still hold the
+    /// image (the locks themselves are tested in `nbd_tools.rs` and the backend's tests).
+    pub fn attach_blk_again(&self, domid: DomId, image: &Path, queues: Option<u32>) -> u32 {
+        self.guest(domid);
+        let mut req = AttachRequest::blk(domid, image);
+        req.queues = queues;
+        req.force_share = true;
+        self.pair.attach(&req).unwrap().devid
+    }
+
     pub fn frontend(&self, role: RoleName) -> Frontend<LoopbackDomain> {
         self.guest(role.domid());
         self.pair.frontend(role.role()).unwrap()

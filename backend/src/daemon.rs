@@ -934,6 +934,21 @@ impl ServeArgs {
     }
 }
 
+/// Opens, once, every Xen device the daemon will need: gntdev (grant maps and copies), evtchn,
+/// and privcmd when some guest may use `direct`. So a daemon that cannot work fails at start
+/// instead of publishing devices it cannot serve.
+pub fn xen_devices_usable<P: Platform>(
+    platform: &P,
+    config: &DaemonConfig,
+) -> Result<(), xenvirtio_xen::XenError> {
+    drop(platform.grant_mapper()?);
+    drop(platform.event_channels()?);
+    if !config.allow_direct.is_empty() {
+        drop(platform.foreign_mapper()?);
+    }
+    Ok(())
+}
+
 /// Runs the real daemon: the Linux Xen devices, xenstored, until SIGTERM or SIGINT.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -955,7 +970,14 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             .context("cannot read this domain's id from xenstore (key `domid`); pass --domid")?,
     };
     let platform = xenvirtio_xen::linux::LinuxXen::new(domid);
-    let daemon = Daemon::new(platform, store, args.config())?;
+    let config = args.config();
+    xen_devices_usable(&platform, &config).with_context(|| {
+        format!(
+            "cannot serve as domain {domid}: the Xen devices it needs cannot be opened (this \
+             must run in Dom0 or a driver domain on Xen, as root); nothing was published"
+        )
+    })?;
+    let daemon = Daemon::new(platform, store, config)?;
     let handle = daemon.handle();
     signals.spawn_waiter("xv-signals", move |signal| {
         tracing::info!(signal, "shutting down");

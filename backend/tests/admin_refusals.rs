@@ -5,6 +5,8 @@
 mod admin_support;
 
 use admin_support::{Host, N, s};
+use std::path::Path;
+
 use xenvirtio_xenstore::XenStore;
 
 #[test]
@@ -232,4 +234,42 @@ fn a_host_without_its_domid_key_is_refused_unless_the_backend_is_named() {
     // list and detach need it only to default --backend-domain.
     let out = host.ok(&["list", "--backend-domain", "0"]);
     assert_eq!(out.stdout.lines().count(), 2, "{out}");
+}
+
+#[test]
+fn serve_without_the_xen_devices_fails_at_start_and_publishes_nothing() {
+    assert!(
+        !Path::new("/dev/xen/gntdev").exists(),
+        "this test needs a host without Xen (it has /dev/xen/gntdev)"
+    );
+    let host = Host::start();
+    let image = host.image("disk.img");
+    host.ok(&[
+        "attach",
+        "--domain",
+        "guest1",
+        "--type",
+        "blk",
+        "--image",
+        s(&image),
+    ]);
+    let control = host.dir.path().join("control.sock");
+    let started = std::time::Instant::now();
+    let run = host.run(&["serve", "--socket", s(&control)]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "serve took {:?} to give up",
+        started.elapsed()
+    );
+    assert_eq!(run.code, Some(1), "{run}");
+    assert!(
+        run.stderr
+            .contains("cannot serve as domain 0: the Xen devices it needs cannot be opened")
+            && run.stderr.contains("/dev/xen/gntdev")
+            && run.stderr.contains("xen-gntdev"),
+        "{run}"
+    );
+    // Nothing was published: the device still waits for a backend.
+    assert_eq!(host.read("/local/domain/0/backend/virtio/5/0/state"), "1");
+    assert!(!control.exists(), "no control socket was left");
 }

@@ -12,6 +12,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use xenvirtio_backend::admin::{AdminError, AttachRequest, DetachRequest};
@@ -378,10 +379,15 @@ impl Sample {
 /// Runs `config` against `image` (its contents are overwritten by write workloads), calling
 /// `progress` after each run. The pair's daemon must trust the role's domain with `direct`
 /// if a direct variant is asked for.
+///
+/// Once `interrupt` is set (SIGINT), the run in progress stops within a request's time, is
+/// dropped (a cut run's figures would mislead), its device is detached, and the runs completed
+/// so far are returned.
 pub fn run(
     pair: &Pair,
     image: &Path,
     config: &BenchConfig,
+    interrupt: &AtomicBool,
     mut progress: impl FnMut(&Sample),
 ) -> Result<Vec<Sample>, BenchError> {
     if config.workloads.is_empty() || config.variants.is_empty() {
@@ -431,13 +437,26 @@ pub fn run(
     for workload in &config.workloads {
         for round in 0..config.rounds {
             for &variant in &config.variants {
+                if interrupt.load(Ordering::Relaxed) {
+                    return Ok(samples);
+                }
                 let mut req = AttachRequest::blk(domid, image);
                 req.queues = Some(config.queues);
                 let devid = pair.attach(&req)?.devid;
-                let result = run_one(pair, &frontend, devid, *workload, variant, round, config);
+                let run = Run {
+                    workload: *workload,
+                    variant,
+                    round,
+                    config,
+                    interrupt,
+                };
+                let result = run_one(pair, &frontend, devid, &run);
                 let detached = pair.detach(&DetachRequest::new(domid, devid));
                 let sample = result?;
                 detached?;
+                if interrupt.load(Ordering::Relaxed) {
+                    return Ok(samples);
+                }
                 progress(&sample);
                 samples.push(sample);
             }
@@ -446,15 +465,28 @@ pub fn run(
     Ok(samples)
 }
 
+/// One timed run: what it runs, and the flag that cuts it short.
+struct Run<'a> {
+    workload: Workload,
+    variant: Variant,
+    round: u32,
+    config: &'a BenchConfig,
+    interrupt: &'a AtomicBool,
+}
+
 fn run_one(
     pair: &Pair,
     frontend: &xenvirtio_frontend::Frontend<LoopbackDomain>,
     devid: u32,
-    workload: Workload,
-    variant: Variant,
-    round: u32,
-    config: &BenchConfig,
+    run: &Run<'_>,
 ) -> Result<Sample, BenchError> {
+    let Run {
+        workload,
+        variant,
+        round,
+        config,
+        ..
+    } = *run;
     let name = variant.name();
     let options = BlkOptions {
         connect: ConnectOptions {
@@ -488,20 +520,13 @@ fn run_one(
     };
     let outcome = (|| -> Result<Sample, BenchError> {
         if config.warmup > 0 {
-            drive(
-                &dev,
-                workload,
-                config,
-                Stop::After(config.warmup),
-                round,
-                name,
-            )?;
+            drive(&dev, run, Stop::After(config.warmup))?;
         }
         pair.hypervisor().clear_records();
         let before = snapshot(&dev);
         let started = Instant::now();
         let until = Stop::At(Instant::now() + config.duration);
-        let (mut latencies, copied) = drive(&dev, workload, config, until, round, name)?;
+        let (mut latencies, copied) = drive(&dev, run, until)?;
         let elapsed = started.elapsed();
         let mut counters = snapshot(&dev).since(&before);
         counters.frontend.bytes_copied += copied;
@@ -562,12 +587,12 @@ enum Stop {
 /// latencies and the bytes the caller copied (`copy` mode).
 fn drive(
     dev: &BlkDevice<LoopbackDomain>,
-    workload: Workload,
-    config: &BenchConfig,
+    run: &Run<'_>,
     stop: Stop,
-    round: u32,
-    variant: &'static str,
 ) -> Result<(Vec<Duration>, u64), BenchError> {
+    let (workload, config, round, variant) =
+        (run.workload, run.config, run.round, run.variant.name());
+    let interrupt = run.interrupt;
     let queues = dev.num_queues() as u64;
     let blocks = dev.size() / workload.block_size as u64;
     let results: Vec<Result<(Vec<Duration>, u64), BenchError>> = std::thread::scope(|s| {
@@ -580,7 +605,7 @@ fn drive(
                 let seed = 0x9e37_79b9_7f4a_7c15u64 ^ ((u64::from(round) << 32) | (q + 1));
                 s.spawn(move || {
                     drive_queue(
-                        dev, q as usize, workload, config, share, blocks, seed, variant,
+                        dev, q as usize, workload, config, share, blocks, seed, variant, interrupt,
                     )
                 })
             })
@@ -610,6 +635,7 @@ fn drive_queue(
     blocks: u64,
     seed: u64,
     variant: &'static str,
+    interrupt: &AtomicBool,
 ) -> Result<(Vec<Duration>, u64), BenchError> {
     let io = |source| BenchError::Io { variant, source };
     let mem = |source| BenchError::Mem { variant, source };
@@ -645,9 +671,12 @@ fn drive_queue(
     }
     let mut submitted = 0u64;
     let mut in_flight = 0usize;
-    let more = |submitted: u64| match stop {
-        Stop::After(n) => submitted < n,
-        Stop::At(t) => Instant::now() < t,
+    let more = |submitted: u64| {
+        !interrupt.load(Ordering::Relaxed)
+            && match stop {
+                Stop::After(n) => submitted < n,
+                Stop::At(t) => Instant::now() < t,
+            }
     };
     while more(submitted) || in_flight > 0 {
         while more(submitted) {

@@ -88,6 +88,9 @@ enum Command {
     /// Run the same blk workload over each DMA strategy in one run and print IOPS, MiB/s,
     /// latencies, the ratios between strategies, and per-request map, unmap, notification and
     /// copy counts (from the loopback hypervisor's records and the daemon's statistics).
+    ///
+    /// SIGINT (Ctrl-C) or SIGTERM stops it: the run in progress is cut short and left out, the
+    /// completed runs are reported, the scratch image is removed, and it exits with 130.
     Bench(BenchArgs),
     /// Run many guests' blk devices at depth for a long time (every strategy in turn), verify
     /// every read against a model of what was written, compare each image file with the model
@@ -522,6 +525,16 @@ fn removal_text(removal: &Removal) -> String {
 }
 
 fn run_bench(args: &BenchArgs) -> Result<i32> {
+    // Before any thread: SIGINT and SIGTERM then end the bench cleanly (scratch image removed,
+    // what was measured printed) instead of killing it.
+    let interrupt = xenvirtio_xen::signals::StopSignals::block()
+        .context("cannot block SIGINT/SIGTERM")?
+        .spawn_flag("signals", |signal| {
+            if let Some(name) = signal {
+                eprintln!("{name}: stopping after the run in progress is cut short");
+            }
+        })
+        .context("cannot start the signal thread")?;
     let config = BenchConfig {
         workloads: args.workloads.clone(),
         variants: args.variants.clone(),
@@ -565,7 +578,7 @@ fn run_bench(args: &BenchArgs) -> Result<i32> {
         "map costs here are mmap/munmap of this process's memory and notifications are \
          eventfds, not Xen hypercalls: compare strategies within this run, not with real Xen"
     );
-    let samples = bench::run(&pair, &image, &config, |s| {
+    let samples = bench::run(&pair, &image, &config, &interrupt, |s| {
         eprintln!(
             "  {} round {} {}: {:.0} IOPS, {:.1} MiB/s",
             s.workload,
@@ -575,10 +588,27 @@ fn run_bench(args: &BenchArgs) -> Result<i32> {
             s.mib_per_sec()
         );
     })?;
+    let planned = config.workloads.len() * config.variants.len() * config.rounds as usize;
+    let interrupted = interrupt.load(std::sync::atomic::Ordering::Relaxed);
+    if interrupted {
+        println!(
+            "\ninterrupted: {} of {planned} runs completed (the run that was cut short is left \
+             out); the figures below are of those runs only{}",
+            samples.len(),
+            if args.image.is_none() {
+                "; the scratch image is removed"
+            } else {
+                ""
+            }
+        );
+    }
     print!(
         "{}",
         bench::render(&config, &bench::summarize(&config, &samples))
     );
+    if interrupted {
+        return Ok(130);
+    }
     println!(
         "\ncolumns per request: maps = the daemon's map calls; gmaps/unmaps/foreign = the \
          hypervisor's grant maps, grant unmaps and foreign maps of the guest's memory; \

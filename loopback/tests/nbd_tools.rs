@@ -579,44 +579,6 @@ fn help_explains_every_option_and_that_no_xen_is_needed() {
 }
 
 #[test]
-fn bench_prints_every_strategy_and_the_ratios() {
-    let out = Command::new(BIN)
-        .args([
-            "bench",
-            "--seconds",
-            "0.1",
-            "--warmup",
-            "50",
-            "--rounds",
-            "1",
-            "--workload",
-            "randread:4k",
-            "--size",
-            "8388608",
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains("randread:4k"), "{text}");
-    assert!(text.contains("IOPS ratios"), "{text}");
-    for name in ["grant ", "grant-persistent", "bounce", "direct"] {
-        assert!(
-            text.lines()
-                .filter(|l| l.trim_start().starts_with(name))
-                .count()
-                >= 2,
-            "{name}: a result row and a ratio row:\n{text}"
-        );
-    }
-}
-
-#[test]
 fn bulk_copies_in_and_out_over_two_queues() {
     tool("qemu-img");
     tool("nbdcopy");

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # test.sh: the whole test suite, as the README gives it and as CI runs it.
 #   1. unit tests and host integration tests (Debian's real xenstored, real NBD clients; no Xen),
-#      and the replay of every fuzz seed and finding, and the shared-memory tests under Miri
+#      and the replay of every fuzz seed and finding, and the shared-memory tests under Miri,
+#      and README's try-out block as written (scripts/test-readme.sh)
 #   2. real Xen 4.17 under QEMU, x86_64 and arm64 (scripts/e2e.sh): the harness's handling of
 #      emulator faults (real induced triple faults), the smoke checks, then the full matrix
 #      (every role and DMA strategy, the lifecycle); docs/E2E.md lists the checks
@@ -17,6 +18,9 @@ cargo test --manifest-path fuzz/Cargo.toml --release
 # Shared-memory copies under Miri: a data race with the peer is undefined behaviour (docs/RELIABILITY.md).
 echo "== scripts/miri.sh (SharedMem's copies under Miri's data-race detector)"
 scripts/miri.sh
+# The README's try-out block, run as written (a release build, the loopback, qemu-io).
+echo "== scripts/test-readme.sh (README's 'Try it without Xen' block)"
+scripts/test-readme.sh
 if [ "${XENVIRTIO_SKIP_E2E:-0}" = 1 ]; then
   echo "== real-Xen end-to-end tests NOT run (XENVIRTIO_SKIP_E2E=1)"
   exit 0

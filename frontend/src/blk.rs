@@ -12,7 +12,7 @@
 //!   different threads.
 //! - **Blocking.** [`BlkDevice::read_at`], [`BlkDevice::write_at`], `flush`, `discard`,
 //!   `write_zeroes` and `get_id` take `&self` and may be called from many threads at once.
-//!   Callers' slices are bounced through DMA memory (the per-buffer rule of DESIGN.md), split
+//!   Callers' slices are bounced through DMA memory (the per-buffer rule of docs/DESIGN.md), split
 //!   into requests of at most [`BlkDevice::max_request_bytes`], spread over the queues, and
 //!   unaligned edges are read-modify-written. One waiting thread per queue reaps completions
 //!   for every waiter (leader/follower), so a queue's requests are in flight together.

@@ -4,7 +4,7 @@
 //! (the domain's role, arch and guest type, the backend's domid, `grant_usage`, the offered
 //! features, and the overrides), with every refusal spelled out. It reads nothing and logs
 //! nothing: the caller logs the [`DmaChoice`] and writes it to the `dma` and `dma-reason` keys.
-//! The table it implements is DESIGN.md's "Role policy" and `docs/PROTOCOL.md` section 4.
+//! The table it implements is docs/DESIGN.md's "Role policy" and `docs/PROTOCOL.md` section 4.
 
 use xenvirtio_virtio::dma::DmaStrategy;
 use xenvirtio_virtio::features::{self, transport};
@@ -151,7 +151,7 @@ fn default_choice(input: &PolicyInput) -> DmaChoice {
     DmaChoice { strategy, reason }
 }
 
-/// Chooses the DMA strategy (DESIGN.md "Role policy").
+/// Chooses the DMA strategy (docs/DESIGN.md "Role policy").
 ///
 /// An explicit choice (`--dma`, or the operator's pin) wins over the role's default, but is
 /// refused with the reason where it is unsafe or impossible. Both given and different is an
@@ -198,7 +198,7 @@ mod tests {
         }
     }
 
-    /// Every row of DESIGN.md's role policy: (role, backend, grant_usage, features) -> default.
+    /// Every row of docs/DESIGN.md's role policy: (role, backend, grant_usage, features) -> default.
     #[test]
     fn defaults_follow_the_policy_table() {
         use Arch::{Aarch64, X86_64};

@@ -1,4 +1,4 @@
-//! The fuzz harnesses of xenvirtio (test tier 4 of DESIGN.md: fuzzing and hostile peers).
+//! The fuzz harnesses of xenvirtio (test tier 4 of docs/DESIGN.md: fuzzing and hostile peers).
 //!
 //! Every target feeds code that parses what a hostile peer controls with structured input
 //! ([`input`]) and checks invariants beyond "does not crash": the rules of

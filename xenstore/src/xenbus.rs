@@ -2,7 +2,7 @@
 //! states, and typed reads of keys.
 //!
 //! This module owns the conventions every Xen PV driver pair shares (`XenbusState` values, a
-//! `state` node per end) and the xenvirtio paths of DESIGN.md:
+//! `state` node per end) and the xenvirtio paths of docs/DESIGN.md:
 //! - backend: `/local/domain/<B>/backend/virtio/<F>/<devid>`;
 //! - frontend: `/local/domain/<F>/device/virtio/<devid>`.
 //!

@@ -1,4 +1,4 @@
-//! DMA memory: what the device may reach, and how descriptors name it (DESIGN.md "DMA
+//! DMA memory: what the device may reach, and how descriptors name it (docs/DESIGN.md "DMA
 //! strategies", `docs/PROTOCOL.md` sections 3 to 6).
 //!
 //! A [`DmaMemory`] holds one device's memory for one connection, under one strategy:

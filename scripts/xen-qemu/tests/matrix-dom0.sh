@@ -20,7 +20,7 @@ BOOT_TIMEOUT=${XV_BOOT_TIMEOUT:-300}
 AGENT_TIMEOUT=${XV_AGENT_TIMEOUT:-120}
 NBD=/run/xv/nbd.sock
 
-# The policy table (DESIGN.md "Role policy"): what each role picks without --dma, and every
+# The policy table (docs/DESIGN.md "Role policy"): what each role picks without --dma, and every
 # strategy it may be forced to.
 mx_default_dma() {
   case "$XV_ARCH/$1" in

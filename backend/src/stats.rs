@@ -112,12 +112,10 @@ impl StatsReport {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// A table for people, one line per device, then the process line.
+    /// A table for people, one line per device (its error under it), then the process line.
+    /// Columns are as wide as their header or their widest value, so nothing is cut.
     pub fn to_table(&self) -> String {
-        let mut o = String::new();
-        let _ = writeln!(
-            o,
-            "{:>5} {:>5} {:<7} {:<12} {:<8} {:>10} {:>12} {:>12} {:>9} {:>10} {:>8} {:>9} {:>9} {:>5} {:>6}",
+        const HEADERS: [&str; 15] = [
             "DOMID",
             "DEVID",
             "TYPE",
@@ -125,35 +123,65 @@ impl StatsReport {
             "DMA",
             "REQUESTS",
             "BYTES_READ",
-            "BYTES_WRIT",
+            "BYTES_WRITTEN",
             "MAP_CALLS",
-            "PAGES_MAP",
-            "RESIDENT",
-            "NOTIF_TX",
-            "NOTIF_RX",
+            "PAGES_MAPPED",
+            "RESIDENT_PAGES",
+            "NOTIFY_SENT",
+            "NOTIFY_RECEIVED",
             "PORTS",
-            "ERRORS"
-        );
-        for d in &self.devices {
-            let _ = writeln!(
-                o,
-                "{:>5} {:>5} {:<7} {:<12} {:<8} {:>10} {:>12} {:>12} {:>9} {:>10} {:>8} {:>9} {:>9} {:>5} {:>6}",
-                d.domid,
-                d.devid,
-                d.kind,
-                d.state,
-                d.strategy,
-                d.requests,
-                d.bytes_read,
-                d.bytes_written,
-                d.map_calls,
-                d.pages_mapped,
-                d.resident_pages,
-                d.notifications_sent,
-                d.notifications_received,
-                d.ports,
-                d.errors
-            );
+            "ERRORS",
+        ];
+        // TYPE, STATE and DMA are words: left-aligned; the rest are numbers.
+        let left = |i: usize| (2..=4).contains(&i);
+        let rows: Vec<[String; 15]> = self
+            .devices
+            .iter()
+            .map(|d| {
+                [
+                    d.domid.to_string(),
+                    d.devid.to_string(),
+                    d.kind.to_string(),
+                    d.state.to_string(),
+                    d.strategy.to_string(),
+                    d.requests.to_string(),
+                    d.bytes_read.to_string(),
+                    d.bytes_written.to_string(),
+                    d.map_calls.to_string(),
+                    d.pages_mapped.to_string(),
+                    d.resident_pages.to_string(),
+                    d.notifications_sent.to_string(),
+                    d.notifications_received.to_string(),
+                    d.ports.to_string(),
+                    d.errors.to_string(),
+                ]
+            })
+            .collect();
+        let mut widths = HEADERS.map(str::len);
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        let line = |cells: &mut dyn Iterator<Item = &str>| -> String {
+            let mut out = String::new();
+            for (i, cell) in cells.enumerate() {
+                if i > 0 {
+                    out.push(' ');
+                }
+                let w = widths[i];
+                if left(i) {
+                    let _ = write!(out, "{cell:<w$}");
+                } else {
+                    let _ = write!(out, "{cell:>w$}");
+                }
+            }
+            out.trim_end().to_owned()
+        };
+        let mut o = String::new();
+        let _ = writeln!(o, "{}", line(&mut HEADERS.iter().copied()));
+        for (d, row) in self.devices.iter().zip(&rows) {
+            let _ = writeln!(o, "{}", line(&mut row.iter().map(String::as_str)));
             if let Some(e) = &d.last_error {
                 let _ = writeln!(o, "{:>11} error: {e}", "");
             }
@@ -222,6 +250,21 @@ mod tests {
         assert!(j.ends_with("\"process\":{\"devices\":1,\"xen_mappings\":2,\"event_ports\":1}}"));
         let t = r.to_table();
         assert!(t.contains("Connected"));
+        // Every header whole, and each value under the end of its (right-aligned) header.
+        let mut lines = t.lines();
+        let (head, row) = (lines.next().unwrap(), lines.next().unwrap());
+        for h in [
+            "BYTES_WRITTEN",
+            "PAGES_MAPPED",
+            "NOTIFY_SENT",
+            "NOTIFY_RECEIVED",
+            "ERRORS",
+        ] {
+            assert!(head.split_whitespace().any(|w| w == h), "{h}: {head}");
+        }
+        let end_of = |l: &str, word: &str| l.find(word).map(|i| i + word.len());
+        assert_eq!(end_of(head, "REQUESTS"), end_of(row, " 7"), "{t}");
+        assert!(row.starts_with("    3     1 blk  Connected grant"), "{t}");
         assert!(t.contains("2 Xen mappings"));
         assert!(j.contains("\"domains\":[{\"domid\":3,\"mapped_pages\":70,\"budget\":768}]"));
         assert!(t.contains("domain 3: 70 of 768 budgeted pages mapped"));

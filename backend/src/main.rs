@@ -30,17 +30,19 @@ devices; the backend daemon then serves what they created.";
 
 const AFTER_HELP: &str = "\
 Examples:
-  xenvirtio-backend attach --domain guest1 --type blk --image /srv/guest1.img
+  xenvirtio-backend attach guest1 /srv/guest1.img xvdb
   xenvirtio-backend list
-  xenvirtio-backend detach --domain guest1 --devid 0
+  xenvirtio-backend detach guest1 xvdb
 
-Logs go to stderr; set RUST_LOG (default: info), e.g. RUST_LOG=xenvirtio_backend=debug.
-See docs/OPERATING.md.";
+Logs go to stderr; set RUST_LOG (default: info), e.g.
+RUST_LOG=xenvirtio_backend=debug. Exit codes: 0 done, 2 the command could not do
+what was asked (docs/OPERATING.md, \"Exit codes\"). See docs/OPERATING.md.";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "xenvirtio-backend",
     version,
+    max_term_width = 80,
     about = ABOUT,
     long_about = LONG_ABOUT,
     after_help = AFTER_HELP
@@ -73,45 +75,54 @@ enum Command {
 }
 
 const ATTACH_HELP: &str = "\
-Both directories, their permissions and every key are written in one xenstore transaction. \
-The backend directory /local/domain/<B>/backend/virtio/<F>/<devid> is owned by the backend \
-domain and readable by the guest; the frontend directory /local/domain/<F>/device/virtio/<devid> \
-is owned by the guest and readable by the backend. On success it prints the devid and both paths.
+Both directories, their permissions and every key are written in one xenstore \
+transaction. The backend directory /local/domain/<B>/backend/virtio/<F>/<devid> is \
+owned by the backend domain and readable by the guest; the frontend directory \
+/local/domain/<F>/device/virtio/<devid> is owned by the guest and readable by the \
+backend. On success it prints the devid (and a blk device's vdev) and both paths.
+
+The short form is xl's: attach DOMAIN IMAGE [VDEV] gives a blk device; VDEV is a \
+name like xvdb or vdb (devid 1) or a devid.
 
 Examples:
   # A disk from an image file, picked up by the backend daemon in Dom0:
+  xenvirtio-backend attach guest1 /srv/guest1.img
   xenvirtio-backend attach --domain guest1 --type blk --image /srv/guest1.img
-  # Read-only, two request queues, devid 3:
-  xenvirtio-backend attach --domain 5 --type blk --image /dev/vg0/data --readonly \
-      --queues 2 --devid 3
+  # Read-only, two request queues, as xvdd (devid 3):
+  xenvirtio-backend attach --domain 5 --image /dev/vg0/data --readonly \\
+      --queues 2 --devid xvdd
   # A console on a unix socket, and an entropy source:
-  xenvirtio-backend attach --domain guest1 --type console --console socket:/run/guest1-hvc.sock
-  xenvirtio-backend attach --domain guest1 --type rng
+  xenvirtio-backend attach guest1 --type console \\
+      --console socket:/run/guest1-hvc.sock
+  xenvirtio-backend attach guest1 --type rng
   # Served by a driver domain (paths are in that domain):
-  xenvirtio-backend attach --domain guest1 --type blk --image /srv/img --backend-domain storage
+  xenvirtio-backend attach guest1 /srv/img --backend-domain storage
   # In a script:
-  devid=$(xenvirtio-backend attach --quiet --domain guest1 --type rng)";
+  devid=$(xenvirtio-backend attach --quiet guest1 --type rng)";
 
 const DETACH_HELP: &str = "\
-Detach writes online=0 and state=5 (Closing) in the backend directory, waits for the backend \
-to reach Closed (6), then removes both directories in one transaction. A device the backend \
-never took (state Initialising) or that is Closed already is removed at once. If the backend \
-does not reach Closed within --timeout, the device is left Closing and detach fails, unless \
---force is given: then both directories are removed anyway, with a warning (like \
-`xl block-detach -f`).
+Detach writes online=0 and state=5 (Closing) in the backend directory, waits for \
+the backend to reach Closed (6), then removes both directories in one transaction. \
+A device the backend never took (state Initialising) or that is Closed already is \
+removed at once. If the backend does not reach Closed within --timeout, the device \
+is left Closing and detach fails, unless --force is given: then both directories \
+are removed anyway, with a warning (like `xl block-detach -f`).
 
 Examples:
-  xenvirtio-backend detach --domain guest1 --devid 0
+  xenvirtio-backend detach guest1 xvdb
+  xenvirtio-backend detach --domain guest1 --devid 1
   # The backend daemon is gone: do not wait long, remove anyway.
-  xenvirtio-backend detach --domain guest1 --devid 0 --timeout 2 --force";
+  xenvirtio-backend detach guest1 0 --timeout 2 --force";
 
 const LIST_HELP: &str = "\
-One line per device: frontend domain (and name), devid, type, backend and frontend states, \
-the DMA strategy in use (or, in parentheses, the one pinned at attach), the image or console, \
-and any error node. What guests wrote is shown escaped.
+One line per device: frontend domain (and name), devid, type, backend and frontend \
+states, the DMA strategy in use (or, in parentheses, the one pinned at attach), the \
+image or console, and any error node. What guests wrote is shown escaped. A domain \
+that does not exist and has no device here is an error.
 
 Examples:
   xenvirtio-backend list
+  xenvirtio-backend list guest1
   xenvirtio-backend list --domain guest1 --json | jq '.[].backend_state'";
 
 /// Device types, as on the command line.
@@ -163,17 +174,29 @@ impl From<DmaArg> for DmaSetting {
 
 #[derive(Debug, Args)]
 struct AttachArgs {
-    /// The guest: a domid or a domain name.
-    #[arg(long, value_name = "DOMAIN")]
-    domain: DomainRef,
+    /// The guest, a domid or a domain name (the same as --domain).
+    #[arg(value_name = "DOMAIN")]
+    domain_pos: Option<DomainRef>,
 
-    /// The device type.
+    /// blk: the image (the same as --image; the type is then blk).
+    #[arg(value_name = "IMAGE")]
+    image_pos: Option<PathBuf>,
+
+    /// The device: a vdev name (xvdb, vdb) or a devid (the same as --devid).
+    #[arg(value_name = "VDEV", value_parser = parse_devid)]
+    vdev_pos: Option<u32>,
+
+    /// The guest: a domid or a domain name.
+    #[arg(long, value_name = "DOMAIN", conflicts_with = "domain_pos")]
+    domain: Option<DomainRef>,
+
+    /// The device type [default: blk when an image is given].
     #[arg(long = "type", value_name = "TYPE")]
-    device_type: DeviceType,
+    device_type: Option<DeviceType>,
 
     /// blk only, required: the image file or block device. Stored as an absolute path
     /// (a relative one is resolved here, symbolic links included).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "image_pos")]
     image: Option<PathBuf>,
 
     /// blk only: attach read-only (mode=r; the guest sees VIRTIO_BLK_F_RO).
@@ -187,8 +210,9 @@ struct AttachArgs {
     #[arg(long)]
     force_share: bool,
 
-    /// The device number within the guest [default: the smallest free one].
-    #[arg(long, value_name = "N")]
+    /// The device within the guest, a devid or a vdev name (xvda is 0, xvdb 1)
+    /// [default: the smallest free one].
+    #[arg(long, value_name = "N|VDEV", value_parser = parse_devid, conflicts_with = "vdev_pos")]
     devid: Option<u32>,
 
     /// Number of queues: blk 1 to 16 (requested-queues); console is always 2, rng always 1.
@@ -216,13 +240,21 @@ struct AttachArgs {
 
 #[derive(Debug, Args)]
 struct DetachArgs {
-    /// The guest: a domid or a domain name.
-    #[arg(long, value_name = "DOMAIN")]
-    domain: DomainRef,
+    /// The guest, a domid or a domain name (the same as --domain).
+    #[arg(value_name = "DOMAIN")]
+    domain_pos: Option<DomainRef>,
 
-    /// The device number within the guest (see `list`).
-    #[arg(long, value_name = "N")]
-    devid: u32,
+    /// The device, a devid or a vdev name (the same as --devid).
+    #[arg(value_name = "DEVID|VDEV", value_parser = parse_devid)]
+    devid_pos: Option<u32>,
+
+    /// The guest: a domid or a domain name.
+    #[arg(long, value_name = "DOMAIN", conflicts_with = "domain_pos")]
+    domain: Option<DomainRef>,
+
+    /// The device within the guest, a devid or a vdev name (see `list`).
+    #[arg(long, value_name = "N|VDEV", value_parser = parse_devid, conflicts_with = "devid_pos")]
+    devid: Option<u32>,
 
     /// How long to wait for the backend to reach Closed, in seconds (fractions allowed).
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
@@ -240,8 +272,12 @@ struct DetachArgs {
 
 #[derive(Debug, Args)]
 struct ListArgs {
+    /// Only the devices of this guest, a domid or a name (the same as --domain).
+    #[arg(value_name = "DOMAIN")]
+    domain_pos: Option<DomainRef>,
+
     /// Only the devices of this guest (a domid or a name).
-    #[arg(long, value_name = "DOMAIN")]
+    #[arg(long, value_name = "DOMAIN", conflicts_with = "domain_pos")]
     domain: Option<DomainRef>,
 
     /// Print a JSON array of objects instead of a table.
@@ -251,6 +287,12 @@ struct ListArgs {
     /// The backend domain whose devices to list [default: this domain].
     #[arg(long, value_name = "DOMAIN")]
     backend_domain: Option<DomainRef>,
+}
+
+fn parse_devid(s: &str) -> Result<u32, String> {
+    xenvirtio_virtio::vdev::parse(s).ok_or_else(|| {
+        format!("{s:?} is not a device: give a devid (0, 1, ...) or a vdev name (xvda, vdb, ...)")
+    })
 }
 
 fn parse_console(s: &str) -> Result<ConsoleOutput, String> {
@@ -283,13 +325,25 @@ fn connect(socket: Option<&PathBuf>) -> anyhow::Result<XsClient> {
 }
 
 fn run_attach(store: &dyn XenStore, args: AttachArgs) -> anyhow::Result<()> {
+    let image = args.image.or(args.image_pos);
+    let kind = match (args.device_type, &image) {
+        (Some(t), _) => t.into(),
+        (None, Some(_)) => DeviceKind::Block,
+        (None, None) => anyhow::bail!(
+            "give the device type (--type blk|console|rng), or an image for a blk device \
+             (attach DOMAIN IMAGE)"
+        ),
+    };
     let request = AttachRequest {
-        frontend: args.domain,
+        frontend: args
+            .domain
+            .or(args.domain_pos)
+            .context("give the guest: DOMAIN or --domain DOMAIN")?,
         backend: args.backend_domain,
-        kind: args.device_type.into(),
-        image: args.image,
+        kind,
+        image,
         readonly: args.readonly,
-        devid: args.devid,
+        devid: args.devid.or(args.vdev_pos),
         queues: args.queues,
         dma: args.dma.into(),
         console: args.console,
@@ -300,6 +354,9 @@ fn run_attach(store: &dyn XenStore, args: AttachArgs) -> anyhow::Result<()> {
         println!("{}", out.devid);
     } else {
         println!("devid: {}", out.devid);
+        if out.kind == DeviceKind::Block {
+            println!("vdev: {}", xenvirtio_virtio::vdev::name(out.devid));
+        }
         println!("backend: {}", out.backend_dir);
         println!("frontend: {}", out.frontend_dir);
     }
@@ -308,9 +365,15 @@ fn run_attach(store: &dyn XenStore, args: AttachArgs) -> anyhow::Result<()> {
 
 fn run_detach(store: &dyn XenStore, args: DetachArgs) -> anyhow::Result<()> {
     let request = DetachRequest {
-        frontend: args.domain,
+        frontend: args
+            .domain
+            .or(args.domain_pos)
+            .context("give the guest: DOMAIN or --domain DOMAIN")?,
         backend: args.backend_domain,
-        devid: args.devid,
+        devid: args
+            .devid
+            .or(args.devid_pos)
+            .context("give the device: DEVID|VDEV or --devid N|VDEV")?,
         timeout: args.timeout,
         force: args.force,
     };
@@ -341,10 +404,17 @@ fn run_list(store: &dyn XenStore, args: ListArgs) -> anyhow::Result<()> {
     };
     let frontend = args
         .domain
+        .or(args.domain_pos)
         .as_ref()
         .map(|d| admin::domid_of(store, d))
         .transpose()?;
     let entries = admin::list(store, backend, frontend)?;
+    if let Some(f) = frontend {
+        // A domid that names no domain and no device here is a mistake, not an empty list.
+        if entries.is_empty() && admin::resolve_domain(store, &DomainRef::Id(f)).is_err() {
+            return Err(admin::AdminError::UnknownDomain { domid: f }.into());
+        }
+    }
     if args.json {
         let json = serde_json::to_string_pretty(&entries).context("encoding the list as JSON")?;
         println!("{json}");
@@ -373,9 +443,10 @@ fn main() -> ExitCode {
     install_tracing();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // docs/OPERATING.md, "Exit codes": 2 for a command that could not do what was asked.
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }

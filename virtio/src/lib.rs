@@ -16,5 +16,6 @@ pub mod ids;
 pub mod protocol;
 pub mod split;
 pub mod status;
+pub mod vdev;
 
 mod le;

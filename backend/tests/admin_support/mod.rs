@@ -127,7 +127,8 @@ impl Run {
     /// Insists on a failure with exit code 1 or 2 whose stderr names `needle`.
     pub fn refused_with(&self, needle: &str) {
         assert!(!self.success, "expected a refusal: {self}");
-        assert!(matches!(self.code, Some(1 | 2)), "exit code: {self}");
+        // OPERATING.md's exit codes: 2 for a command that could not do what was asked.
+        assert_eq!(self.code, Some(2), "exit code: {self}");
         assert!(
             self.stderr.contains(needle),
             "stderr lacks {needle:?}: {self}"

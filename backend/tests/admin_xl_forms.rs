@@ -1,0 +1,82 @@
+//! The xl-like command line of `xenvirtio-backend` against Debian's real xenstored: positional
+//! forms beside the flags, vdev names, one exit code for refusals, and help that fits 80
+//! columns (issue 16, item 8).
+#![allow(clippy::unwrap_used)]
+
+mod admin_support;
+
+use admin_support::{Host, s};
+
+#[test]
+fn attach_and_detach_take_xl_positional_forms_and_vdev_names() {
+    let host = Host::start();
+    let a = host.image("a.img");
+    let b = host.image("b.img");
+    // xl block-attach's order: DOMAIN IMAGE [VDEV]; the type is blk.
+    let first = host.ok(&["attach", "guest1", s(&a)]);
+    assert_eq!(first.field("devid"), "0");
+    assert_eq!(first.field("vdev"), "xvda");
+    let second = host.ok(&["attach", "guest1", s(&b), "xvdc"]);
+    assert_eq!(second.field("devid"), "2");
+    assert_eq!(second.field("vdev"), "xvdc");
+    assert_eq!(
+        host.read("/local/domain/0/backend/virtio/5/2/params"),
+        s(&b)
+    );
+    // --devid takes a vdev too, and vd names mean the same device.
+    let rng = host.ok(&["attach", "guest1", "--type", "rng", "--devid", "vdd"]);
+    assert_eq!(rng.field("devid"), "3");
+    // The flags still work; both forms of one thing at once are refused.
+    host.run(&["attach", "guest1", "--domain", "guest2", "--type", "rng"])
+        .refused_with("cannot be used with");
+    host.run(&["attach", "guest1", "--type", "rng", "--devid", "xvd1"])
+        .refused_with("\"xvd1\" is not a device: give a devid (0, 1, ...) or a vdev name");
+    host.run(&["attach", "guest1"])
+        .refused_with("give the device type (--type blk|console|rng), or an image");
+    // detach DOMAIN DEVID|VDEV, as `xl block-detach guest1 xvdc`.
+    let out = host.ok(&["detach", "guest1", "xvdc", "--timeout", "0.2", "--force"]);
+    assert!(
+        out.stdout.contains("detached virtio device 2 of domain 5"),
+        "{out}"
+    );
+    host.ok(&["detach", "guest1", "0", "--timeout", "0.2", "--force"]);
+    host.ok(&[
+        "detach",
+        "--domain",
+        "guest1",
+        "--devid",
+        "vdd",
+        "--timeout",
+        "0.2",
+        "--force",
+    ]);
+    assert!(!host.exists("/local/domain/0/backend/virtio/5/0"));
+    assert!(!host.exists("/local/domain/0/backend/virtio/5/2"));
+    assert!(!host.exists("/local/domain/0/backend/virtio/5/3"));
+    host.run(&["detach", "guest1"]).refused_with("DEVID|VDEV");
+}
+
+#[test]
+fn list_takes_a_domain_positionally_and_refuses_one_that_does_not_exist() {
+    let host = Host::start();
+    host.ok(&["attach", "guest1", "--type", "rng"]);
+    let all = host.ok(&["list", "guest1"]);
+    assert_eq!(all.stdout.lines().count(), 2, "{all}");
+    // A live guest without devices: an empty list, not an error.
+    let none = host.ok(&["list", "--domain", "guest2"]);
+    assert_eq!(none.stdout.lines().count(), 1, "only the header: {none}");
+    // A domid nobody has, with no device here: an error, exit 2.
+    host.run(&["list", "--domain", "42"])
+        .refused_with("domain 42 does not exist");
+    host.run(&["list", "42"])
+        .refused_with("domain 42 does not exist");
+}
+
+#[test]
+fn help_fits_80_columns_and_examples_are_whole_commands() {
+    xenvirtio_tests::help::check_help_fits(
+        env!("CARGO_BIN_EXE_xenvirtio-backend"),
+        &["attach", "detach", "list", "serve", "stats"],
+        &["xenvirtio-backend"],
+    );
+}

@@ -85,7 +85,7 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
                         .with_context(|| format!("cannot create {}", parent.display()))?;
                 }
                 let mut config =
-                    NbdServerConfig::new(format!("xenvirtio-{}", d.devid)).unix(&socket);
+                    NbdServerConfig::new(xenvirtio_virtio::vdev::name(d.devid)).unix(&socket);
                 if let Some(port) = args.nbd_tcp {
                     let port = port
                         .checked_add(if blk_count > 1 { d.devid as u16 } else { 0 })

@@ -35,23 +35,35 @@ use cmd::verify::verify;
 
 const ABOUT: &str = "Drive xenvirtio devices (virtio over xenbus) from the domain they belong to.";
 const LONG_ABOUT: &str = "\
-Drive xenvirtio devices (virtio over xenbus) from the domain they belong to: a guest, or Dom0.
+Drive xenvirtio devices (virtio over xenbus) from the domain they belong to: a \
+guest, or Dom0.
 
-Devices are found under /local/domain/<self>/device/virtio/ in xenstore, where the toolstack
-(`xenvirtio-backend attach`) creates them. Each device's memory is shared with the backend by
-one DMA strategy:
-  grant   pages of an arena granted to the backend (x86 guests' default; persistent grants
-          when the backend offers them)
+Devices are found under /local/domain/<self>/device/virtio/ in xenstore, where the \
+toolstack (`xenvirtio-backend attach`) creates them. Each device's memory is shared \
+with the backend by one DMA strategy:
+  grant   pages of an arena granted to the backend (x86 guests' default;
+          persistent grants when the backend offers them)
   bounce  a pool granted once, data copied in and out (Dom0's default)
-  direct  guest-physical addresses of pinned memory (Arm guests with a trusted Dom0 backend;
-          refused on x86 PV, with a backend that is not Dom0, or when the device offers
-          ACCESS_PLATFORM)
-The choice and its reason are logged and written to the device's `dma` and `dma-reason` keys.
+  direct  guest-physical addresses of pinned memory (Arm guests with a trusted
+          Dom0 backend; refused on x86 PV, with a backend that is not Dom0, or
+          when the device offers ACCESS_PLATFORM)
+The choice and its reason are logged and written to the device's `dma` and \
+`dma-reason` keys. A blk device's NBD export is named after its vdev: xvda for \
+device 0, xvdb for device 1 (the default export \"\" is the same one).
+
+Exit codes: 0 done; 1 it ran but found a problem (data differ, a device failed); \
+2 it could not do what was asked (docs/OPERATING.md, \"Exit codes\").
 
 Logging: RUST_LOG (e.g. RUST_LOG=info, RUST_LOG=xenvirtio_frontend=debug).";
 
 #[derive(Parser, Debug)]
-#[command(name = "xenvirtio-frontend", version, about = ABOUT, long_about = LONG_ABOUT)]
+#[command(
+    name = "xenvirtio-frontend",
+    version,
+    max_term_width = 80,
+    about = ABOUT,
+    long_about = LONG_ABOUT
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -140,17 +152,18 @@ enum Command {
 
 const COPY_HELP: &str = "\
 Example:
-  # Put a file at byte 1 MiB of the first blk device, and check it from Dom0 in the backend's
-  # image (the same bytes at the same offset):
+  # Put a file at byte 1 MiB of the first blk device, and check it from Dom0
+  # in the backend's image (the same bytes at the same offset):
   xenvirtio-frontend copy /usr/bin/xenvirtio-frontend --offset 1048576";
 
 const CONSOLE_HELP: &str = "\
-Exit status: 0 when --lines lines arrived (or, without --lines, when stopped by a signal or at \
-the end of --wait); 1 when --wait ran out before --lines lines arrived; 2 on an error.
+Exit status: 0 when --lines lines arrived (or, without --lines, when stopped by \
+a signal or at the end of --wait); 1 when --wait ran out before --lines lines \
+arrived; 2 on an error.
 
 Examples:
-  # Send a line to the host side (the pty in the backend's `tty` key) and print the first line
-  # that comes back, giving up after 30 s:
+  # Send a line to the host side (the pty in the backend's `tty` key) and
+  # print the first line that comes back, giving up after 30 s:
   echo hello | xenvirtio-frontend console --devid 1 --lines 1 --wait 30
   # An interactive relay until Ctrl-C:
   xenvirtio-frontend console";

@@ -30,40 +30,48 @@ const ABOUT: &str = "Try xenvirtio without Xen: the backend daemon and a fronten
                      a blk device exported over NBD.";
 
 const LONG_ABOUT: &str = "\
-Try xenvirtio without Xen. This runs both ends of the transport in one process: the real
-backend daemon plays Dom0, the real frontend plays a guest (domain 1, or Dom0 itself with
---role dom0), and they talk exactly as on Xen, through an in-memory xenstore and a loopback
-hypervisor that enforces Xen's grant, foreign-mapping and event-channel rules on shared memory
-of this process. No Xen, no root and no /dev/xen are needed.
+Try xenvirtio without Xen. This runs both ends of the transport in one process: \
+the real backend daemon plays Dom0, the real frontend plays a guest (domain 1, or \
+Dom0 itself with --role dom0), and they talk exactly as on Xen, through an \
+in-memory xenstore and a loopback hypervisor that enforces Xen's grant, \
+foreign-mapping and event-channel rules on shared memory of this process. No Xen, \
+no root and no /dev/xen are needed.
 
-The toolstack (xenvirtio-backend attach) attaches IMAGE as a blk device of the guest; the
-frontend connects it with a DMA strategy chosen by the guest's role (or --dma) and exports it
-over NBD on SOCKET, so ordinary tools work on it:
+The toolstack (xenvirtio-backend attach) attaches IMAGE as a blk device of the \
+guest; the frontend connects it with a DMA strategy chosen by the guest's role (or \
+--dma) and exports it over NBD on SOCKET as xvda (a device's export is named after \
+its vdev, as in a guest), so ordinary tools work on it:
 
   qemu-io -f raw -c 'write -P 0xab 0 64k' 'nbd+unix:///xvda?socket=SOCKET'
   qemu-img compare -f raw -F raw IMAGE 'nbd+unix:///xvda?socket=SOCKET'
   nbdinfo 'nbd+unix:///xvda?socket=SOCKET'
 
-Every write goes from the NBD client through the frontend's virtqueue, the backend's mapping
-of the frontend's memory and the backend's blk model into IMAGE. SIGINT (Ctrl-C) or SIGTERM
-stops it cleanly through the protocol (frontend Closing, backend Closed, grants revoked,
-device detached) and prints what both ends counted; the exit status is 1 if anything was left
-mapped, bound or granted.
+Every write goes from the NBD client through the frontend's virtqueue, the \
+backend's mapping of the frontend's memory and the backend's blk model into IMAGE. \
+SIGINT (Ctrl-C) or SIGTERM stops it cleanly through the protocol (frontend \
+Closing, backend Closed, grants revoked, device detached) and prints what both \
+ends counted. Exit codes: 0 done; 1 something was left mapped, bound or granted; \
+2 it could not start (a bad option, a missing or locked image); 130 bench was \
+interrupted (docs/OPERATING.md, \"Exit codes\").
 
 DMA strategies (--dma):
-  grant    the frontend grants pages of an arena; the backend maps each request's pages
-           (per-request) or keeps the arena mapped (--persistent, the default)
+  grant    the frontend grants pages of an arena; the backend maps each
+           request's pages (per-request) or keeps the arena mapped
+           (--persistent, the default)
   bounce   a pool granted and mapped once; callers' data is copied through it
-  direct   guest-physical addresses of pinned memory, foreign-mapped by the backend (the
-           loopback backend is Dom0 and trusts the guest, as `serve --allow-direct` does)
-  auto     the role policy decides (x86-pvh: grant; dom0: bounce; arm-domu: direct)
-A strategy the role forbids is refused with the reason (for example --role x86-pv --dma
-direct), as it would be on Xen.
+  direct   guest-physical addresses of pinned memory, foreign-mapped by the
+           backend (the loopback backend is Dom0 and trusts the guest, as
+           `serve --allow-direct` does)
+  auto     the role policy decides (x86-pvh: grant; dom0: bounce;
+           arm-domu: direct)
+A strategy the role forbids is refused with the reason (for example --role \
+x86-pv --dma direct), as it would be on Xen.
 
-`xenvirtio-loopback bench` runs the same workload over every strategy and prints IOPS,
-throughput, latencies, the ratios between strategies, and per-request map, unmap,
-notification and copy counts. Map costs here are mmap/munmap of this process's memory, not
-Xen's hypercalls: compare strategies within one run, not with real Xen.
+`xenvirtio-loopback bench` runs the same workload over every strategy and prints \
+IOPS, throughput, latencies, the ratios between strategies, and per-request map, \
+unmap, notification and copy counts. Map costs here are mmap/munmap of this \
+process's memory, not Xen's hypercalls: compare strategies within one run, not \
+with real Xen.
 
 Logging: RUST_LOG (default info; RUST_LOG=debug shows both ends' events).";
 
@@ -71,6 +79,7 @@ Logging: RUST_LOG (default info; RUST_LOG=debug shows both ends' events).";
 #[command(
     name = "xenvirtio-loopback",
     version,
+    max_term_width = 80,
     about = ABOUT,
     long_about = LONG_ABOUT,
     args_conflicts_with_subcommands = true,

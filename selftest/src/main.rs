@@ -37,19 +37,28 @@ use crate::report::Report;
 const ABOUT: &str = "Check the Xen devices and xenstore on a real Xen host (the e2e smoke checks)";
 
 const AFTER_HELP: &str = "\
-Each check prints `PASS <name> [detail]` or `FAIL <name> [detail]`; the exit status is 1 if any
-check failed. Run as root: the checks open /dev/xen/* and read /proc/self/pagemap.
+Each check prints `PASS <name> [detail]` or `FAIL <name> [detail]`; the exit \
+status is 1 if any check failed (a setup that fails is a failed check). Run as \
+root: the checks open /dev/xen/* and read /proc/self/pagemap.
 
 Examples:
   xenvirtio-selftest dom0
-  xenvirtio-selftest role --expect-dom0 no --expect-type PVH --expect-arch x86_64
-  xenvirtio-selftest cross-domu --foreign works        # in a DomU; then, in Dom0:
+  xenvirtio-selftest role --expect-dom0 no --expect-type PVH \\
+      --expect-arch x86_64
+  # In a DomU; then, in Dom0:
+  xenvirtio-selftest cross-domu --foreign works
   xenvirtio-selftest cross-dom0 --domid 3 --foreign works
 
 Logs go to stderr; set RUST_LOG (default: warn). See docs/E2E.md.";
 
 #[derive(Debug, Parser)]
-#[command(name = "xenvirtio-selftest", version, about = ABOUT, after_help = AFTER_HELP)]
+#[command(
+    name = "xenvirtio-selftest",
+    version,
+    max_term_width = 80,
+    about = ABOUT,
+    after_help = AFTER_HELP
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -88,7 +97,7 @@ enum Cmd {
         #[arg(long, default_value_t = 120, value_name = "SECONDS")]
         timeout: u64,
     },
-    /// Detect this domain's role (DomainRole::detect), print it, and assert it.
+    /// Detect this domain's role (Dom0, x86 PV, x86 PVH/HVM or Arm DomU), print it, and assert it.
     Role {
         /// Whether this is Dom0.
         #[arg(long, value_enum)]

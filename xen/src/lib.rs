@@ -22,6 +22,7 @@ pub mod mem;
 mod mmap;
 pub mod platform;
 pub mod role;
+pub mod service;
 pub mod signals;
 mod sys;
 

@@ -14,6 +14,7 @@
 //! ever displayed (escaped, see [`list`]) and never trusted to find the backend directory.
 
 mod attach;
+pub mod book;
 mod detach;
 mod domain;
 mod list;
@@ -25,6 +26,7 @@ use xenvirtio_virtio::ids::DeviceKind;
 use xenvirtio_xenstore::{DomId, XsError};
 
 pub use attach::{AttachOutcome, AttachRequest, ConsoleOutput, DmaSetting, attach};
+pub use book::{BookEntry, DeviceBook};
 pub use detach::{DEFAULT_DETACH_TIMEOUT, DetachOutcome, DetachRequest, Removal, detach};
 pub use domain::{DomainRef, domain_name, domid_of, own_domid, resolve_domain};
 pub use list::{DeviceEntry, StateView, list, printable, render_table};

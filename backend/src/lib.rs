@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod device;
 pub mod dma;
 pub mod event_loop;
+pub mod follow;
 pub mod handshake;
 pub mod image_lock;
 pub mod rng;

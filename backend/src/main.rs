@@ -5,7 +5,7 @@
 //! (`xenvirtio_backend::admin` for `attach`, `detach` and `list`).
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -52,6 +52,13 @@ struct Cli {
     /// /var/run/xenstored/socket, then /dev/xen/xenbus.
     #[arg(long, global = true, value_name = "PATH", display_order = 100)]
     xenstore: Option<PathBuf>,
+
+    /// Where the device book lives: DIR/domains/<name>.json lists the devices each domain
+    /// gets back when it is created again (attach writes it, detach prunes it, the daemon
+    /// reads it).
+    #[arg(long, global = true, value_name = "DIR", default_value = admin::book::DEFAULT_STATE_DIR,
+          display_order = 101)]
+    state_dir: PathBuf,
 
     #[command(subcommand)]
     command: Command,
@@ -233,6 +240,11 @@ struct AttachArgs {
     #[arg(long, value_name = "DOMAIN")]
     backend_domain: Option<DomainRef>,
 
+    /// Do not remember the device: it goes with this domid, and a domain created again with
+    /// the same name does not get it back.
+    #[arg(long)]
+    transient: bool,
+
     /// Print only the devid.
     #[arg(long, short)]
     quiet: bool,
@@ -324,7 +336,27 @@ fn connect(socket: Option<&PathBuf>) -> anyhow::Result<XsClient> {
     }
 }
 
-fn run_attach(store: &dyn XenStore, args: AttachArgs) -> anyhow::Result<()> {
+/// The name under which `frontend`'s devices are remembered, if they are: the device book is
+/// the daemon's of this domain, so a device served by a driver domain is not remembered here.
+fn book_name(
+    store: &dyn XenStore,
+    frontend: xenvirtio_xenstore::DomId,
+    backend: Option<&DomainRef>,
+) -> Result<String, String> {
+    let own = admin::own_domid(store).map_err(|e| e.to_string())?;
+    if let Some(b) = backend {
+        if admin::resolve_domain(store, b).map_err(|e| e.to_string())? != own {
+            return Err("it is served by a driver domain, whose daemon has its own book".into());
+        }
+    }
+    match admin::domain_name(store, frontend) {
+        Ok(Some(name)) => Ok(name),
+        Ok(None) => Err(format!("domain {frontend} has no name")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn run_attach(store: &dyn XenStore, args: AttachArgs, state_dir: &Path) -> anyhow::Result<()> {
     let image = args.image.or(args.image_pos);
     let kind = match (args.device_type, &image) {
         (Some(t), _) => t.into(),
@@ -350,6 +382,21 @@ fn run_attach(store: &dyn XenStore, args: AttachArgs) -> anyhow::Result<()> {
         force_share: args.force_share,
     };
     let out = admin::attach(store, &request)?;
+    if !args.transient {
+        let remembered =
+            book_name(store, out.frontend, request.backend.as_ref()).and_then(|name| {
+                admin::DeviceBook::new(state_dir)
+                    .record(&name, admin::BookEntry::of(&request, out.devid))
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(why) = remembered {
+            eprintln!(
+                "warning: device {} of domain {} is attached but not remembered ({why}): a \
+                 domain created again will not get it back",
+                out.devid, out.frontend
+            );
+        }
+    }
     if args.quiet {
         println!("{}", out.devid);
     } else {
@@ -363,7 +410,7 @@ fn run_attach(store: &dyn XenStore, args: AttachArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_detach(store: &dyn XenStore, args: DetachArgs) -> anyhow::Result<()> {
+fn run_detach(store: &dyn XenStore, args: DetachArgs, state_dir: &Path) -> anyhow::Result<()> {
     let request = DetachRequest {
         frontend: args
             .domain
@@ -377,7 +424,28 @@ fn run_detach(store: &dyn XenStore, args: DetachArgs) -> anyhow::Result<()> {
         timeout: args.timeout,
         force: args.force,
     };
-    let out = admin::detach(store, &request)?;
+    // Forgotten first, so that a daemon restoring devices meanwhile does not attach it again;
+    // remembered again if the detach fails.
+    let book = admin::DeviceBook::new(state_dir);
+    let frontend = admin::domid_of(store, &request.frontend).ok();
+    let name = frontend.and_then(|f| book_name(store, f, request.backend.as_ref()).ok());
+    let forgotten = name.as_deref().and_then(|n| {
+        let entry = book
+            .entries(n)
+            .ok()?
+            .into_iter()
+            .find(|e| e.devid == request.devid)?;
+        book.forget(n, request.devid).ok()?.then_some((n, entry))
+    });
+    let out = match admin::detach(store, &request) {
+        Ok(out) => out,
+        Err(e) => {
+            if let Some((n, entry)) = forgotten {
+                let _ = book.record(n, entry);
+            }
+            return Err(e.into());
+        }
+    };
     let what = format!("virtio device {} of domain {}", out.devid, out.frontend);
     match &out.removal {
         Removal::Forced { last, timeout } => eprintln!(
@@ -427,11 +495,12 @@ fn run_list(store: &dyn XenStore, args: ListArgs) -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let xenstore = cli.xenstore.as_ref();
     match cli.command {
-        Command::Attach(args) => run_attach(&connect(xenstore)?, args),
-        Command::Detach(args) => run_detach(&connect(xenstore)?, args),
+        Command::Attach(args) => run_attach(&connect(xenstore)?, args, &cli.state_dir),
+        Command::Detach(args) => run_detach(&connect(xenstore)?, args, &cli.state_dir),
         Command::List(args) => run_list(&connect(xenstore)?, args),
         Command::Serve(mut args) => {
             args.xenstore = xenstore.cloned();
+            args.state_dir = Some(cli.state_dir.clone());
             xenvirtio_backend::daemon::run(&args)
         }
         Command::Stats(args) => xenvirtio_backend::daemon::stats(&args),

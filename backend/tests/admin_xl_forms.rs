@@ -80,3 +80,33 @@ fn help_fits_80_columns_and_examples_are_whole_commands() {
         &["xenvirtio-backend"],
     );
 }
+
+#[test]
+fn attach_remembers_devices_by_domain_name_and_detach_forgets_them() {
+    let host = Host::start();
+    let image = host.image("a.img");
+    let book = host.dir.path().join("state/domains/guest1.json");
+    host.ok(&["attach", "guest1", s(&image), "xvdb"]);
+    host.ok(&["attach", "guest1", "--type", "rng"]);
+    host.ok(&["attach", "guest1", "--type", "rng", "--transient"]);
+    let text = std::fs::read_to_string(&book).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let devices = v["devices"].as_array().unwrap();
+    assert_eq!(
+        devices.len(),
+        2,
+        "the transient device is not remembered: {text}"
+    );
+    assert_eq!(devices[0]["devid"], 0);
+    assert_eq!(devices[0]["type"], "rng");
+    assert_eq!(devices[1]["devid"], 1);
+    assert_eq!(devices[1]["image"], s(&image));
+    // A detach forgets; a failed one (no such device) changes nothing.
+    host.ok(&["detach", "guest1", "xvdb", "--timeout", "0.2", "--force"]);
+    host.run(&["detach", "guest1", "7"]).refused_with("7");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&book).unwrap()).unwrap();
+    assert_eq!(v["devices"].as_array().unwrap().len(), 1);
+    host.ok(&["detach", "guest1", "0", "--timeout", "0.2", "--force"]);
+    assert!(!book.exists(), "an empty book is removed");
+}

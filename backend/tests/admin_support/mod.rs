@@ -54,7 +54,10 @@ impl Host {
     /// `xenvirtio-backend --xenstore <socket> ARGS...`
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_xenvirtio-backend"));
-        c.arg("--xenstore").arg(self.xsd.socket()).args(args);
+        c.arg("--xenstore").arg(self.xsd.socket());
+        // The device book in the test's folder, not the host's /var/lib/xenvirtio.
+        c.arg("--state-dir").arg(self.dir.path().join("state"));
+        c.args(args);
         c.env_remove("RUST_LOG").env_remove("XENSTORED_PATH");
         c
     }

@@ -231,6 +231,60 @@ fi
 case $XV_ARCH in x86_64) lc_kernel=domU-pvh ;; *) lc_kernel=domU-arm ;; esac
 case " $ready " in *" $lc_kernel "*) kn_cells "$lc_kernel" ;; esac
 
+# mx_wait_entries DOMID WANT TIMEOUT: wait until the devids under the daemon's backend
+# directory of DOMID are WANT (a space-separated list; empty: none); prints the last seen.
+mx_wait_entries() {
+  local _end _seen
+  _end=$(($(xv_uptime) + $3))
+  while :; do
+    _seen=$(xenstore-list "/local/domain/0/backend/virtio/$1" 2>/dev/null | sort -n | tr '\n' ' ' | sed 's/ $//')
+    [ "$_seen" = "$2" ] && break
+    [ "$(xv_uptime)" -lt "$_end" ] || break
+    sleep 0.3
+  done
+  echo "$_seen"
+}
+
+# mx_follow_cells DOMAIN OLD_DOMID: DOMAIN was just destroyed. destroy-no-entry: the daemon
+# removes its backend entries by itself. recreate-devices: `xl create -p` of the same config (a
+# new domid, paused: nothing of it runs) gets devices 0-2 back, blk over the same image, with no
+# command; recreate-destroy: destroyed again, it leaves no entry either.
+mx_follow_cells() {
+  local _d _old _t0 _seen _new _why _params
+  _d=$1 _old=$2
+  _t0=$(xv_uptime)
+  _seen=$(mx_wait_entries "$_old" "" 30)
+  if [ -z "$_seen" ]; then
+    xv_check_for "$_d" destroy-no-entry PASS "xl destroy: the daemon removed the backend entries of domid $_old by itself in $(($(xv_uptime) - _t0))s"
+  else
+    xv_check_for "$_d" destroy-no-entry FAIL "30 s after xl destroy, domid $_old still has backend entries: devids $_seen"
+  fi
+  if ! _why=$(xl create -p "$XV_RUN/$_d.cfg" 2>&1); then
+    xv_check_for "$_d" recreate-devices FAIL "xl create -p $_d again failed: $(echo "$_why" | grep -i -m 2 'error\|fail' | xv_oneline)"
+    return
+  fi
+  _new=$(xv_domid "$_d")
+  _t0=$(xv_uptime)
+  _seen=$(mx_wait_entries "$_new" "0 1 2" 30)
+  _params=$(xenstore-read "/local/domain/0/backend/virtio/$_new/0/params" 2>/dev/null)
+  _why=
+  [ "$_new" != "$_old" ] || _why="the new domain has the old domid $_old;"
+  [ "$_seen" = "0 1 2" ] || _why="$_why 30 s after xl create, domid $_new has devids '$_seen', not 0 1 2;"
+  [ "$_params" = "$(mx_image "$_d")" ] || _why="$_why its blk device's image is '$_params', not $(mx_image "$_d");"
+  if [ -z "$_why" ]; then
+    xv_check_for "$_d" recreate-devices PASS "xl create of $_d again (domid $_old -> $_new, paused): devices 0-2 back by name in $(($(xv_uptime) - _t0))s with no command, blk over $_params"
+  else
+    xv_check_for "$_d" recreate-devices FAIL "$_why"
+  fi
+  xl destroy "$_d" >/dev/null 2>&1
+  _seen=$(mx_wait_entries "$_new" "" 30)
+  if [ -z "$_seen" ] && [ "$(xv_domu_state "$_d")" = gone ]; then
+    xv_check_for "$_d" recreate-destroy PASS "destroyed again: no entry of domid $_new is left"
+  else
+    xv_check_for "$_d" recreate-destroy FAIL "after xl destroy: domid $_new has devids '$_seen'; xl state $(xv_domu_state "$_d")"
+  fi
+}
+
 # xl destroy in the middle of I/O: every mapping and binding of that domain goes, the other
 # export keeps working.
 if [ -n "$lc_destroy" ]; then
@@ -292,16 +346,10 @@ if [ -n "$lc_destroy" ]; then
   else
     xv_check_for "$d" destroy-released FAIL "$why"
   fi
-  # The backend directories of the dead domain are Closed: detach removes them at once.
-  bad=
-  for i in 0 1 2; do
-    $MX_BE detach --domain "$domid" --devid "$i" --timeout 5 >/dev/null 2>&1 || bad="$bad $i"
-  done
-  if [ -z "$bad" ] && ! xenstore-read "/local/domain/0/backend/virtio/$domid" >/dev/null 2>&1; then
-    xv_check_for "$d" detach-dead PASS "detach --domain $domid (by domid: the name is gone) removed devids 0-2 at once"
-  else
-    xv_check_for "$d" detach-dead FAIL "detach failed for devids:$bad; $(xenstore-ls "/local/domain/0/backend/virtio/$domid" 2>&1 | head -n 3 | xv_oneline)"
-  fi
+  # Devices follow the domain (issue 16 item 2). With no command: the daemon removes the dead
+  # domid's backend entries, and the same domain created again (a new domid, as a reboot
+  # gives) gets its three devices back from the device book that attach wrote.
+  mx_follow_cells "$d" "$domid"
   # The survivor's export still works.
   [ -z "$lc_survivor" ] || mx_nbd_cell "$lc_survivor" nbd-after-destroy "$NBD" 6
 fi

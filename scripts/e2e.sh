@@ -271,6 +271,14 @@ for line in open(sys.argv[1]):
   else
     host_check "$a" static-binaries FAIL "not static or not $(file_arch "$a"):$bad"
   fi
+  # The images install the package, so the package itself is what the checks test.
+  rm -f "$WORK/$a"/xenvirtio_*.deb
+  if deb=$("$ROOT/scripts/build-deb.sh" "$a" "$WORK/$a/bin" "$WORK/$a" 2>&1); then
+    host_check "$a" package PASS "$(basename "$deb"): $(dpkg-deb -c "$deb" | grep -c -v '/$') files (scripts/build-deb.sh)"
+  else
+    host_check "$a" package FAIL "scripts/build-deb.sh: $(tail -n 2 <<<"$deb" | tr '\n' ' ')"
+    die "the $a package could not be built"
+  fi
 }
 phase_start
 for a in "${ARCHES[@]}"; do build_bins "$a"; done
@@ -279,7 +287,7 @@ phase_end build
 # ---- 3. initramfs ----
 phase_start
 for a in "${ARCHES[@]}"; do
-  "$XQ/build-initrd.sh" "$a" "$WORK/debs-$(debarch "$a")" "$WORK/$a" "$WORK/$a/bin" >"$WORK/logs/initrd-$a.log" 2>&1 ||
+  "$XQ/build-initrd.sh" "$a" "$WORK/debs-$(debarch "$a")" "$WORK/$a" "$(ls "$WORK/$a"/xenvirtio_*.deb)" >"$WORK/logs/initrd-$a.log" 2>&1 ||
     { tail -n 20 "$WORK/logs/initrd-$a.log" >&2; die "building the $a initramfs failed (log: $WORK/logs/initrd-$a.log)"; }
   tail -n 1 "$WORK/logs/initrd-$a.log"
   [ $KEEP = 1 ] || rm -rf "$WORK/$a/initrd-dom0" "$WORK/$a/initrd-domU"

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# build-initrd.sh ARCH DEBS OUT BINDIR: build the Dom0 and DomU initramfs for ARCH (x86_64|arm64).
+# build-initrd.sh ARCH DEBS OUT PACKAGE: build the Dom0 and DomU initramfs for ARCH (x86_64|arm64).
 #   DEBS    the fetch-debs.sh directory of that arch (DEBS/stage, DEBS/KVER)
 #   OUT     where the images go: OUT/dom0.cpio, OUT/domU.cpio.gz (+ x86_64: OUT/xen)
-#   BINDIR  the project's static xenvirtio-* binaries for ARCH, carried into every domain
+#   PACKAGE the project's .deb for ARCH (scripts/build-deb.sh), installed into every domain
 # Staging trees are left in OUT/initrd-dom0 and OUT/initrd-domU (e2e.sh removes them unless --keep).
 # Adapted from the reference recipe shared/xen-qemu/{x86,arm}/build-initrd.sh.
 set -euo pipefail
-ARCH=${1:?usage: build-initrd.sh x86_64|arm64 DEBS OUT BINDIR}
-DEBS=${2:?} OUT=${3:?} BINDIR=${4:?}
+ARCH=${1:?usage: build-initrd.sh x86_64|arm64 DEBS OUT PACKAGE}
+DEBS=${2:?} OUT=${3:?} PACKAGE=${4:?}
 HERE=$(cd "$(dirname "$0")" && pwd)
 S=$DEBS/stage
 KVER=$(cat "$DEBS/KVER")
@@ -33,10 +33,13 @@ add_xv() {
   echo "$GNTALLOC_LIMIT" >"$1/xv/gntalloc-limit"
 }
 
-# add_project_bins ROOT: every xenvirtio-* binary of BINDIR into ROOT/usr/bin.
+# add_project_bins ROOT: the project's package installed into ROOT (its binaries in /usr/bin,
+# its systemd units, its docs), as dpkg would unpack it; the package's name is kept in
+# /xv/package for the checks.
 add_project_bins() {
-  mkdir -p "$1/usr/bin"
-  cp "$BINDIR"/xenvirtio-* "$1/usr/bin/"
+  dpkg-deb -x "$PACKAGE" "$1"
+  mkdir -p "$1/xv"
+  dpkg-deb -f "$PACKAGE" Package Version Architecture | tr '\n' ' ' | sed 's/ $/\n/' >"$1/xv/package"
 }
 
 # ---------- DomU: busybox, the Xen device modules, the project binaries ----------

@@ -1,6 +1,7 @@
 //! `copy`: an image file onto a blk device, or a device into a file.
 #![allow(clippy::wildcard_imports)]
 
+use super::progress::Progress;
 use crate::*;
 
 pub(crate) fn copy(global: &Global, args: &CopyArgs) -> Result<i32> {
@@ -32,6 +33,7 @@ pub(crate) fn copy(global: &Global, args: &CopyArgs) -> Result<i32> {
     let started = Instant::now();
     let mut file = open()?;
     let mut at = args.offset;
+    let mut progress = Progress::new("writing", length);
     loop {
         let n = read_full(&mut file, &mut buf)?;
         if n == 0 {
@@ -40,14 +42,17 @@ pub(crate) fn copy(global: &Global, args: &CopyArgs) -> Result<i32> {
         dev.write_at(&buf[..n], at)
             .with_context(|| format!("write of {n} bytes at {at} failed"))?;
         at += n as u64;
+        progress.add(n as u64);
     }
     dev.flush().context("flush failed")?;
+    drop(progress);
     let wrote = started.elapsed().as_secs_f64();
     // And back, compared with the file.
     let started = Instant::now();
     let mut file = open()?;
     let mut at = args.offset;
     let mut first_difference = None;
+    let mut progress = Progress::new("reading back", length);
     loop {
         let n = read_full(&mut file, &mut buf)?;
         if n == 0 {
@@ -63,7 +68,9 @@ pub(crate) fn copy(global: &Global, args: &CopyArgs) -> Result<i32> {
                 .map(|i| at + i as u64);
         }
         at += n as u64;
+        progress.add(n as u64);
     }
+    drop(progress);
     let read = started.elapsed().as_secs_f64();
     let n = dev.negotiated();
     let mib = length as f64 / (1 << 20) as f64;

@@ -200,9 +200,15 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
             ),
         }
     }
+    // Every device is connected and exported: a systemd `Type=notify` unit is up.
+    let status = format!("READY=1\nSTATUS=serving {} device(s)", wanted.len());
+    if let Err(e) = xenvirtio_xen::service::notify(&status) {
+        eprintln!("warning: cannot tell the service manager that serve is ready: {e}");
+    }
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
     }
+    let _ = xenvirtio_xen::service::notify("STOPPING=1");
     for w in workers {
         let _ = w.join();
     }

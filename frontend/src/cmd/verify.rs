@@ -1,6 +1,7 @@
 //! `verify`: write a pattern to a device (or an NBD export) and check it reads back.
 #![allow(clippy::wildcard_imports)]
 
+use super::progress::Progress;
 use crate::*;
 
 pub(crate) fn verify(global: &Global, args: &VerifyArgs) -> Result<i32> {
@@ -37,24 +38,30 @@ pub(crate) fn verify(global: &Global, args: &VerifyArgs) -> Result<i32> {
     let mut buf = vec![0u8; chunk];
     let started = Instant::now();
     let mut at = args.offset;
+    let mut progress = Progress::new("writing", length);
     while at < args.offset + length {
         let n = ((args.offset + length - at) as usize).min(chunk);
         pattern::fill(args.seed, at, &mut buf[..n]);
         dev.write_at(&buf[..n], at)
             .with_context(|| format!("write of {n} bytes at {at} failed"))?;
         at += n as u64;
+        progress.add(n as u64);
     }
     dev.flush().context("flush failed")?;
+    drop(progress);
     let wrote = started.elapsed();
     let mut cmp = Comparer::new(args.seed);
     let mut at = args.offset;
+    let mut progress = Progress::new("reading back", length);
     while at < args.offset + length {
         let n = ((args.offset + length - at) as usize).min(chunk);
         dev.read_at(&mut buf[..n], at)
             .with_context(|| format!("read of {n} bytes at {at} failed"))?;
         cmp.add(at, &buf[..n]);
         at += n as u64;
+        progress.add(n as u64);
     }
+    drop(progress);
     let cmp = cmp.finish();
     let n = dev.negotiated();
     println!(
@@ -104,6 +111,7 @@ pub(crate) fn verify_nbd(socket: &Path, args: &VerifyArgs) -> Result<i32> {
     let mut buf = vec![0u8; chunk];
     let started = Instant::now();
     let mut at = args.offset;
+    let mut progress = Progress::new("writing", length);
     while at < args.offset + length {
         let n = ((args.offset + length - at) as usize).min(chunk);
         pattern::fill(args.seed, at, &mut buf[..n]);
@@ -111,7 +119,9 @@ pub(crate) fn verify_nbd(socket: &Path, args: &VerifyArgs) -> Result<i32> {
             .write_at(&buf[..n], at)
             .with_context(|| format!("NBD write at {at} failed"))?;
         at += n as u64;
+        progress.add(n as u64);
     }
+    drop(progress);
     if client.can_flush() {
         client.flush().context("NBD flush failed")?;
     }
@@ -123,6 +133,7 @@ pub(crate) fn verify_nbd(socket: &Path, args: &VerifyArgs) -> Result<i32> {
     );
     let mut cmp = Comparer::new(args.seed);
     let mut at = args.offset;
+    let mut progress = Progress::new("reading back", length);
     while at < args.offset + length {
         let n = ((args.offset + length - at) as usize).min(chunk);
         client
@@ -130,7 +141,9 @@ pub(crate) fn verify_nbd(socket: &Path, args: &VerifyArgs) -> Result<i32> {
             .with_context(|| format!("NBD read at {at} failed"))?;
         cmp.add(at, &buf[..n]);
         at += n as u64;
+        progress.add(n as u64);
     }
+    drop(progress);
     Ok(report(
         &format!("NBD {}", socket.display()),
         args,

@@ -171,6 +171,13 @@ xv_check_project_binaries() {
     esac
   done
   [ "$_found" -gt 0 ] || xv_check project-binaries FAIL "no /usr/bin/xenvirtio-* in this domain"
+  # The binaries came from the project's .deb (build-initrd.sh unpacks it): its other files too.
+  if [ -s /xv/package ] && [ -f /lib/systemd/system/xenvirtio-backend.service ] &&
+    [ -f /lib/systemd/system/xenvirtio-frontend.service ] && [ -f /usr/share/doc/xenvirtio/copyright ]; then
+    xv_check package PASS "installed from the package $(cat /xv/package): $_found binaries, both systemd units, the docs"
+  else
+    xv_check package FAIL "not installed from the project's package: /xv/package='$(cat /xv/package 2>/dev/null)', units or docs missing"
+  fi
 }
 
 # xv_hugetlb_setup PAGES: reserve PAGES default-size huge pages and mount hugetlbfs on

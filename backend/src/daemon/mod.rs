@@ -7,8 +7,10 @@
 //! runs the handshake and the data path. The daemon thread only routes: a change under a device's
 //! backend directory pokes that device's thread, a released domain that xenstored no longer
 //! knows (`XS_IS_DOMAIN_INTRODUCED`) makes every device of that domain drop everything at once
-//! (`docs/PROTOCOL.md` 8.4). A device thread that fails or panics affects that device only.
-//! It never maps or binds anything itself.
+//! (`docs/PROTOCOL.md` 8.4), and once they let go the dead domid's entries are removed;
+//! `@introduceDomain` gives a new domain the devices its name has in the device book
+//! ([`crate::follow`]). A device thread that fails or panics affects that device only. It never
+//! maps or binds anything itself.
 //!
 //! [`Daemon`] is generic over the [`Platform`] and takes any [`XenStore`], so tests and the
 //! loopback crate run it in-process over `LoopbackXen` and `MemStore`; [`run`] is the real

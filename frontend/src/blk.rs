@@ -1475,6 +1475,14 @@ impl<P: Platform> crate::nbd::BlockExport for BlkDevice<P> {
         BlkDevice::flush(self).map_err(io_error)
     }
 
+    /// Every connection's requests go to this one device, with no cache of their own on this
+    /// side, and a flush is the device's `VIRTIO_BLK_T_FLUSH`, which the backend makes an
+    /// fsync of the whole image: what one connection completed, another reads, and a flush on
+    /// any connection makes it durable (the NBD spec's condition for `CAN_MULTI_CONN`).
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+
     fn can_trim(&self) -> bool {
         self.supports(BlkOp::Discard)
     }

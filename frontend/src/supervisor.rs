@@ -330,6 +330,12 @@ impl<P: Platform> crate::nbd::BlockExport for SupervisedBlk<P> {
         self.run(|dev| dev.flush()).map_err(io_error)
     }
 
+    /// As for [`BlkDevice`]: one device behind every connection, and a reconnect changes the
+    /// connection to the backend, not what the connections share.
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+
     fn can_trim(&self) -> bool {
         self.can_trim
     }

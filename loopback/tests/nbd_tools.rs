@@ -431,6 +431,8 @@ fn tcp_and_read_only_exports() {
     let tcp_uri = format!("nbd://127.0.0.1:{port}/{EXPORT}");
     let info = run_ok("nbdinfo", &[&tcp_uri]);
     assert!(info.contains("is_read_only: true"), "{info}");
+    // Every connection reaches the one device; a flush is the whole image's.
+    assert!(info.contains("can_multi_conn: true"), "{info}");
     assert!(info.contains(&format!("export-size: {SIZE}")), "{info}");
     // Reads work over TCP and see the image; writing is refused.
     let first = before[0];

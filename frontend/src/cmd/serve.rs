@@ -114,11 +114,14 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
                             KernelNbdIndex::From(n) => Some(n + kernel_devices),
                         };
                         kernel_devices += 1;
+                        // One connection (a kernel hardware queue) per virtqueue.
+                        let connections = dev.current().map_or(1, |c| c.num_queues());
                         Some(connect_kernel_nbd(
                             d.devid,
                             &socket,
                             server.export_name(),
                             index,
+                            connections,
                         )?)
                     }
                 };
@@ -228,9 +231,11 @@ fn connect_kernel_nbd(
     socket: &Path,
     export: &str,
     index: Option<u32>,
+    connections: usize,
 ) -> Result<KernelNbd> {
     let config = KernelNbdConfig {
         index,
+        connections: connections.max(1),
         ..KernelNbdConfig::new(export)
     };
     let address = NbdAddress::Unix(socket.to_path_buf());
@@ -238,8 +243,10 @@ fn connect_kernel_nbd(
         .with_context(|| format!("cannot give blk device {devid} to the kernel over NBD"))?;
     let ready = k.wait_ready(Duration::from_secs(5));
     println!(
-        "device {devid}: kernel block device {} (NBD netlink{}){}",
+        "device {devid}: kernel block device {} (NBD netlink, {} connection{}{}){}",
         k.device().display(),
+        connections.max(1),
+        if connections > 1 { "s" } else { "" },
         if k.reconfigured() {
             ", reconfigured: it was connected before"
         } else {

@@ -34,9 +34,10 @@ Examples:
   xenvirtio-backend list
   xenvirtio-backend detach guest1 xvdb
 
-Logs go to stderr; set RUST_LOG (default: info), e.g.
-RUST_LOG=xenvirtio_backend=debug. Exit codes: 0 done, 2 the command could not do
-what was asked (docs/OPERATING.md, \"Exit codes\"). See docs/OPERATING.md.";
+Logs go to stderr (--log-format json: one JSON object per line); set RUST_LOG \
+(default: info), e.g. RUST_LOG=xenvirtio_backend=debug. Exit codes: 0 done, 2 the \
+command could not do what was asked (docs/OPERATING.md, \"Exit codes\"). See \
+docs/OPERATING.md.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,6 +60,16 @@ struct Cli {
     #[arg(long, global = true, value_name = "DIR", default_value = admin::book::DEFAULT_STATE_DIR,
           display_order = 101)]
     state_dir: PathBuf,
+
+    /// How log lines on stderr are written: text, or one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FORMAT",
+        default_value = "text",
+        display_order = 102
+    )]
+    log_format: LogFormat,
 
     #[command(subcommand)]
     command: Command,
@@ -319,13 +330,26 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{s:?} is not a duration of 0 seconds or more"))
 }
 
-fn install_tracing() {
+fn install_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One JSON object per line, the fields (domid, devid, ...) as keys: for journald
+        // exporters and log shippers.
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Lines for people.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 fn connect(socket: Option<&PathBuf>) -> anyhow::Result<XsClient> {
@@ -509,7 +533,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    install_tracing();
+    install_tracing(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         // docs/OPERATING.md, "Exit codes": 2 for a command that could not do what was asked.

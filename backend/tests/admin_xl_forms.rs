@@ -110,3 +110,27 @@ fn attach_remembers_devices_by_domain_name_and_detach_forgets_them() {
     host.ok(&["detach", "guest1", "0", "--timeout", "0.2", "--force"]);
     assert!(!book.exists(), "an empty book is removed");
 }
+
+#[test]
+fn logs_can_be_json_lines_with_the_fields_as_keys() {
+    let host = Host::start();
+    let out = host
+        .command(&["--log-format", "json", "attach", "guest1", "--type", "rng"])
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let attached = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "virtio device attached")
+        .unwrap_or_else(|| panic!("no JSON line for the attach: {stderr}"));
+    assert_eq!(attached["level"], "DEBUG");
+    assert_eq!(attached["fields"]["domid"], 5);
+    assert_eq!(attached["fields"]["devid"], 0);
+    assert!(
+        stderr.lines().all(|l| l.starts_with('{')),
+        "every line is JSON: {stderr}"
+    );
+}

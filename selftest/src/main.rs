@@ -12,6 +12,7 @@ mod base64;
 mod cross;
 mod dom0;
 mod events;
+mod ioreq;
 mod pattern;
 mod probe;
 mod report;
@@ -115,6 +116,16 @@ enum Cmd {
         #[arg(long, value_name = "NAME")]
         expect_name: Option<String>,
     },
+    /// In Dom0: ask Xen for an IOREQ server for DomU `--domid` (and destroy it again), the
+    /// thing a trapped virtio-mmio or virtio-pci device model needs and this project does not.
+    Ioreq {
+        /// The DomU to ask for (on x86, an HVM or PVH one: PV domains have no IOREQ servers).
+        #[arg(long)]
+        domid: DomId,
+        /// What Xen must answer for the check to pass.
+        #[arg(long, value_enum)]
+        expect: ioreq::IoreqExpect,
+    },
     /// The DomU end of the e2e command channel (replaces xv-agent.sh; same xenstore keys).
     Agent {
         /// Where commands and their output are kept while they run.
@@ -162,6 +173,7 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::ProbeWrite { peer, gref, offset } => return probe::run_child(peer, gref, offset),
         Cmd::Agent { state_dir } => return run_agent(state_dir),
+        Cmd::Ioreq { domid, expect } => ioreq::run(domid, expect, &mut report),
         Cmd::Dom0 { xenstore } => {
             if let Err(e) = run_dom0(xenstore.as_deref(), &mut report) {
                 report.fail("setup", format!("{e:#}"));

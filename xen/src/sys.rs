@@ -231,10 +231,51 @@ pub(crate) const IOCTL_PRIVCMD_MMAPBATCH_V2: u32 =
     ioc(IOC_NONE, b'P', 4, size_of::<PrivcmdMmapBatchV2>());
 pub(crate) const IOCTL_PRIVCMD_RESTRICT: u32 = ioc(IOC_NONE, b'P', 6, size_of::<u16>());
 
+/// `struct privcmd_dm_op_buf` (`include/uapi/xen/privcmd.h`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PrivcmdDmOpBuf {
+    pub uptr: *mut c_void,
+    pub size: usize,
+}
+
+/// `struct privcmd_dm_op`: `num` buffers for domain `dom`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PrivcmdDmOp {
+    pub dom: u16,
+    pub num: u16,
+    pub ubufs: *const PrivcmdDmOpBuf,
+}
+
+pub(crate) const IOCTL_PRIVCMD_DM_OP: u32 = ioc(IOC_NONE, b'P', 5, size_of::<PrivcmdDmOp>());
+
+/// `XEN_DMOP_create_ioreq_server` and `XEN_DMOP_destroy_ioreq_server` (Xen's
+/// `public/hvm/dm_op.h`; the numbers have not changed since the interface was added in 4.9).
+pub(crate) const XEN_DMOP_CREATE_IOREQ_SERVER: u32 = 1;
+pub(crate) const XEN_DMOP_DESTROY_IOREQ_SERVER: u32 = 6;
+
+/// `struct xen_dm_op` with the two members used here: `op`, `pad`, then the union, whose
+/// `create_ioreq_server` member is `{ uint8_t handle_bufioreq; uint8_t pad[3]; ioservid_t id; }`
+/// and `destroy_ioreq_server` member `{ ioservid_t id; uint16_t pad; }`. Xen reads and writes
+/// back only the union member of `op` (its own table gives each op's size, all under 32
+/// bytes), and refuses a buffer shorter than that, so a larger union is safe.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct XenDmOp {
+    pub op: u32,
+    pub pad: u32,
+    pub u: [u8; 256],
+}
+
 // ---------------------------------------------------------------------------------------------
 // Layout checks that do not depend on a test run.
 
 const _: () = assert!(size_of::<GntdevMapGrantRef>() == 24);
+const _: () = assert!(size_of::<PrivcmdDmOpBuf>() == 16);
+const _: () = assert!(size_of::<PrivcmdDmOp>() == 16);
+const _: () = assert!(offset_of!(PrivcmdDmOp, ubufs) == 8);
+const _: () = assert!(offset_of!(XenDmOp, u) == 8);
 const _: () = assert!(offset_of!(GntdevMapGrantRef, refs) == 16);
 const _: () = assert!(size_of::<GntallocAllocGref>() == 24);
 const _: () = assert!(offset_of!(GntallocAllocGref, gref_ids) == 16);
@@ -399,6 +440,7 @@ mod tests {
                 0x0020_5004,
             ),
             ("PRIVCMD_RESTRICT", IOCTL_PRIVCMD_RESTRICT, 0x0002_5006),
+            ("PRIVCMD_DM_OP", IOCTL_PRIVCMD_DM_OP, 0x0010_5005),
         ];
         for &(name, ours, want) in table {
             assert_eq!(ours, want, "{name}: {ours:#010x} != {want:#010x}");

@@ -1,6 +1,7 @@
 //! The platform over the Linux Xen devices: `/dev/xen/gntalloc` (grants out), `/dev/xen/gntdev`
 //! (grants in and grant copy), `/dev/xen/evtchn` (event channels), `/dev/xen/privcmd` (foreign
-//! mapping), plus pinned memory read from `/proc/self/pagemap` for the `direct` strategy.
+//! mapping, and one device-model operation: the IOREQ-server probe), plus pinned memory read
+//! from `/proc/self/pagemap` for the `direct` strategy.
 //!
 //! Every ioctl sits in a small safe function next to the type that uses it, and every mapping in
 //! a RAII type whose fields drop in the order the kernel needs (for instance a gntdev mapping is
@@ -13,6 +14,7 @@
 //! `shared/xen-qemu/README.md`): `PRIVCMD_MMAPBATCH_V2` can return 0 with errors in `err[]`,
 //! so `err[]` is always inspected.
 
+mod dmop;
 mod evtchn;
 mod gntalloc;
 mod gntdev;
@@ -25,6 +27,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+pub use dmop::{IoreqProbe, probe_ioreq_server};
 pub use evtchn::LinuxEvents;
 pub use gntalloc::{LinuxGrant, LinuxGrantAllocator};
 pub use gntdev::{LinuxGrantMapper, LinuxGrantMapping};

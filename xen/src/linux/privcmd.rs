@@ -56,6 +56,11 @@ impl LinuxForeignMapper {
         };
         Ok(Self { dev: Arc::new(fd) })
     }
+
+    /// The open privcmd device, for the other privcmd ioctls of this module's siblings.
+    pub(crate) fn device(&self) -> &OwnedFd {
+        &self.dev
+    }
 }
 
 /// `IOCTL_PRIVCMD_MMAPBATCH_V2` of `gfns` at `addr`, errors into `err`.

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# demo.sh: xenvirtio on real Xen, for a newcomer. Boots Debian's Xen 4.17 under QEMU, runs the
+# demo.sh: xenvirtio on real Xen, for a newcomer. Boots Debian's Xen under QEMU, runs the
 # backend daemon in Dom0 and the frontend in a DomU, copies a few MiB through virtio-blk, checks
 # them from both sides, and prints what happened. See `scripts/demo.sh --help`.
 set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: scripts/demo.sh [--arch x86_64|arm64] [--help]
+Usage: scripts/demo.sh [--release bookworm|trixie] [--arch x86_64|arm64] [--help]
 
 Shows xenvirtio working on real Xen, on this machine, with nothing but QEMU (no KVM, no Xen
 host needed):
   1. installs the Debian packages and Rust targets it needs (scripts/install-deps.sh; asks
      for sudo when not root);
-  2. builds the project as static binaries and boots Debian's Xen 4.17 with a Debian Dom0
-     and one DomU under QEMU (x86_64: a PVH DomU; arm64: an Arm DomU);
+  2. builds the project as static binaries and boots Debian's Xen with a Debian Dom0 and
+     one DomU under QEMU (x86_64: a PVH DomU; arm64: an Arm DomU): Debian 13's Xen 4.20 and
+     Linux 6.12 (--release trixie), or Debian 12's Xen 4.17 and Linux 6.1 (bookworm);
   3. starts the backend daemon (xenvirtio-backend serve) in Dom0 and gives the DomU a
      virtio-blk disk backed by an image file in Dom0 (xenvirtio-backend attach);
   4. in the DomU, copies a few MiB (the project's own binaries) onto that disk with
@@ -21,6 +22,7 @@ host needed):
   5. prints a report: the DMA strategy the frontend chose and why, bytes moved, throughput,
      the map and notify counts per request, and PASS or FAIL.
 
+  --release R  trixie (Debian 13, the default) or bookworm (Debian 12)
   --arch A   x86_64 (default) or arm64
   --help     this text
 
@@ -35,8 +37,11 @@ EOF
 }
 
 ARCH=x86_64
+RELEASE=trixie
 while [ $# -gt 0 ]; do
   case $1 in
+    --release) [ $# -ge 2 ] || { usage >&2; exit 2; }; RELEASE=$2; shift 2 ;;
+    --release=*) RELEASE=${1#--release=}; shift ;;
     --arch) [ $# -ge 2 ] || { usage >&2; exit 2; }; ARCH=$2; shift 2 ;;
     --arch=*) ARCH=${1#--arch=}; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -50,10 +55,14 @@ case $ARCH in
 esac
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=xen-qemu/releases.sh
+. "$ROOT/scripts/xen-qemu/releases.sh"
+release_known "$RELEASE" || { echo "demo: --release must be one of: $XV_RELEASES (got '$RELEASE')" >&2; exit 2; }
+XEN=$(release_xen "$RELEASE")
 WORK=${XENVIRTIO_DEMO_WORK:-/tmp/xenvirtio-demo}
 mkdir -p "$WORK"
-LOG=$WORK/demo-$ARCH.log
-SERIAL=$WORK/logs/$ARCH.serial.log
+LOG=$WORK/demo-$RELEASE-$ARCH.log
+SERIAL=$WORK/logs/$RELEASE-$ARCH.serial.log
 : >"$LOG"
 START=$(date +%s)
 
@@ -61,7 +70,7 @@ bold() { if [ -t 1 ]; then printf '\033[1m%s\033[0m\n' "$*"; else printf '%s\n' 
 say() { printf '%s\n' "$*"; }
 elapsed() { printf '%3ds' $(($(date +%s) - START)); }
 
-bold "xenvirtio demo: virtio-blk from a Xen DomU to a backend in Dom0, on real Xen ($ARCH)"
+bold "xenvirtio demo: virtio-blk from a Xen DomU to a backend in Dom0, on real Xen ($ARCH, Debian $(release_debian "$RELEASE") $RELEASE: Xen $XEN, Linux $(release_kernel "$RELEASE"))"
 say "  (the machines' own output goes to $LOG and $SERIAL)"
 say ""
 
@@ -80,7 +89,7 @@ follow() {
   if [ "${lines:-0}" -gt "$seen_log" ]; then
     tail -n +"$((seen_log + 1))" "$LOG" | head -n "$((lines - seen_log))" |
       grep -E '^e2e: (cargo build|booting)|^fetch-debs: downloading|^RETRY ' |
-      sed -e 's/^e2e: booting .*attempt 1 of.*/booting Xen 4.17 + Dom0 + one DomU under QEMU (software-emulated CPU: about a minute)/' \
+      sed -e 's/^e2e: booting .*attempt 1 of.*/booting Xen '"$XEN"' + Dom0 + one DomU under QEMU (software-emulated CPU: about a minute)/' \
         -e 's/^e2e: booting .*\(attempt [0-9]* of [0-9]*\).*/booting again (\1)/' \
         -e 's/^RETRY [^ ]* boot: \(.*\) (attempt.*/\1: a fault of the emulated CPU, not of xenvirtio (docs\/E2E.md, "Emulator faults")/' \
         -e 's/^e2e: //' -e 's/^fetch-debs: //' |
@@ -106,7 +115,7 @@ say "[$(elapsed)] building the binaries and the images, then booting Xen under Q
 rm -f "$SERIAL"
 seen_log=$(grep -c '' "$LOG" 2>/dev/null) || true
 seen_serial=0
-XENVIRTIO_E2E_WORK=$WORK "$ROOT/scripts/e2e.sh" --arch "$ARCH" --mode demo --domus "$DOMU" >>"$LOG" 2>&1 &
+XENVIRTIO_E2E_WORK=$WORK "$ROOT/scripts/e2e.sh" --release "$RELEASE" --arch "$ARCH" --mode demo --domus "$DOMU" >>"$LOG" 2>&1 &
 E2E=$!
 while kill -0 "$E2E" 2>/dev/null; do
   follow

@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# e2e.sh: xenvirtio end to end on real Xen (Debian's Xen 4.17 + 6.1 kernels) under QEMU TCG.
+# e2e.sh: xenvirtio end to end on real Xen under QEMU TCG: Debian 12 (Xen 4.17, Linux 6.1) and
+# Debian 13 (Xen 4.20, Linux 6.12).
 # See `scripts/e2e.sh --help` and docs/E2E.md. Written from the reference recipe in
 # shared/xen-qemu (boots, pitfalls and package lists); nothing here needs that directory.
 set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: scripts/e2e.sh [--arch x86_64|arm64|all] [--smoke] [--keep] [--boot-loop N] [--help]
+Usage: scripts/e2e.sh [--release bookworm|trixie|all] [--arch x86_64|arm64|all] [--smoke]
+                      [--keep] [--boot-loop N] [--help]
 
 Boots real Xen under QEMU (software emulation, no KVM needed) and checks the project in it:
   x86_64: Dom0 (PV) + a PV DomU + a PVH DomU     arm64: Dom0 + a DomU
-For each arch it fetches Debian's packages (cached), builds every xenvirtio-* binary as a static
-musl executable, carries them into every domain, boots, and runs the checks of the mode.
+on each Debian release: bookworm (Debian 12: Xen 4.17, Linux 6.1) and trixie (Debian 13: Xen
+4.20, Linux 6.12). For each release and arch it fetches Debian's packages (cached, with a
+private apt configuration: the host's apt is not touched), builds every xenvirtio-* binary as a
+static musl executable (once per arch), carries them into every domain, boots, and runs the
+checks of the mode.
 
 By default it runs the full matrix (issue 6): the backend daemon in Dom0, frontends in Dom0
 and in every DomU, blk, console and rng with every DMA strategy each role allows, the role's
 default strategy, and the lifecycle (NBD export, detach and attach, backend restart, xl destroy
 in the middle of I/O). docs/E2E.md lists every check.
 
+  --release R
+             bookworm, trixie, or all (default: all; the releases boot one after the other)
   --arch A   x86_64, arm64 or all (default: all; the arches boot one after the other)
   --smoke    the smoke checks (issue 3) instead of the matrix
   --keep     keep the initramfs staging trees and archive this run's logs in WORK/runs/
@@ -41,8 +48,10 @@ reported any check, the boot is an infrastructure fault, not a test result: the 
 at most 3 attempts in all, with a line "RETRY <arch> boot: <why> (attempt N of 3)"; only the last
 attempt's checks count. A fault after a DomU reported a check fails the run as any other failure.
 
-Output: one line per check, "PASS|FAIL <arch> <domain> <check>: <detail>", then
-"e2e: N passed, M failed". Logs and results stay in the work dir (paths are printed).
+Output: one line per check, "PASS|FAIL <release> <arch> <domain> <check>: <detail>" (release
+"all" for the host's checks that hold for every release), then "e2e: N passed, M failed". Each
+boot starts with a line naming the release, Xen's and the kernel's versions. Logs and results
+stay in the work dir (paths are printed).
 Exit status: 0 only if every check passed and every domain booted; 1 if a check failed;
 2 on a usage, fetch or build error. docs/E2E.md describes the check lines, the command
 channel and how to add checks.
@@ -66,6 +75,7 @@ XQ=$ROOT/scripts/xen-qemu
 WORK=${XENVIRTIO_E2E_WORK:-/tmp/xenvirtio-e2e}
 TIMEOUT=${XENVIRTIO_E2E_TIMEOUT:-}
 ARCH_OPT=all
+RELEASE_OPT=all
 SMOKE=0
 KEEP=0
 MODE_OPT=
@@ -83,6 +93,8 @@ while [ $# -gt 0 ]; do
   case $1 in
     --arch) [ $# -ge 2 ] || die "--arch needs a value"; ARCH_OPT=$2; shift 2 ;;
     --arch=*) ARCH_OPT=${1#--arch=}; shift ;;
+    --release) [ $# -ge 2 ] || die "--release needs a value"; RELEASE_OPT=$2; shift 2 ;;
+    --release=*) RELEASE_OPT=${1#--release=}; shift ;;
     --smoke) SMOKE=1; shift ;;
     --keep) KEEP=1; shift ;;
     --mode) [ $# -ge 2 ] || die "--mode needs a value"; MODE_OPT=$2; shift 2 ;;
@@ -100,6 +112,11 @@ case $ARCH_OPT in
   aarch64) ARCHES=(arm64) ;;
   *) die "--arch must be x86_64, arm64 or all (got '$ARCH_OPT')" ;;
 esac
+# shellcheck source=xen-qemu/releases.sh
+. "$XQ/releases.sh"
+read -r -a RELEASES <<<"$(release_words "$RELEASE_OPT")" ||
+  die "--release must be ${XV_RELEASES// /, } or all (got '$RELEASE_OPT')"
+REL=all
 MODE=matrix
 [ $SMOKE = 0 ] || MODE=smoke
 if [ -n "$MODE_OPT" ]; then
@@ -179,18 +196,18 @@ phase_end() { PHASE_S[$1]=$(($(date +%s) - PHASE_T0)); }
 PASSED=0
 FAILED=0
 # report LINE: print one "@@CHECK <arch> <domain> <name> PASS|FAIL [detail]" line for people, and
-# record it.
+# record it in RESULTS as "<release> LINE" (REL: the release being booted, or "all").
 report() {
   local line=$1 arch dom name st detail
   read -r _ arch dom name st detail <<<"$line"
-  echo "$line" >>"$RESULTS"
+  echo "$REL $line" >>"$RESULTS"
   if [ "$st" = PASS ]; then
     PASSED=$((PASSED + 1))
   else
     FAILED=$((FAILED + 1))
     st=FAIL
   fi
-  printf '%s %-6s %-8s %-18s %s\n' "$st" "$arch" "$dom" "$name:" "$detail"
+  printf '%s %-8s %-6s %-8s %-18s %s\n' "$st" "$REL" "$arch" "$dom" "$name:" "$detail"
 }
 # host_check ARCH NAME PASS|FAIL DETAIL: a check made by this script (domain "host").
 host_check() {
@@ -208,15 +225,21 @@ show_tail() {
 
 # ---- 1. Debian packages (cached) ----
 phase_start
-for a in "${ARCHES[@]}"; do
-  "$XQ/fetch-debs.sh" "$(debarch "$a")" "$WORK/debs-$(debarch "$a")" ||
-    die "fetching the $(debarch "$a") packages failed"
+# debs REL ARCH: the package cache of one release and arch.
+debs() { echo "$WORK/debs-$1-$(debarch "$2")"; }
+for r in "${RELEASES[@]}"; do
+  for a in "${ARCHES[@]}"; do
+    "$XQ/fetch-debs.sh" "$r" "$(debarch "$a")" "$(debs "$r" "$a")" ||
+      die "fetching the $r $(debarch "$a") packages failed"
+  done
 done
 phase_end fetch
 
 # ---- the harness's own shell library, under the guests' busybox when it runs here ----
-bb=$WORK/debs-amd64/stage/bin/busybox
-[ -x "$bb" ] && "$bb" true 2>/dev/null || bb=
+bb=
+for f in "$(debs "${RELEASES[0]}" x86_64)"/stage/{,usr/}bin/busybox; do
+  [ -x "$f" ] && "$f" true 2>/dev/null && bb=$f && break
+done
 if out=$("$XQ/test-lib.sh" "$bb" 2>&1); then
   host_check host harness-lib PASS "$(tail -n 1 <<<"$out") (scripts/xen-qemu/test-lib.sh${bb:+ under busybox sh})"
 else
@@ -285,12 +308,17 @@ for a in "${ARCHES[@]}"; do build_bins "$a"; done
 phase_end build
 
 # ---- 3. initramfs ----
+# images REL ARCH: the images of one release and arch (dom0.cpio, ...).
+images() { echo "$WORK/$1/$2"; }
 phase_start
-for a in "${ARCHES[@]}"; do
-  "$XQ/build-initrd.sh" "$a" "$WORK/debs-$(debarch "$a")" "$WORK/$a" "$(ls "$WORK/$a"/xenvirtio_*.deb)" >"$WORK/logs/initrd-$a.log" 2>&1 ||
-    { tail -n 20 "$WORK/logs/initrd-$a.log" >&2; die "building the $a initramfs failed (log: $WORK/logs/initrd-$a.log)"; }
-  tail -n 1 "$WORK/logs/initrd-$a.log"
-  [ $KEEP = 1 ] || rm -rf "$WORK/$a/initrd-dom0" "$WORK/$a/initrd-domU"
+for r in "${RELEASES[@]}"; do
+  for a in "${ARCHES[@]}"; do
+    ilog=$WORK/logs/initrd-$r-$a.log
+    "$XQ/build-initrd.sh" "$a" "$(debs "$r" "$a")" "$(images "$r" "$a")" "$(ls "$WORK/$a"/xenvirtio_*.deb)" >"$ilog" 2>&1 ||
+      { tail -n 20 "$ilog" >&2; die "building the $r $a initramfs failed (log: $ilog)"; }
+    echo "$r: $(tail -n 1 "$ilog")"
+    [ $KEEP = 1 ] || rm -rf "$(images "$r" "$a")/initrd-dom0" "$(images "$r" "$a")/initrd-domU"
+  done
 done
 phase_end initrd
 
@@ -304,7 +332,7 @@ CRASH_RE='Kernel panic|Oops:|BUG: |general protection fault|Segmentation fault|\
 # collect ARCH LOG QEMU_RC: turn one arch's serial log into check lines.
 collect() {
   local a=$1 log=$2 qrc=$3 raw n_guest=0 bad summary s_checks s_failed dups crash d
-  raw=$WORK/logs/$a.checks
+  raw=$WORK/logs/$REL-$a.checks
   [ -f "$log" ] || echo "(boot.sh wrote no log)" >"$log"
   # A check line starts at "@@CHECK"; what precedes it (timestamps, "[domU-pv] ") is dropped.
   grep -a -o '@@CHECK .*' "$log" | tr -d '\r' >"$raw.all" || true
@@ -382,15 +410,19 @@ boot_attempt() {
     before-checks) [ "$n" != 1 ] || words="$words xvinduce=before-checks" ;;
     after-checks) words="$words xvinduce=after-checks" ;;
   esac
-  echo "e2e: booting $a (Xen 4.17, Dom0 + $(domains "$a" | cut -d' ' -f2- | sed 's/ / + /g')), timeout ${TIMEOUT}s, attempt $n of $MAX_ATTEMPTS; serial log: $log"
+  local d
+  d=$(debs "$REL" "$a")
+  echo "e2e: booting $REL $a (Debian $(release_debian "$REL"): Xen $(cat "$d/XEN_VERSION"), Linux $(cat "$d/KVER"); Dom0 + $(domains "$a" | cut -d' ' -f2- | sed 's/ / + /g')), timeout ${TIMEOUT}s, attempt $n of $MAX_ATTEMPTS; serial log: $log"
   BOOT_T0=$(date +%s)
   qrc=0
-  "$XQ/boot.sh" "$a" "$WORK/debs-$(debarch "$a")" "$WORK/$a" "$log" "$TIMEOUT" "$words" || qrc=$?
+  "$XQ/boot.sh" "$a" "$d" "$(images "$REL" "$a")" "$log" "$TIMEOUT" "$words" || qrc=$?
 }
 
 RETRIES=()
-for a in "${ARCHES[@]}"; do
-  log=$WORK/logs/$a.serial.log
+BOOTS=()
+for REL in "${RELEASES[@]}"; do for a in "${ARCHES[@]}"; do
+  BOOTS+=("$REL-$a")
+  log=$WORK/logs/$REL-$a.serial.log
   rm -f "$log".attempt-*
   ARCH_T0=$(date +%s)
   n=1
@@ -403,17 +435,18 @@ for a in "${ARCHES[@]}"; do
     mv "$log" "$log.attempt-$n"
     n=$((n + 1))
     echo "RETRY $a boot: $why (attempt $n of $MAX_ATTEMPTS)"
-    RETRIES+=("$a attempt $((n - 1)): $why (log: $log.attempt-$((n - 1)))")
+    RETRIES+=("$REL $a attempt $((n - 1)): $why (log: $log.attempt-$((n - 1)))")
   done
-  PHASE_S[boot-$a]=$(($(date +%s) - ARCH_T0))
+  PHASE_S[boot-$REL-$a]=$(($(date +%s) - ARCH_T0))
   ATTEMPT_NOTE=
   [ "$n" = 1 ] || ATTEMPT_NOTE=" (attempt $n of $MAX_ATTEMPTS: the earlier ones were lost to emulator faults)"
   collect "$a" "$log" "$qrc"
   if [ "$MODE" = bootloop ]; then
-    grep -a -o '@@BOOTLOOP .*' "$log" | tr -d '\r' >"$WORK/logs/$a.bootloop"
-    echo "e2e: boot loop $a: every boot in $WORK/logs/$a.bootloop"
+    grep -a -o '@@BOOTLOOP .*' "$log" | tr -d '\r' >"$WORK/logs/$REL-$a.bootloop"
+    echo "e2e: boot loop $REL $a: every boot in $WORK/logs/$REL-$a.bootloop"
   fi
-done
+done; done
+REL=all
 
 # ---- 5. summary ----
 if [ $KEEP = 1 ]; then
@@ -423,10 +456,15 @@ if [ $KEEP = 1 ]; then
   echo "e2e: logs archived in $keepdir; staging trees kept in $WORK/<arch>/initrd-{dom0,domU}"
 fi
 times=
-for k in fetch build initrd "${ARCHES[@]/#/boot-}"; do times="$times $k=${PHASE_S[$k]:-?}s"; done
+for k in fetch build initrd "${BOOTS[@]/#/boot-}"; do times="$times $k=${PHASE_S[$k]:-?}s"; done
 echo "e2e: timings:$times total=$(($(date +%s) - RUN_START))s"
 echo "e2e: boot retries: ${#RETRIES[@]}"
 for r in "${RETRIES[@]}"; do echo "e2e:   $r"; done
-echo "e2e: serial logs: $(for a in "${ARCHES[@]}"; do printf '%s ' "$WORK/logs/$a.serial.log"; done)results: $RESULTS"
+echo "e2e: serial logs: $(for b in "${BOOTS[@]}"; do printf '%s ' "$WORK/logs/$b.serial.log"; done)results: $RESULTS"
+# per release: the checks of its boots (host checks for every release are under "all")
+for r in all "${RELEASES[@]}"; do
+  awk -v r="$r" '$1 == r { if ($6 == "PASS") p++; else f++ }
+    END { printf "e2e:   %-8s %d passed, %d failed\n", r, p, f }' "$RESULTS"
+done
 echo "e2e: $PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# boot.sh ARCH DEBS OUT LOG TIMEOUT "DOM0 WORDS": boot Debian's Xen 4.17 and a Debian 6.1 Dom0
-# (OUT/dom0.cpio from build-initrd.sh) under QEMU TCG, serial to LOG with host-relative
+# boot.sh ARCH DEBS OUT LOG TIMEOUT "DOM0 WORDS": boot the Xen and the Dom0 kernel of DEBS (a
+# fetch-debs.sh directory: Debian 12's Xen 4.17 and Linux 6.1, or Debian 13's Xen 4.20 and Linux
+# 6.12) with OUT/dom0.cpio from build-initrd.sh under QEMU TCG, serial to LOG with host-relative
 # timestamps, killed after TIMEOUT seconds. Exits with QEMU's status (124: timed out).
 # DOM0 WORDS are appended to the Dom0 kernel command line; they must not contain commas (QEMU's
 # multiboot -initrd splits modules on them).
@@ -9,6 +10,7 @@ set -euo pipefail
 ARCH=${1:?usage: boot.sh x86_64|arm64 DEBS OUT LOG TIMEOUT "dom0 words"}
 DEBS=${2:?} OUT=${3:?} LOG=${4:?} TIMEOUT=${5:?} WORDS=${6:-}
 KVER=$(cat "$DEBS/KVER")
+XEN=$(cat "$DEBS/XEN")
 KERNEL=$DEBS/stage/boot/vmlinuz-$KVER
 case $WORDS in *,*) echo "boot.sh: no commas allowed in the Dom0 words: $WORDS" >&2; exit 2 ;; esac
 MEM=3072 # Dom0 1 GiB + two 512 MiB DomUs + Xen, with room
@@ -16,7 +18,7 @@ DOM0_ARGS="console=hvc0 earlyprintk=xen rdinit=/init $WORDS"
 
 stamp() { perl -MTime::HiRes=time -ne 'BEGIN { $| = 1; $t0 = time } printf("[%7.2f] %s", time - $t0, $_)'; }
 
-echo "host_start $(date +%s.%N) arch=$ARCH dom0 words: $WORDS" >"$LOG"
+echo "host_start $(date +%s.%N) arch=$ARCH release=$(cat "$DEBS/RELEASE") xen=$(cat "$DEBS/XEN_VERSION") kernel=$KVER dom0 words: $WORDS" >"$LOG"
 [ "$ARCH" != x86_64 ] || echo "host_qemu $("${XENVIRTIO_E2E_QEMU_X86:-qemu-system-x86_64}" --version | head -n 1) -accel ${XENVIRTIO_E2E_X86_ACCEL:-tcg} -cpu ${XENVIRTIO_E2E_X86_CPU:-max,-smap,-smep,-xsave}" >>"$LOG"
 # run_qemu QEMU-ARGS...: QEMU with its serial on stdout, timestamped into LOG; sets rc.
 run_qemu() {
@@ -69,7 +71,7 @@ case $ARCH in
     fdtput -t s "$DTB" "/chosen/module@${RADDR#0x}" compatible multiboot,ramdisk multiboot,module
     fdtput -t x "$DTB" "/chosen/module@${RADDR#0x}" reg 0 "$RADDR" 0 "$RSIZE"
     run_qemu qemu-system-aarch64 "${QCOMMON[@]}" -serial stdio \
-      -dtb "$DTB" -kernel "$DEBS/stage/boot/xen-4.17-arm64" \
+      -dtb "$DTB" -kernel "$DEBS/stage/boot/xen-$XEN-arm64" \
       -device "loader,file=$KERNEL,addr=$KADDR,force-raw=on" \
       -device "loader,file=$RAMDISK,addr=$RADDR,force-raw=on"
     ;;

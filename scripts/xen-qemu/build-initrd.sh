@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # build-initrd.sh ARCH DEBS OUT PACKAGE: build the Dom0 and DomU initramfs for ARCH (x86_64|arm64).
-#   DEBS    the fetch-debs.sh directory of that arch (DEBS/stage, DEBS/KVER)
+#   DEBS    the fetch-debs.sh directory of that release and arch (DEBS/stage, DEBS/KVER, DEBS/XEN)
 #   OUT     where the images go: OUT/dom0.cpio, OUT/domU.cpio.gz (+ x86_64: OUT/xen)
 #   PACKAGE the project's .deb for ARCH (scripts/build-deb.sh), installed into every domain
 # Staging trees are left in OUT/initrd-dom0 and OUT/initrd-domU (e2e.sh removes them unless --keep).
@@ -11,10 +11,34 @@ DEBS=${2:?} OUT=${3:?} PACKAGE=${4:?}
 HERE=$(cd "$(dirname "$0")" && pwd)
 S=$DEBS/stage
 KVER=$(cat "$DEBS/KVER")
+XEN=$(cat "$DEBS/XEN")
+RELEASE=$(cat "$DEBS/RELEASE")
 M=lib/modules/$KVER
 # Raised from the driver's default of 1024 grants per domain: the virtio DMA arenas need more.
-# Xen 4.17's default grant table (64 frames, v1) holds 32768 entries per domain.
+# The default grant table of Xen 4.17 and 4.20 (64 frames, v1) holds 32768 entries per domain.
 GNTALLOC_LIMIT=32768
+
+# staged REL: the path of REL (e.g. bin/busybox) in the unpacked packages. Debian 13's packages
+# are merged-/usr (usr/bin, usr/lib/modules); Debian 12's kernel and busybox are not.
+staged() {
+  if [ -e "$S/$1" ]; then echo "$S/$1"; elif [ -e "$S/usr/$1" ]; then echo "$S/usr/$1"; else
+    echo "build-initrd: $1 is in none of the $RELEASE packages" >&2
+    return 1
+  fi
+}
+MODS=$(staged "$M")
+# add_module REL DIR: the kernel module REL (e.g. drivers/block/nbd) into DIR as REL's basename
+# .ko, uncompressed: Debian 13 ships its modules xz-compressed, which busybox's insmod cannot load.
+add_module() {
+  if [ -f "$MODS/kernel/$1.ko" ]; then
+    cp "$MODS/kernel/$1.ko" "$2/"
+  elif [ -f "$MODS/kernel/$1.ko.xz" ]; then
+    xz -dc "$MODS/kernel/$1.ko.xz" >"$2/$(basename "$1").ko"
+  else
+    echo "build-initrd: no module $1 in $MODS" >&2
+    return 1
+  fi
+}
 case $ARCH in
   x86_64) TRIPLET=x86_64-linux-gnu LDSO=lib64/ld-linux-x86-64.so.2 ;;
   arm64) TRIPLET=aarch64-linux-gnu LDSO=lib/ld-linux-aarch64.so.1 ;;
@@ -31,6 +55,9 @@ add_xv() {
   cp "$HERE/guest/xv-lib.sh" "$1/xv/lib/"
   cp "$HERE"/tests/*.sh "$1/xv/tests/"
   echo "$GNTALLOC_LIMIT" >"$1/xv/gntalloc-limit"
+  # What the checks expect of this boot (tests/common.sh), and what the boot report prints.
+  printf 'XV_RELEASE=%s\nXV_XEN=%s\nXV_XEN_VERSION=%s\nXV_KVER=%s\n' \
+    "$RELEASE" "$XEN" "$(cat "$DEBS/XEN_VERSION")" "$KVER" >"$1/xv/release"
 }
 
 # add_project_bins ROOT: the project's package installed into ROOT (its binaries in /usr/bin,
@@ -46,59 +73,68 @@ add_project_bins() {
 # No xenstore tools: the project's binaries speak xenstore over /dev/xen/xenbus themselves
 # (the command channel's agent is `xenvirtio-selftest agent`).
 mkdir -p "$U"/{bin,proc,sys,dev,run,tmp,lib/modules}
-cp "$S/bin/busybox" "$U/bin/busybox"
+cp "$(staged bin/busybox)" "$U/bin/busybox"
 install -m 755 "$HERE/guest/domU-init" "$U/init"
 # no dependencies between them: plain insmod; /dev/xen/xenbus is built into the kernel
 for m in xen-evtchn xen-gntalloc xen-gntdev; do
-  cp "$S/$M/kernel/drivers/xen/$m.ko" "$U/lib/modules/"
+  add_module "drivers/xen/$m" "$U/lib/modules"
 done
 # The kernel's NBD driver and ext4 (for ext2 filesystems on it), loaded by the kernel
 # block-device cells (tests/knbd-lib.sh): nbd has no dependencies, ext4 needs jbd2, mbcache,
 # crc16, and crc32c from the crypto API at mount.
 for m in drivers/block/nbd fs/ext4/ext4 fs/jbd2/jbd2 fs/mbcache lib/crc16 crypto/crc32c_generic; do
-  cp "$S/$M/kernel/$m.ko" "$U/lib/modules/"
+  add_module "$m" "$U/lib/modules"
 done
 add_xv "$U"
 add_project_bins "$U"
 (cd "$U" && find . | cpio -o -H newc --quiet) | gzip -1 >"$OUT/domU.cpio.gz"
 
 # ---------- Dom0: the toolstack, all Xen modules, the DomU kernel and initramfs ----------
-mkdir -p "$R"/{bin,sbin,proc,sys,dev,tmp,run,root,etc,boot,usr/bin,usr/sbin,usr/lib/xen-4.17/bin}
+XENBIN=usr/lib/xen-$XEN/bin
+mkdir -p "$R"/{bin,sbin,proc,sys,dev,tmp,run,root,etc,boot,usr/bin,usr/sbin,"$XENBIN"}
 mkdir -p "$R"/var/{run/xen,run/xenstored,lib/xen,lib/xenstored,log/xen/console,lock}
-cp "$S/bin/busybox" "$R/bin/busybox"
+cp "$(staged bin/busybox)" "$R/bin/busybox"
 install -m 755 "$HERE/guest/dom0-init" "$R/init"
 add_xv "$R"
 add_project_bins "$R"
 mkdir -p "$R/$(dirname "$LDSO")" "$R/lib/$TRIPLET" "$R/usr/lib/$TRIPLET"
-cp -a "$S/$LDSO" "$R/$LDSO"
+cp -L "$(staged "$LDSO")" "$R/$LDSO"
 # all of it: xl dlopens, and libgcc_s.so.1 must be there for pthread_cancel
-cp -a "$S/lib/$TRIPLET"/*.so* "$R/lib/$TRIPLET/"
+[ ! -d "$S/lib/$TRIPLET" ] || cp -a "$S/lib/$TRIPLET"/*.so* "$R/lib/$TRIPLET/"
 cp -a "$S/usr/lib/$TRIPLET"/*.so* "$R/usr/lib/$TRIPLET/"
 for b in xl xenstored xenconsoled xen-init-dom0 xenstore-control; do
-  cp "$S/usr/lib/xen-4.17/bin/$b" "$R/usr/lib/xen-4.17/bin/"
-  ln -sf "/usr/lib/xen-4.17/bin/$b" "$R/usr/sbin/$b"
+  cp "$S/$XENBIN/$b" "$R/$XENBIN/"
+  ln -sf "/$XENBIN/$b" "$R/usr/sbin/$b"
 done
 cp "$S/usr/bin/xenstore" "$R/usr/bin/"
 for t in read write list rm watch exists ls chmod; do ln -sf xenstore "$R/usr/bin/xenstore-$t"; done
 cp -a "$S/etc/xen" "$R/etc/"
 mkdir -p "$R/$M/kernel/drivers"
-cp -a "$S/$M/kernel/drivers/xen" "$R/$M/kernel/drivers/"
-cp "$S/$M"/modules.{order,builtin,builtin.modinfo} "$R/$M/" 2>/dev/null || true
+cp -a "$MODS/kernel/drivers/xen" "$R/$M/kernel/drivers/"
+# busybox's modprobe loads only uncompressed modules
+find "$R/$M/kernel" -name '*.ko.xz' -exec xz -d {} +
+cp "$MODS"/modules.{order,builtin,builtin.modinfo} "$R/$M/" 2>/dev/null || true
+sed -i 's/\.ko\.xz$/.ko/' "$R/$M/modules.order"
 depmod -b "$R" "$KVER"
 cp "$OUT/domU.cpio.gz" "$R/boot/domU.cpio.gz"
 case $ARCH in
   x86_64)
     # QEMU's multiboot loader wants the (32-bit ELF) hypervisor uncompressed
-    [ -s "$OUT/xen" ] || gunzip -c "$S/boot/xen-4.17-amd64.gz" >"$OUT/xen"
-    # DomU kernel: the uncompressed ELF vmlinux (xz decompression in xl costs ~5 s under TCG)
+    gunzip -c "$S/boot/xen-$XEN-amd64.gz" >"$OUT/xen"
+    # DomU kernel: the uncompressed ELF vmlinux (xz decompression in xl costs ~5 s under TCG).
+    # Debian 12's bzImage holds an xz stream, Debian 13's a zstd one.
     if [ ! -s "$OUT/vmlinux-$KVER" ]; then
       python3 - "$S/boot/vmlinuz-$KVER" "$OUT/vmlinux-$KVER" <<'EOF'
 import subprocess, sys
 d = open(sys.argv[1], 'rb').read()
-o = d.find(b'\xfd7zXZ\x00')
-if o < 0:
-    sys.exit('no xz stream in ' + sys.argv[1])
-out = subprocess.run(['xz', '-dc'], input=d[o:], capture_output=True).stdout
+for magic, tool in ((b'\xfd7zXZ\x00', ['xz', '-dc']), (b'\x28\xb5\x2f\xfd', ['zstd', '-dcq'])):
+    o = d.find(magic)
+    if o >= 0:
+        break
+else:
+    sys.exit('no xz or zstd stream in ' + sys.argv[1])
+# The stream is followed by the bzImage's trailer: the tool may complain of trailing garbage.
+out = subprocess.run(tool, input=d[o:], capture_output=True).stdout
 if out[:4] != b'\x7fELF':
     sys.exit('decompressed kernel is not an ELF')
 open(sys.argv[2], 'wb').write(out)

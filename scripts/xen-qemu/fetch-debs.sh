@@ -1,40 +1,55 @@
 #!/usr/bin/env bash
-# fetch-debs.sh DEBARCH DEST: download the Debian packages that the real-Xen images need for
-# DEBARCH (amd64 or arm64) with `apt-get download` and unpack them with `dpkg -x` into DEST/stage.
-# Nothing is installed on the host. The kernel is whatever linux-image-DEBARCH currently points at;
-# its version goes to DEST/KVER.
+# fetch-debs.sh RELEASE DEBARCH DEST: download the Debian packages that the real-Xen images need
+# for RELEASE (bookworm or trixie) and DEBARCH (amd64 or arm64) with `apt-get download` and unpack
+# them with `dpkg -x` into DEST/stage. Nothing is installed on the host, and the host's apt
+# configuration is not touched: apt runs with a private sources list, lists directory, cache and
+# an empty dpkg status under DEST's parent (apt-RELEASE/), signed by Debian's archive keyring.
+# The kernel is whatever linux-image-DEBARCH of RELEASE currently points at; its version goes to
+# DEST/KVER, the Xen series to DEST/XEN and the hypervisor package's version to DEST/XEN_VERSION.
 #
 # DEST is a cache: when DEST/fetched.ok matches this package list, nothing is done. Otherwise the
 # packages are fetched into a fresh directory that replaces DEST only once complete.
 # Adapted from the reference recipe shared/xen-qemu/fetch-debs.sh.
 set -euo pipefail
-DEBARCH=${1:?usage: fetch-debs.sh amd64|arm64 DEST}
-DEST=${2:?usage: fetch-debs.sh amd64|arm64 DEST}
+usage="usage: fetch-debs.sh bookworm|trixie amd64|arm64 DEST"
+RELEASE=${1:?$usage}
+DEBARCH=${2:?$usage}
+DEST=${3:?$usage}
 HERE=$(cd "$(dirname "$0")" && pwd)
-LIST=$HERE/pkgs-$DEBARCH.txt
+# shellcheck source=releases.sh
+. "$HERE/releases.sh"
+release_known "$RELEASE" || { echo "fetch-debs: unknown release '$RELEASE' (known: $XV_RELEASES)" >&2; exit 2; }
+case $DEBARCH in amd64 | arm64) ;; *) echo "fetch-debs: unknown Debian architecture '$DEBARCH'" >&2; exit 2 ;; esac
+LIST=$HERE/pkgs/$RELEASE-$DEBARCH.txt
 [ -f "$LIST" ] || { echo "fetch-debs: no package list $LIST" >&2; exit 2; }
+XEN=$(release_xen "$RELEASE")
+KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+[ -f "$KEYRING" ] || { echo "fetch-debs: $KEYRING missing (apt-get install debian-archive-keyring)" >&2; exit 2; }
 
-stamp="pkgs=$(sha256sum <"$LIST" | cut -d' ' -f1)"
+stamp="release=$RELEASE pkgs=$(sha256sum <"$LIST" | cut -d' ' -f1)"
 if [ -f "$DEST/fetched.ok" ] && [ "$(head -n1 "$DEST/fetched.ok")" = "$stamp" ]; then
-  echo "fetch-debs: $DEBARCH packages cached in $DEST (kernel $(cat "$DEST/KVER"))"
+  echo "fetch-debs: $RELEASE $DEBARCH packages cached in $DEST (Xen $(cat "$DEST/XEN_VERSION"), kernel $(cat "$DEST/KVER"))"
   exit 0
 fi
 
-SUDO=
-[ "$(id -u)" = 0 ] || SUDO=sudo
-if [ "$DEBARCH" != "$(dpkg --print-architecture)" ] &&
-  ! dpkg --print-foreign-architectures | grep -qx "$DEBARCH"; then
-  echo "fetch-debs: dpkg --add-architecture $DEBARCH"
-  $SUDO dpkg --add-architecture "$DEBARCH"
-  $SUDO apt-get update -qq
-fi
-# A fresh machine may never have fetched the index of the Xen packages.
-if ! apt-cache policy "xen-hypervisor-4.17-$DEBARCH:$DEBARCH" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-  $SUDO apt-get update -qq
-fi
-KPKG=$(apt-cache depends "linux-image-$DEBARCH:$DEBARCH" |
+# The private apt configuration of RELEASE, shared by its architectures.
+APTDIR=$(dirname "$DEST")/apt-$RELEASE
+mkdir -p "$APTDIR/lists/partial" "$APTDIR/cache/archives/partial" "$APTDIR/parts"
+: >"$APTDIR/status"
+{
+  echo "deb [signed-by=$KEYRING] http://deb.debian.org/debian $RELEASE main"
+  echo "deb [signed-by=$KEYRING] http://deb.debian.org/debian $RELEASE-updates main"
+  echo "deb [signed-by=$KEYRING] http://deb.debian.org/debian-security $RELEASE-security main"
+} >"$APTDIR/sources.list"
+APT_OPTS=(-o "Dir::Etc::SourceList=$APTDIR/sources.list" -o "Dir::Etc::SourceParts=$APTDIR/parts"
+  -o "Dir::Etc::Preferences=/dev/null" -o "Dir::Etc::PreferencesParts=$APTDIR/parts"
+  -o "Dir::State::Lists=$APTDIR/lists" -o "Dir::Cache=$APTDIR/cache" -o "Dir::State::status=$APTDIR/status"
+  -o "APT::Architecture=$DEBARCH" -o "APT::Architectures::=$DEBARCH" -o "Acquire::Languages=none")
+echo "fetch-debs: apt-get update for $RELEASE $DEBARCH (private lists in $APTDIR)"
+apt-get "${APT_OPTS[@]}" update -qq
+KPKG=$(apt-cache "${APT_OPTS[@]}" depends "linux-image-$DEBARCH" |
   sed -n 's/.*Depends: \(linux-image-[0-9][^:]*\).*/\1/p' | head -n1)
-[ -n "$KPKG" ] || { echo "fetch-debs: cannot resolve linux-image-$DEBARCH" >&2; exit 1; }
+[ -n "$KPKG" ] || { echo "fetch-debs: cannot resolve linux-image-$DEBARCH in $RELEASE" >&2; exit 1; }
 
 mkdir -p "$(dirname "$DEST")"
 tmp=$(mktemp -d "$DEST.tmp.XXXXXX")
@@ -43,13 +58,18 @@ mkdir -p "$tmp/debs" "$tmp/stage"
 # apt-get download drops privileges to _apt: it needs a directory it can reach and write.
 chmod 755 "$tmp"
 chmod 777 "$tmp/debs"
-mapfile -t pkgs < <(grep -v '^[[:space:]]*\(#\|$\)' "$LIST" | sed "s/\$/:$DEBARCH/")
-echo "fetch-debs: downloading ${#pkgs[@]} packages + $KPKG for $DEBARCH"
-(cd "$tmp/debs" && apt-get download -qq "${pkgs[@]}" "$KPKG:$DEBARCH")
+mapfile -t pkgs < <(grep -v '^[[:space:]]*\(#\|$\)' "$LIST")
+echo "fetch-debs: downloading ${#pkgs[@]} packages + $KPKG for $RELEASE $DEBARCH"
+(cd "$tmp/debs" && apt-get "${APT_OPTS[@]}" download -qq "${pkgs[@]}" "$KPKG")
 for d in "$tmp"/debs/*.deb; do dpkg -x "$d" "$tmp/stage"; done
+hv=$(find "$tmp/debs" -name "xen-hypervisor-$XEN-${DEBARCH}_*.deb" | head -n1)
+[ -n "$hv" ] || { echo "fetch-debs: no xen-hypervisor-$XEN-$DEBARCH package was fetched" >&2; exit 1; }
 echo "${KPKG#linux-image-}" >"$tmp/KVER"
-{ echo "$stamp"; echo "kernel=${KPKG#linux-image-}"; date -u +%FT%TZ; } >"$tmp/fetched.ok"
+echo "$XEN" >"$tmp/XEN"
+dpkg-deb -f "$hv" Version >"$tmp/XEN_VERSION"
+echo "$RELEASE" >"$tmp/RELEASE"
+{ echo "$stamp"; echo "kernel=${KPKG#linux-image-} xen=$(cat "$tmp/XEN_VERSION")"; date -u +%FT%TZ; } >"$tmp/fetched.ok"
 rm -rf "$DEST"
 mv "$tmp" "$DEST"
 trap - EXIT
-echo "fetch-debs: fetched $(find "$DEST/debs" -name '*.deb' | wc -l) packages for $DEBARCH into $DEST, kernel $(cat "$DEST/KVER")"
+echo "fetch-debs: fetched $(find "$DEST/debs" -name '*.deb' | wc -l) packages for $RELEASE $DEBARCH into $DEST: Xen $(cat "$DEST/XEN_VERSION"), kernel $(cat "$DEST/KVER")"

@@ -22,9 +22,12 @@ xv_setup() {
   esac
   XV_MODE=$(xv_cmdline xvmode)
   [ -n "$XV_MODE" ] || XV_MODE=smoke
+  # XV_RELEASE, XV_XEN (series), XV_XEN_VERSION, XV_KVER: written by build-initrd.sh
+  # shellcheck source=/dev/null
+  [ ! -f /xv/release ] || . /xv/release
   mkdir -p "$XV_RUN"
   : >>"$XV_CHECKS"
-  export XV_DOM XV_ARCH XV_MODE XV_RUN XV_CHECKS
+  export XV_DOM XV_ARCH XV_MODE XV_RUN XV_CHECKS XV_RELEASE XV_XEN XV_XEN_VERSION XV_KVER
 }
 
 # xv_cmdline WORD: value of WORD=... on the kernel command line (empty if absent).

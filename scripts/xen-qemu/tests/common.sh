@@ -38,6 +38,18 @@ xv_expect_foreign_map() {
   esac
 }
 
+# xv_expect_ioreq DOMAIN: what Xen answers when Dom0 asks for an IOREQ server for DOMAIN, the
+# thing a trapped virtio-mmio or virtio-pci device model needs: "available" on x86 (Debian's Xen
+# 4.17 and 4.20 are built with CONFIG_IOREQ_SERVER), "unavailable" on arm64 (neither is);
+# nothing for an x86 PV DomU, which cannot have one.
+xv_expect_ioreq() {
+  case "$XV_ARCH/$1" in
+    x86_64/domU-pv | */dom0) ;;
+    x86_64/*) echo available ;;
+    *) echo unavailable ;;
+  esac
+}
+
 # xv_check_role: `xenvirtio-selftest role` (DomainRole::detect) printed and asserted against
 # this domain's expectations: selftest-role-detect, -role-dom0, -role-guest-type, -role-arch,
 # -role-xen-version, -role-name (and -role-dom0-evidence where xenfs is mounted).
@@ -46,7 +58,7 @@ xv_check_role() {
   [ "$XV_DOM" = dom0 ] && dom0=yes
   xv_check_lines selftest- xenvirtio-selftest role --expect-dom0 "$dom0" \
     --expect-type "$(xv_expect_guest_type "$XV_DOM")" --expect-arch "$(xv_expect_uname_m "$XV_DOM")" \
-    --expect-xen 4.17 --expect-name "$(xv_expect_xs_name "$XV_DOM")"
+    --expect-xen "$XV_XEN" --expect-name "$(xv_expect_xs_name "$XV_DOM")"
 }
 
 # xv_expect_xs_name DOMAIN: the domain's name in xenstore (xen-init-dom0 names Dom0 Domain-0).

@@ -21,7 +21,7 @@ use xenvirtio_xen::mem::SharedMem;
 use xenvirtio_xen::platform::{ForeignMapper, GrantMapper, MappedPages};
 use xenvirtio_xen::{Access, DomId, Gfn, GrantRef, XenError};
 
-use crate::virtqueue::{Chain, ChainDescriptor};
+use xenvirtio_virtio::device_queue::{Chain, ChainDescriptor};
 
 /// Frames per chunk of the `direct` map cache: 2 MiB.
 pub const DIRECT_CHUNK_PAGES: u64 = 512;

@@ -2,7 +2,7 @@
 //!
 //! This crate owns everything the backend daemon does: discovering devices in xenstore, the
 //! handshake of `docs/PROTOCOL.md`, mapping the frontend's memory under the negotiated DMA
-//! strategy, the device side of the split virtqueues, the device models, and the admin
+//! strategy, the device models over the split virtqueues (`xenvirtio_virtio::device_queue`), and the admin
 //! commands. It never depends on the frontend crate, and device models never touch `/dev/xen`:
 //! they see buffers through `xenvirtio_xen::mem::SharedMem`.
 #![deny(missing_docs)]
@@ -23,4 +23,3 @@ pub mod rng;
 pub mod stats;
 #[cfg(feature = "test-utils")]
 pub mod test_utils;
-pub mod virtqueue;

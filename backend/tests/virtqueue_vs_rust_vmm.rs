@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use xenvirtio_backend::virtqueue::{ChainDescriptor, DeviceQueue};
+use xenvirtio_virtio::device_queue::{ChainDescriptor, DeviceQueue};
 use xenvirtio_virtio::features::{bit, transport};
 use xenvirtio_virtio::split::{
     Descriptor, RingLayout, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,

@@ -16,7 +16,7 @@
 
 use std::sync::atomic::Ordering;
 
-use xenvirtio_backend::virtqueue::{Chain, ChainDescriptor, DeviceQueue};
+use xenvirtio_virtio::device_queue::{Chain, ChainDescriptor, DeviceQueue};
 use xenvirtio_virtio::features::{bit, transport};
 use xenvirtio_virtio::split::{
     DESCRIPTOR_SIZE, Descriptor, RingLayout, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,

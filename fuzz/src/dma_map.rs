@@ -24,7 +24,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use xenvirtio_backend::dma::{AddressSpace, MapCounters, MappedChain};
-use xenvirtio_backend::virtqueue::{Chain, ChainDescriptor};
+use xenvirtio_virtio::device_queue::{Chain, ChainDescriptor};
 use xenvirtio_virtio::dma::{DmaAddr, DmaStrategy};
 use xenvirtio_virtio::protocol::{directory_pages, encode_directory_page};
 use xenvirtio_xen::loopback::{

@@ -24,7 +24,7 @@ use crate::blk::BlkChainError;
 use crate::chain_io::ChainWriter;
 use crate::console::ConsoleDevice;
 use crate::dma::DmaMapError;
-use crate::virtqueue::{Chain, ChainDescriptor};
+use xenvirtio_virtio::device_queue::{Chain, ChainDescriptor};
 
 /// Chains served from one queue before the thread looks at its messages again.
 pub const QUEUE_BUDGET: usize = 256;

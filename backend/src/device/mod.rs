@@ -56,7 +56,7 @@ use crate::dma::{AddressSpace, DIRECT_CACHE_CHUNKS, MapCounters};
 use crate::event_loop::{EventHandler, EventLoop, LoopToken};
 use crate::handshake::{self, DirectTrust, FrontendSetup, Offer, RingLocation, ToolstackConfig};
 use crate::stats::DeviceStats;
-use crate::virtqueue::DeviceQueue;
+use xenvirtio_virtio::device_queue::DeviceQueue;
 
 mod data_path;
 mod model;

@@ -19,7 +19,7 @@ use crate::dma::{AddressSpace, DmaMapError, MapCounters};
 use crate::handshake::{ConnectError, DirectTrust, Offer, ToolstackConfig};
 use crate::image_lock::{LockError, RELEASE_GRACE};
 use crate::rng::RngDevice;
-use crate::virtqueue::{Chain, DeviceQueue, QueueError};
+use xenvirtio_virtio::device_queue::{Chain, DeviceQueue, QueueError};
 
 /// A fatal error of a connected device: the device goes to its error state.
 #[derive(Debug, thiserror::Error)]

@@ -10,8 +10,8 @@
 
 use std::sync::atomic::{Ordering, fence};
 
-use xenvirtio_virtio::features::{self, transport};
-use xenvirtio_virtio::split::{
+use crate::features::{self, transport};
+use crate::split::{
     DESCRIPTOR_SIZE, Descriptor, RingLayout, UsedElem, VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_USED_F_NO_NOTIFY, need_event,
 };
@@ -425,8 +425,8 @@ impl ChainBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use xenvirtio_virtio::features::bit;
-    use xenvirtio_virtio::split::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+    use crate::features::bit;
+    use crate::split::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
     use xenvirtio_xen::mem::PageBuf;
 
     const ALL: u64 = bit(transport::VERSION_1)

@@ -53,7 +53,7 @@ elif ! grep -a -q 'induced fault: domU-pvh boots /boot/triple-fault (after-check
   result FAIL after-checks "the last attempt did not boot the fault kernel after the checks ($LOGS/$REL-x86_64.serial.log)"
 elif grep -a -l 'induced fault: domU-pvh boots /boot/triple-fault (after-checks)' "$LOGS"/$REL-x86_64.serial.log.attempt-* >/dev/null 2>&1; then
   result FAIL after-checks "the fault after the checks was retried: $(grep '^RETRY ' "$out" | tr '\n' ' ')"
-elif ! grep -q '^FAIL x86_64 host *no-crash: .*Triple fault' <<<"$fails" || [ "$(grep -c . <<<"$fails")" != 1 ]; then
+elif ! grep -q "^FAIL $REL *x86_64 host *no-crash: .*Triple fault" <<<"$fails" || [ "$(grep -c . <<<"$fails")" != 1 ]; then
   result FAIL after-checks "want exactly one failure, no-crash naming the triple fault; got: $(tr '\n' ' ' <<<"$fails")"
 else
   result PASS after-checks "a triple fault after domU-pvh's checks failed the run without a retry: $(cut -c1-160 <<<"$fails")"

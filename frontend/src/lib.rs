@@ -66,12 +66,14 @@ pub mod console;
 pub mod dma;
 pub mod knbd;
 pub mod nbd;
+mod netlink;
 pub mod pattern;
 pub mod policy;
 pub mod queue;
 pub mod rng;
 pub mod supervisor;
 pub mod transport;
+pub mod vduse;
 pub mod virtqueue;
 
 pub use transport::{ConnectError, ConnectOptions, Frontend};

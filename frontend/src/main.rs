@@ -20,6 +20,7 @@ use xenvirtio_frontend::nbd::{BlockExport, NbdAddress, NbdClient, NbdServer, Nbd
 use xenvirtio_frontend::pattern::{self, Comparer};
 use xenvirtio_frontend::supervisor::{DEFAULT_RETRY_WAIT, SupervisedBlk};
 use xenvirtio_frontend::transport::{ConnectOptions, DeviceInfo, self_domid};
+use xenvirtio_frontend::vduse::VduseBlk;
 use xenvirtio_virtio::dma::DmaStrategy;
 use xenvirtio_virtio::ids::DeviceKind;
 use xenvirtio_xen::linux::LinuxXen;
@@ -148,6 +149,16 @@ enum Command {
     /// bytes differ. Prints the time, throughput and what the frontend counted.
     #[command(after_help = COPY_HELP)]
     Copy(CopyArgs),
+    /// Show which ways this domain's kernel can take a disk: its NBD driver (nbd.ko, over
+    /// netlink: `serve --kernel-nbd`) and VDUSE (vduse.ko, vdpa.ko and virtio_vdpa.ko: the
+    /// kernel's own virtio-blk driver, Debian 13's kernel and later). Prints one line per
+    /// path, "available" or "not available" with the reason and what to load; exits 0.
+    KernelPaths {
+        /// Also create a small VDUSE virtio-blk device and destroy it again, which proves that
+        /// the kernel accepts this frontend's device configuration (needs root).
+        #[arg(long)]
+        probe: bool,
+    },
 }
 
 const COPY_HELP: &str = "\
@@ -196,6 +207,13 @@ struct ServeArgs {
     /// connections (a pause, not an error, for a mounted filesystem).
     #[arg(long, value_name = "auto|N", value_parser = parse_kernel_nbd)]
     kernel_nbd: Option<KernelNbdIndex>,
+    /// Also give each blk device to this domain's kernel as its own virtio-blk disk (/dev/vdX,
+    /// bound by the kernel's virtio_blk driver), through VDUSE: needs vduse.ko, vdpa.ko and
+    /// virtio_vdpa.ko, which Debian 13's kernel has and Debian 12's does not
+    /// (`xenvirtio-frontend kernel-paths` tells). The VDUSE device is named xenvirtio-<vdev>,
+    /// and its virtio serial is the vdev name (xvda, ...).
+    #[arg(long, conflicts_with = "kernel_nbd")]
+    kernel_vduse: bool,
     /// Where the console's port 0 goes: stdio, or a new pty whose path is printed.
     #[arg(long, value_enum, default_value_t = ConsoleSink::Stdio)]
     console: ConsoleSink,
@@ -363,6 +381,7 @@ fn main() {
         Command::Console(args) => console(&cli.global, &args),
         Command::Rng(args) => rng(&cli.global, &args),
         Command::Copy(args) => copy(&cli.global, &args),
+        Command::KernelPaths { probe } => cmd::kernel_paths::kernel_paths(probe),
     };
     match result {
         Ok(0) => {}

@@ -1,6 +1,7 @@
 //! A minimal generic netlink client: one request, its replies and its acknowledgement.
 //!
-//! Just enough of `netlink(7)` and `genetlink` for the kernel's NBD family: resolve a family by
+//! Just enough of `netlink(7)` and `genetlink` for the kernel's NBD and vDPA families (`knbd`,
+//! `vduse`): resolve a family by
 //! name (`CTRL_CMD_GETFAMILY`), send a command with attributes (flat, nested, integers,
 //! strings), and collect the attributes of the kernel's replies until its `NLMSG_ERROR`
 //! acknowledgement. The socket and its two system calls live behind [`GenlSocket`]; every
@@ -121,15 +122,23 @@ impl GenlSocket {
         }
         // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let socket = GenlSocket { fd, seq: 0 };
         // A 10 s receive timeout: a kernel that never answers must not hang the frontend.
+        socket.set_receive_timeout(10)?;
+        Ok(socket)
+    }
+
+    /// How long a request waits for the kernel's answer, in seconds (10 by default): a kernel
+    /// that never answers must not hang the frontend.
+    pub(crate) fn set_receive_timeout(&self, seconds: i64) -> io::Result<()> {
         let timeout = libc::timeval {
-            tv_sec: 10,
+            tv_sec: seconds as libc::time_t,
             tv_usec: 0,
         };
         // SAFETY: the option value is a live timeval of the size passed.
         let r = unsafe {
             libc::setsockopt(
-                fd.as_raw_fd(),
+                self.fd.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 (&raw const timeout).cast(),
@@ -139,7 +148,7 @@ impl GenlSocket {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(GenlSocket { fd, seq: 0 })
+        Ok(())
     }
 
     /// The id of the generic netlink family `name`, or `None` if the kernel has no such family

@@ -3,6 +3,7 @@
 
 pub(crate) mod bench;
 pub(crate) mod copy;
+pub(crate) mod kernel_paths;
 pub(crate) mod progress;
 pub(crate) mod serve;
 pub(crate) mod stdio;

@@ -39,7 +39,7 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
         bail!("this domain has no virtio devices to serve; see `xenvirtio-frontend list`");
     }
     let connect = args.dma.connect(global)?;
-    if args.kernel_nbd.is_some() {
+    if args.kernel_nbd.is_some() || args.kernel_vduse {
         // Before the export and the supervisor start their threads, so that they inherit it.
         if let Err(e) = xenvirtio_frontend::knbd::mark_io_flusher() {
             eprintln!(
@@ -125,9 +125,24 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
                         )?)
                     }
                 };
+                let vduse = if args.kernel_vduse {
+                    Some(start_vduse(d.devid, &dev)?)
+                } else {
+                    None
+                };
                 let devid = d.devid;
                 closers.push(Box::new(move || {
                     // The kernel first, so that it stops sending before the export closes.
+                    if let Some(v) = vduse {
+                        let node = v.node().map(|p| p.display().to_string());
+                        v.stop().with_context(|| {
+                            format!("cannot remove the VDUSE device of device {devid}")
+                        })?;
+                        println!(
+                            "device {devid}: {} removed",
+                            node.unwrap_or_else(|| "the VDUSE device".into())
+                        );
+                    }
                     if let Some(k) = kernel {
                         let device = k.device();
                         println!("device {devid}: disconnecting {}", device.display());
@@ -223,6 +238,28 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
         }
     }
     Ok(i32::from(failed))
+}
+
+/// Gives blk device `devid` to this domain's kernel as a VDUSE virtio-blk disk and says which.
+fn start_vduse<P: xenvirtio_xen::platform::Platform + 'static>(
+    devid: u32,
+    dev: &Arc<SupervisedBlk<P>>,
+) -> Result<VduseBlk> {
+    let vdev = xenvirtio_virtio::vdev::name(devid);
+    let name = format!("xenvirtio-{vdev}");
+    let queues = dev.current().map_or(1, |c| c.num_queues());
+    let export: Arc<dyn BlockExport> = Arc::clone(dev) as Arc<dyn BlockExport>;
+    let v = VduseBlk::start(export, &name, &vdev, u32::try_from(queues).unwrap_or(1))
+        .with_context(|| format!("cannot give device {devid} to the kernel through VDUSE"))?;
+    println!(
+        "device {devid}: kernel block device {} (VDUSE virtio-blk {name}, {} queue(s))",
+        v.node().map_or_else(
+            || "(no /dev node found)".to_string(),
+            |p| p.display().to_string()
+        ),
+        v.queues()
+    );
+    Ok(v)
 }
 
 /// Connects blk device `devid`'s export on `socket` to a kernel NBD device and says which.

@@ -20,14 +20,12 @@
 //! The old ioctl interface (`NBD_SET_SOCK`, `NBD_DO_IT`) is not implemented: every kernel since
 //! 4.12 has the netlink family, and without it [`KernelNbdError::NoDriver`] says what to load.
 
-mod netlink;
-
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::nbd::{NbdAddress, NbdClient, NbdClientError};
-use netlink::{Attrs, GenlSocket};
+use crate::netlink::{self, Attrs, GenlSocket};
 
 const FAMILY: &str = "nbd";
 const VERSION: u8 = 1;
@@ -289,6 +287,12 @@ impl Drop for KernelNbd {
             tracing::warn!(device = self.index, error = %e, "disconnecting the kernel NBD device failed");
         }
     }
+}
+
+/// Whether the kernel has the NBD netlink family, that is whether `nbd.ko` is loaded.
+pub fn available() -> std::io::Result<bool> {
+    let mut socket = GenlSocket::open()?;
+    Ok(socket.family(FAMILY)?.is_some())
 }
 
 /// Marks the calling thread, and the threads it starts afterwards, as part of the block I/O

@@ -85,6 +85,14 @@ done
 for m in drivers/block/nbd fs/ext4/ext4 fs/jbd2/jbd2 fs/mbcache lib/crc16 crypto/crc32c_generic; do
   add_module "$m" "$U/lib/modules"
 done
+# VDUSE and the virtio drivers on top of it, where the release's kernel builds them (Debian 13's
+# 6.12; Debian 12's 6.1 does not): vduse needs vhost_iotlb and vdpa, virtio_vdpa needs vdpa.
+for m in drivers/vhost/vhost_iotlb drivers/vdpa/vdpa drivers/vdpa/vdpa_user/vduse \
+  drivers/virtio/virtio_vdpa drivers/block/virtio_blk; do
+  if [ -e "$MODS/kernel/$m.ko" ] || [ -e "$MODS/kernel/$m.ko.xz" ]; then
+    add_module "$m" "$U/lib/modules"
+  fi
+done
 add_xv "$U"
 add_project_bins "$U"
 (cd "$U" && find . | cpio -o -H newc --quiet) | gzip -1 >"$OUT/domU.cpio.gz"

@@ -50,6 +50,45 @@ xv_expect_ioreq() {
   esac
 }
 
+# xv_expect_vduse: whether this release's guest kernel has VDUSE: Debian 13's 6.12 builds
+# vduse.ko, vdpa.ko and virtio_vdpa.ko; Debian 12's 6.1 does not.
+xv_expect_vduse() {
+  case $XV_RELEASE in
+    bookworm) echo unavailable ;;
+    *) echo available ;;
+  esac
+}
+
+# xv_load_kernel_paths: nbd.ko (4 devices, as the kernel block-device cells use it) and, where
+# the image has them, the VDUSE modules, in dependency order. Already loaded ones are skipped.
+xv_load_kernel_paths() {
+  local _m
+  [ -d /sys/module/nbd ] || insmod /lib/modules/nbd.ko nbds_max=4 max_part=0 || return 1
+  for _m in vhost_iotlb vdpa vduse virtio_vdpa virtio_blk; do
+    [ -f "/lib/modules/$_m.ko" ] || continue
+    [ -d "/sys/module/$_m" ] || insmod "/lib/modules/$_m.ko" || return 1
+  done
+}
+
+# xv_check_kernel_paths: `xenvirtio-frontend kernel-paths --probe` after loading the modules:
+# nbd must be available on every release; VDUSE where the release's kernel has it, with a real
+# virtio-blk device created and destroyed in it (check kernel-paths).
+xv_check_kernel_paths() {
+  local _out _rc _want _nbd _vduse
+  xv_load_kernel_paths
+  _out=$(xenvirtio-frontend kernel-paths --probe 2>&1)
+  _rc=$?
+  _want=$(xv_expect_vduse)
+  _nbd=$(echo "$_out" | grep '^nbd:')
+  _vduse=$(echo "$_out" | grep '^vduse:')
+  case "$_rc:$_want:$_nbd:$_vduse" in
+    0:available:"nbd:   available"*:"vduse: available"*"device was created and destroyed"* | \
+      0:unavailable:"nbd:   available"*:"vduse: not available"*)
+      xv_check kernel-paths PASS "$XV_RELEASE, VDUSE expected $_want: $(echo "$_out" | xv_oneline)" ;;
+    *) xv_check kernel-paths FAIL "rc=$_rc, VDUSE expected $_want on $XV_RELEASE: $(echo "$_out" | xv_oneline)" ;;
+  esac
+}
+
 # xv_check_role: `xenvirtio-selftest role` (DomainRole::detect) printed and asserted against
 # this domain's expectations: selftest-role-detect, -role-dom0, -role-guest-type, -role-arch,
 # -role-xen-version, -role-name (and -role-dom0-evidence where xenfs is mounted).

@@ -44,68 +44,92 @@ kn_md5() {
   fi
 }
 
-# kn_serve_cell DOMAIN: stop DOMAIN's export, load nbd.ko and serve blk 0 again with the kernel
-# device. Checks knbd-serve. Returns non-zero when there is no kernel device to test.
+# kn_use nbd|vduse: which kernel path the cells below test. nbd: `serve --kernel-nbd 0`, the
+# kernel's NBD driver on /dev/nbd0, checks knbd-*; vduse: `serve --kernel-vduse`, the kernel's
+# own virtio_blk through VDUSE (Debian 13), on the /dev/vdX that serve names, checks kvduse-*.
+kn_use() {
+  KN_PATH=$1
+  case $1 in
+    nbd) KN_NAME=knbd KN_DEV=/dev/nbd0 KN_LOAD=kn_probe_load KN_SERVE="--kernel-nbd 0" ;;
+    vduse) KN_NAME=kvduse KN_DEV= KN_LOAD=kn_probe_load_vduse KN_SERVE=--kernel-vduse ;;
+  esac
+}
+kn_use nbd
+
+# kn_probe_load_vduse: ext4 as for NBD, then VDUSE and the virtio drivers above it.
+kn_probe_load_vduse() {
+  local _m
+  for _m in crc32c_generic crc16 mbcache jbd2 ext4 vhost_iotlb vdpa vduse virtio_vdpa virtio_blk; do
+    [ -d "/sys/module/$_m" ] || insmod "/lib/modules/$_m.ko" || return 1
+  done
+  echo "vduse.ko loaded: $(ls /dev/vduse | xv_oneline)"
+}
+
+# kn_serve_cell DOMAIN: stop DOMAIN's export, load the path's modules and serve blk 0 again
+# with the kernel device. Checks <path>-serve. Returns non-zero when there is no kernel device
+# to test.
 kn_serve_cell() {
-  local _d _out _rc
+  local _d _out _rc _line
   _d=$1
   # shellcheck disable=SC2016 # expanded in the DomU
   mx_in "$_d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while xv_alive $p; do sleep 0.3; done' >/dev/null
-  _out=$(mx_in "$_d" 180 "kn_probe_load && mx_probe_serve 0 $NBD --kernel-nbd 0 && kn_probe_wait_kernel")
+  _out=$(mx_in "$_d" 240 "$KN_LOAD && mx_probe_serve 0 $NBD $KN_SERVE && kn_probe_wait_kernel")
   _rc=$?
-  if [ $_rc = 0 ] && mx_line '/dev/nbd0' "$_out" >/dev/null; then
-    mx_check "$_d" knbd-serve PASS "$(mx_line 'nbd.ko' "$_out"); $(mx_line 'kernel block device' "$_out" | xv_oneline)"
+  _line=$(mx_line 'kernel block device' "$_out")
+  [ "$KN_PATH" != vduse ] || KN_DEV=$(echo "$_line" | grep -o '/dev/vd[a-z]*' | head -n 1)
+  if [ $_rc = 0 ] && [ -n "$KN_DEV" ] && mx_line "$KN_DEV" "$_out" >/dev/null; then
+    mx_check "$_d" "$KN_NAME-serve" PASS "$(mx_line '\.ko loaded' "$_out"); $(echo "$_line" | xv_oneline)"
     return 0
   fi
-  mx_check "$_d" knbd-serve FAIL "rc=$_rc: $(echo "$_out" | tail -n 4 | xv_oneline)"
+  mx_check "$_d" "$KN_NAME-serve" FAIL "rc=$_rc: $(echo "$_out" | tail -n 4 | xv_oneline)"
   return 1
 }
 
-# kn_raw_cell DOMAIN: the device's size, then 4 MiB of random data written through /dev/nbd0 at
+# kn_raw_cell DOMAIN: the device's size, then 4 MiB of random data written through $KN_DEV at
 # 40 MiB and read back after dropping the DomU's caches; Dom0 reads the same bytes from the
-# backend's image. Checks knbd-size, knbd-raw and image-knbd-raw.
+# backend's image. Checks <path>-size, <path>-raw and image-<path>-raw.
 kn_raw_cell() {
   local _d _out _want _size _sum _img
   _d=$1
   _want=$((MX_IMAGE_MB * 1024 * 1024))
-  _size=$(mx_in "$_d" 20 "blockdev --getsize64 /dev/nbd0")
+  _size=$(mx_in "$_d" 20 "blockdev --getsize64 $KN_DEV")
   if [ "$_size" = "$_want" ]; then
-    mx_check "$_d" knbd-size PASS "/dev/nbd0 is $_size bytes, the image's size; logical block $(mx_in "$_d" 20 'cat /sys/block/nbd0/queue/logical_block_size') bytes"
+    mx_check "$_d" "$KN_NAME-size" PASS "$KN_DEV is $_size bytes, the image's size; logical block $(mx_in "$_d" 20 "cat /sys/block/${KN_DEV#/dev/}/queue/logical_block_size") bytes"
   else
-    mx_check "$_d" knbd-size FAIL "blockdev --getsize64 /dev/nbd0: '$(echo "$_size" | xv_oneline)', want $_want"
+    mx_check "$_d" "$KN_NAME-size" FAIL "blockdev --getsize64 $KN_DEV: '$(echo "$_size" | xv_oneline)', want $_want"
   fi
   _out=$(mx_in "$_d" 120 "dd if=/dev/urandom of=/tmp/knbd.raw bs=1M count=4 2>/dev/null &&
-    dd if=/tmp/knbd.raw of=/dev/nbd0 bs=1M seek=40 conv=fsync 2>&1 | tail -n 1 &&
-    echo 3 >/proc/sys/vm/drop_caches && blockdev --flushbufs /dev/nbd0 &&
-    echo want=\$(kn_md5 /tmp/knbd.raw) got=\$(kn_md5 /dev/nbd0 40 4)")
+    dd if=/tmp/knbd.raw of=$KN_DEV bs=1M seek=40 conv=fsync 2>&1 | tail -n 1 &&
+    echo 3 >/proc/sys/vm/drop_caches && blockdev --flushbufs $KN_DEV &&
+    echo want=\$(kn_md5 /tmp/knbd.raw) got=\$(kn_md5 $KN_DEV 40 4)")
   _sum=$(kn_sum "$_out" want)
   if kn_sums_match "$_out"; then
-    mx_check "$_d" knbd-raw PASS "4 MiB written to /dev/nbd0 with dd and read back from the device after drop_caches: md5 $_sum"
+    mx_check "$_d" "$KN_NAME-raw" PASS "4 MiB written to $KN_DEV with dd and read back from the device after drop_caches: md5 $_sum"
   else
-    mx_check "$_d" knbd-raw FAIL "$(echo "$_out" | tail -n 3 | xv_oneline)"
+    mx_check "$_d" "$KN_NAME-raw" FAIL "$(echo "$_out" | tail -n 3 | xv_oneline)"
   fi
   _img=$(kn_md5 "$(mx_image "$_d")" 40 4)
   if [ -n "$_sum" ] && [ "$_img" = "$_sum" ]; then
-    mx_check "$_d" image-knbd-raw PASS "Dom0 reads the same 4 MiB at 40 MiB of $(mx_image "$_d"): md5 $_img"
+    mx_check "$_d" "image-$KN_NAME-raw" PASS "Dom0 reads the same 4 MiB at 40 MiB of $(mx_image "$_d"): md5 $_img"
   else
-    mx_check "$_d" image-knbd-raw FAIL "Dom0's image at 40 MiB: md5 $_img; the DomU wrote '${_sum:-nothing}'"
+    mx_check "$_d" "image-$KN_NAME-raw" FAIL "Dom0's image at 40 MiB: md5 $_img; the DomU wrote '${_sum:-nothing}'"
   fi
 }
 
-# kn_fs_cell DOMAIN: mke2fs on /dev/nbd0, mount, an 8 MiB file written, unmounted, mounted again
-# and read back. Checks knbd-fs.
+# kn_fs_cell DOMAIN: mke2fs on $KN_DEV, mount, an 8 MiB file written, unmounted, mounted again
+# and read back. Checks <path>-fs.
 kn_fs_cell() {
   local _d _out
   _d=$1
-  _out=$(mx_in "$_d" 240 "mkdir -p /mnt/knbd && mke2fs -F /dev/nbd0 >/dev/null 2>&1 &&
-    mount -t ext2 /dev/nbd0 /mnt/knbd && dd if=/dev/urandom of=/tmp/knbd.file bs=1M count=8 2>/dev/null &&
+  _out=$(mx_in "$_d" 240 "mkdir -p /mnt/knbd && mke2fs -F $KN_DEV >/dev/null 2>&1 &&
+    mount -t ext2 $KN_DEV /mnt/knbd && dd if=/dev/urandom of=/tmp/knbd.file bs=1M count=8 2>/dev/null &&
     cp /tmp/knbd.file /mnt/knbd/data && sync && umount /mnt/knbd && echo 3 >/proc/sys/vm/drop_caches &&
-    mount -t ext2 /dev/nbd0 /mnt/knbd && echo want=\$(kn_md5 /tmp/knbd.file) got=\$(kn_md5 /mnt/knbd/data) &&
+    mount -t ext2 $KN_DEV /mnt/knbd && echo want=\$(kn_md5 /tmp/knbd.file) got=\$(kn_md5 /mnt/knbd/data) &&
     df -k /mnt/knbd | tail -n 1 && umount /mnt/knbd; echo rc=\$?; dmesg | grep -E 'EXT4|nbd' | tail -n 2")
   if kn_sums_match "$_out" && mx_line '^rc=0$' "$_out" >/dev/null; then
-    mx_check "$_d" knbd-fs PASS "mke2fs, mount, 8 MiB file written, umount, drop_caches, mount: the file reads back (md5 $(kn_sum "$_out" want)); df: $(mx_line '/mnt/knbd' "$_out" | xv_oneline)"
+    mx_check "$_d" "$KN_NAME-fs" PASS "mke2fs, mount, 8 MiB file written, umount, drop_caches, mount: the file reads back (md5 $(kn_sum "$_out" want)); df: $(mx_line '/mnt/knbd' "$_out" | xv_oneline)"
   else
-    mx_check "$_d" knbd-fs FAIL "$(echo "$_out" | tail -n 4 | xv_oneline)"
+    mx_check "$_d" "$KN_NAME-fs" FAIL "$(echo "$_out" | tail -n 4 | xv_oneline)"
   fi
 }
 
@@ -125,11 +149,11 @@ kn_sums_match() {
 # kn_restart_cell DOMAIN: a 16 MiB file is copied onto the mounted filesystem (with fsync) while
 # Dom0's daemon is stopped (SIGTERM) and started again; the copy must finish without an error,
 # the file must read back after a remount, and the DomU's kernel must log no I/O error for
-# nbd0: a backend restart is a pause for the filesystem. Checks knbd-restart.
+# the device: a backend restart is a pause for the filesystem. Checks <path>-restart.
 kn_restart_cell() {
   local _d _out _stopped _started
   _d=$1
-  mx_in "$_d" 60 "mount -t ext2 /dev/nbd0 /mnt/knbd && dd if=/dev/urandom of=/tmp/knbd.big bs=1M count=16 2>/dev/null && dmesg -c >/dev/null" >/dev/null
+  mx_in "$_d" 60 "mount -t ext2 $KN_DEV /mnt/knbd && dd if=/dev/urandom of=/tmp/knbd.big bs=1M count=16 2>/dev/null && dmesg -c >/dev/null" >/dev/null
   # The daemon is frozen first, so that the copy's first writes wait for it.
   kill -STOP "$MX_BACKEND_PID" 2>/dev/null
   mx_in "$_d" 10 "(dd if=/tmp/knbd.big of=/mnt/knbd/big bs=1M conv=fsync >/run/xv/knbd-copy.out 2>&1; echo rc=\$? >>/run/xv/knbd-copy.out) </dev/null >/dev/null 2>&1 &" >/dev/null
@@ -138,29 +162,34 @@ kn_restart_cell() {
   _stopped=$MX_BACKEND_STOPPED
   if mx_backend_start; then _started="the new daemon is pid $MX_BACKEND_PID"; else _started="the new daemon did not start"; fi
   _out=$(mx_in "$_d" 240 "end=\$((\$(xv_uptime) + 200)); while ! grep -q '^rc=' /run/xv/knbd-copy.out; do [ \$(xv_uptime) -lt \$end ] || break; sleep 0.5; done;
-    cat /run/xv/knbd-copy.out; umount /mnt/knbd && echo 3 >/proc/sys/vm/drop_caches && mount -t ext2 /dev/nbd0 /mnt/knbd &&
+    cat /run/xv/knbd-copy.out; umount /mnt/knbd && echo 3 >/proc/sys/vm/drop_caches && mount -t ext2 $KN_DEV /mnt/knbd &&
     echo want=\$(kn_md5 /tmp/knbd.big) got=\$(kn_md5 /mnt/knbd/big); umount /mnt/knbd;
-    echo errors=\$(dmesg | grep -c -i -E 'nbd0.*(error|timed out)|I/O error')")
+    echo errors=\$(dmesg | grep -c -i -E '${KN_DEV#/dev/}.*(error|timed out)|I/O error')")
   if mx_line '^rc=0$' "$_out" >/dev/null && kn_sums_match "$_out" && mx_line '^errors=0$' "$_out" >/dev/null; then
-    mx_check "$_d" knbd-restart PASS "a 16 MiB copy onto the mounted ext2 spanned a daemon restart (old daemon: $_stopped; $_started): it finished, reads back after a remount (md5 $(kn_sum "$_out" want)), no I/O error in the kernel log"
+    mx_check "$_d" "$KN_NAME-restart" PASS "a 16 MiB copy onto the mounted ext2 spanned a daemon restart (old daemon: $_stopped; $_started): it finished, reads back after a remount (md5 $(kn_sum "$_out" want)), no I/O error in the kernel log"
   else
-    mx_check "$_d" knbd-restart FAIL "old daemon: $_stopped; $_started: $(echo "$_out" | tail -n 5 | xv_oneline)"
+    mx_check "$_d" "$KN_NAME-restart" FAIL "old daemon: $_stopped; $_started: $(echo "$_out" | tail -n 5 | xv_oneline)"
   fi
 }
 
-# kn_disconnect_cell DOMAIN: SIGTERM to the export; it disconnects /dev/nbd0 from the kernel
-# (size 0 afterwards) and exits 0 within 60 s. Checks knbd-disconnect.
+# kn_disconnect_cell DOMAIN: SIGTERM to the export; it takes the device from the kernel (NBD:
+# disconnected, size 0; VDUSE: off the vDPA bus, the disk gone) and exits 0 within 60 s. Checks
+# <path>-disconnect.
 kn_disconnect_cell() {
-  local _d _out
+  local _d _out _gone _k
   _d=$1
-  # shellcheck disable=SC2016 # expanded in the DomU
-  _out=$(mx_in "$_d" 120 'p=$(cat /run/xv/serve.pid); kill $p; end=$(($(xv_uptime) + 60)); while xv_alive $p && [ $(xv_uptime) -lt $end ]; do sleep 0.3; done;
-    if xv_alive $p; then echo "still running after 60 s"; kill -KILL $p; fi;
-    echo size=$(cat /sys/block/nbd0/size); tail -n 4 /run/xv/serve.log | cut -c1-300; dmesg | grep -i nbd | tail -n 3')
-  if mx_line '^size=0$' "$_out" >/dev/null && ! mx_line 'still running|cannot disconnect|closing:' "$_out" >/dev/null; then
-    mx_check "$_d" knbd-disconnect PASS "SIGTERM to serve: /dev/nbd0 disconnected (size 0): $(echo "$_out" | grep -v '^size=' | xv_oneline)"
+  _k=${KN_DEV#/dev/}
+  case $KN_PATH in
+    nbd) _gone='^size=0$' ;;
+    *) _gone='^size=gone$' ;;
+  esac
+  _out=$(mx_in "$_d" 120 "p=\$(cat /run/xv/serve.pid); kill \$p; end=\$((\$(xv_uptime) + 60)); while xv_alive \$p && [ \$(xv_uptime) -lt \$end ]; do sleep 0.3; done;
+    if xv_alive \$p; then echo 'still running after 60 s'; kill -KILL \$p; fi;
+    echo size=\$(cat /sys/block/$_k/size 2>/dev/null || echo gone); tail -n 4 /run/xv/serve.log | cut -c1-300; dmesg | grep -i -E 'nbd|vduse|virtio_blk|$_k' | tail -n 3")
+  if mx_line "$_gone" "$_out" >/dev/null && ! mx_line 'still running|cannot disconnect|cannot remove|closing:' "$_out" >/dev/null; then
+    mx_check "$_d" "$KN_NAME-disconnect" PASS "SIGTERM to serve: $KN_DEV given back ($(mx_line '^size=' "$_out")): $(echo "$_out" | grep -v '^size=' | xv_oneline)"
   else
-    mx_check "$_d" knbd-disconnect FAIL "$(echo "$_out" | xv_oneline)"
+    mx_check "$_d" "$KN_NAME-disconnect" FAIL "$(echo "$_out" | xv_oneline)"
   fi
 }
 
@@ -172,5 +201,5 @@ kn_cells() {
     kn_restart_cell "$1"
     kn_disconnect_cell "$1"
   fi
-  mx_serve_cell "$1" serve-after-knbd
+  mx_serve_cell "$1" "serve-after-$KN_NAME"
 }

@@ -230,6 +230,13 @@ fi
 # through the NBD netlink interface, a filesystem on it, a daemon restart under it.
 case $XV_ARCH in x86_64) lc_kernel=domU-pvh ;; *) lc_kernel=domU-arm ;; esac
 case " $ready " in *" $lc_kernel "*) kn_cells "$lc_kernel" ;; esac
+# The same cells with the kernel's own virtio-blk driver on the device, through VDUSE, where
+# the release's kernel has it (Debian 13).
+if [ "$(xv_expect_vduse)" = available ]; then
+  kn_use vduse
+  case " $ready " in *" $lc_kernel "*) kn_cells "$lc_kernel" ;; esac
+  kn_use nbd
+fi
 
 # mx_wait_entries DOMID WANT TIMEOUT: wait until the devids under the daemon's backend
 # directory of DOMID are WANT (a space-separated list; empty: none); prints the last seen.

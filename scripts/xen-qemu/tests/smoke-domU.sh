@@ -8,6 +8,8 @@
 . /xv/tests/common.sh
 
 xv_check_domain_basics
+# The ways this guest's kernel can take a disk from the frontend.
+xv_check_kernel_paths
 
 # The cross-domain checks, DomU side: grant a page and offer a port to Dom0, pin a page, publish
 # them through /dev/xen/xenbus, then wait for Dom0's side (smoke-dom0.sh runs cross-dom0). It runs

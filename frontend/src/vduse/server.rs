@@ -5,8 +5,8 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -373,9 +373,7 @@ fn serve_queue(
     let qerr = |e: xenvirtio_virtio::device_queue::QueueError| VduseError::Spec {
         why: format!("queue {index}: {e}"),
     };
-    let busy = Mutex::new(());
     while !stop.load(Ordering::SeqCst) {
-        let _g = busy.lock();
         queue.disable_notification(&ring).map_err(qerr)?;
         loop {
             let mut no_indirect = |_: u64, _: u32| -> Result<Vec<u8>, String> {
@@ -401,7 +399,6 @@ fn serve_queue(
             }
             queue.disable_notification(&ring).map_err(qerr)?;
         }
-        drop(_g);
         wait_kick(kick);
     }
     Ok(())

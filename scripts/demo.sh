@@ -19,6 +19,9 @@ host needed):
      virtio-blk disk backed by an image file in Dom0 (xenvirtio-backend attach);
   4. in the DomU, copies a few MiB (the project's own binaries) onto that disk with
      xenvirtio-frontend and reads them back; Dom0 then finds the same bytes in the image;
+     then gives the disk to the DomU's own kernel (Debian 13: /dev/vda from its own
+     virtio_blk, through VDUSE; Debian 12: /dev/nbd0), makes a filesystem on it, mounts it,
+     copies the same bytes in and reads them back after a remount;
   5. prints a report: the DMA strategy the frontend chose and why, bytes moved, throughput,
      the map and notify counts per request, and PASS or FAIL.
 
@@ -190,6 +193,12 @@ if fr:
     copied = num(r"(\d+) bytes copied", fe, int) or 0
     print(f"  frontend      {fr} requests: per request {sent / fr:.2f} notifications sent, {received / fr:.2f} received;")
     print(f"                {copied} bytes copied between the caller's buffers and DMA memory")
+kernel = demo.get("kernel", "")
+if kernel:
+    print(f"  guest kernel  {kernel[kernel.find('/dev/'):] if '/dev/' in kernel else kernel}")
+    ok_sha = demo.get("kernel-sha256") == demo.get("sha256")
+    print(f"                mounted: {demo.get('kernel-mount') or 'no'}; the payload read back through the"
+          f" guest's filesystem: {'the same sha256' if ok_sha else 'MISMATCH'}")
 print(f"  checks        {len(checks) - len(failed)} passed, {len(failed)} failed")
 if retries:
     print(f"  boots         {len(retries) + 1}: {len(retries)} lost to the emulated CPU before any check ran (docs/E2E.md)")

@@ -12,6 +12,8 @@
 . /xv/tests/common.sh
 # shellcheck source=matrix-lib.sh
 . /xv/tests/matrix-lib.sh
+# shellcheck source=knbd-lib.sh
+. /xv/tests/knbd-lib.sh
 
 demo() {
   echo "@@DEMO $*"
@@ -83,6 +85,38 @@ if [ "$want" = "$got" ] && [ "$size" = "${bytes:-x}" ]; then
 else
   xv_check image FAIL "sha256 of the file $want, of the image's range $got; $size bytes here, ${bytes:-?} copied"
 fi
+
+# The guest's own kernel gets the disk: Debian 13's virtio_blk through VDUSE, Debian 12's
+# nbd.ko; a filesystem made on it, mounted, the payload copied in, read back after a remount.
+if [ "$(xv_expect_vduse)" = available ]; then
+  kpath=--kernel-vduse kload=kn_probe_load_vduse kwhat="its own virtio_blk driver, through VDUSE"
+else
+  kpath="--kernel-nbd 0" kload=kn_probe_load kwhat="its NBD driver (Debian 12's kernel has no VDUSE)"
+fi
+step "in $d: xenvirtio-frontend serve $kpath: the guest's kernel gets the disk from $kwhat"
+kout=$(mx_in "$d" 300 "$kload >/dev/null && mx_probe_serve 0 /run/xv/nbd.sock $kpath >/dev/null && kn_probe_wait_kernel")
+kline=$(mx_line 'kernel block device' "$kout")
+kdev=$(echo "$kline" | grep -o -E '/dev/(vd[a-z]+|nbd[0-9]+)' | head -n 1)
+kfs=
+if [ -n "$kdev" ]; then
+  step "in $d: mke2fs $kdev, mount, the payload copied in, unmount, mount again, read back"
+  kfs=$(mx_in "$d" 300 "mkdir -p /mnt/xv && mke2fs -F $kdev >/dev/null 2>&1 && mount -t ext2 $kdev /mnt/xv &&
+    cp $payload /mnt/xv/payload && sync && umount /mnt/xv && echo 3 >/proc/sys/vm/drop_caches &&
+    mount -t ext2 $kdev /mnt/xv && echo sha=\$(sha256sum </mnt/xv/payload | cut -d' ' -f1) &&
+    mount | grep ' /mnt/xv ' && umount /mnt/xv")
+  # shellcheck disable=SC2016 # expanded in the DomU
+  mx_in "$d" 120 'p=$(cat /run/xv/serve.pid); kill $p; while xv_alive $p; do sleep 0.3; done' >/dev/null
+fi
+ksha=$(mx_line '^sha=' "$kfs" | sed 's/^sha=//')
+if [ -n "$kdev" ] && [ "$ksha" = "$want" ]; then
+  xv_check_for "$d" kernel-mount PASS "$kline; mke2fs, mount, the $size-byte payload copied in and read back after a remount (sha256 $want): $(mx_line ' /mnt/xv ' "$kfs" | xv_oneline)"
+  step "the guest's kernel mounted $kdev and read the payload back: the same sha256"
+else
+  xv_check_for "$d" kernel-mount FAIL "device '${kdev:-none}': $(echo "$kout $kfs" | tail -n 4 | xv_oneline)"
+fi
+demo kernel "$kline, from $kwhat"
+demo kernel-mount "$(mx_line ' /mnt/xv ' "$kfs")"
+demo kernel-sha256 "${ksha:-none}"
 
 # The report's numbers: the frontend's own line, the keys, the daemon's counters.
 fdir=$(mx_fdir "$d" "${devid:-0}")

@@ -98,6 +98,15 @@ kn_raw_cell() {
   else
     mx_check "$_d" "$KN_NAME-size" FAIL "blockdev --getsize64 $KN_DEV: '$(echo "$_size" | xv_oneline)', want $_want"
   fi
+  if [ "$KN_PATH" = vduse ]; then
+    # The virtio serial (GET_ID) is the vdev name: what udev's by-id name is made of.
+    _sum=$(mx_in "$_d" 20 "cat /sys/block/${KN_DEV#/dev/}/serial")
+    if [ "$_sum" = xvda ]; then
+      mx_check "$_d" kvduse-serial PASS "/sys/block/${KN_DEV#/dev/}/serial: $_sum (the device's GET_ID: udev names it /dev/disk/by-id/virtio-$_sum)"
+    else
+      mx_check "$_d" kvduse-serial FAIL "/sys/block/${KN_DEV#/dev/}/serial: '$(echo "$_sum" | xv_oneline)', want xvda"
+    fi
+  fi
   _out=$(mx_in "$_d" 120 "dd if=/dev/urandom of=/tmp/knbd.raw bs=1M count=4 2>/dev/null &&
     dd if=/tmp/knbd.raw of=$KN_DEV bs=1M seek=40 conv=fsync 2>&1 | tail -n 1 &&
     echo 3 >/proc/sys/vm/drop_caches && blockdev --flushbufs $KN_DEV &&
@@ -193,10 +202,61 @@ kn_disconnect_cell() {
   fi
 }
 
+# kn_bench_ref DOMAIN: the user-space frontend's own figures in this boot, for kn_dd_cell to
+# compare with: `xenvirtio-frontend bench --depth 1` sequential writes and reads of 4 KiB and
+# 128 KiB for 3 s each, taken once, while no serve holds the device. Sets KN_REF_<write|read>_<4|128>
+# (MiB/s; 0 when the bench failed).
+kn_bench_ref() {
+  local _d _p _bs _out _v
+  _d=$1
+  [ -z "$KN_REF_write_4" ] || return 0
+  # shellcheck disable=SC2016 # expanded in the DomU
+  mx_in "$_d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while xv_alive $p; do sleep 0.3; done' >/dev/null
+  for _p in write read; do
+    for _bs in 4 128; do
+      _out=$(mx_in "$_d" 60 "$MX_FE bench --devid 0 --pattern $_p --bs $((_bs * 1024)) --depth 1 --seconds 3")
+      _v=$(mx_line ' requests: ' "$_out" | sed -n 's/.* IOPS, \([0-9.]*\) MiB\/s.*/\1/p')
+      eval "KN_REF_${_p}_$_bs=${_v:-0}"
+    done
+  done
+}
+
+# kn_dd_cell DOMAIN: what an operator's first measurement gives: dd with O_DIRECT (one request
+# at a time) on the kernel device, 4 MiB in 4 KiB blocks and 16 MiB in 128 KiB blocks, written
+# then read, each as MiB/s and as a ratio of kn_bench_ref's figure for the same size and
+# direction. A figure, not a timed assertion: it fails only when a dd fails. Checks <path>-dd.
+kn_dd_cell() {
+  local _d _out _line _k _mib _rate _ref _detail= _bad=
+  _d=$1
+  _out=$(mx_in "$_d" 300 "t() { s=\$(cut -d' ' -f1 /proc/uptime); \"\$@\" 2>/dev/null || { echo failed; return; }; echo \$s \$(cut -d' ' -f1 /proc/uptime); };
+    echo write_4 \$(t dd if=/dev/zero of=$KN_DEV bs=4k count=1024 seek=2048 oflag=direct);
+    echo write_128 \$(t dd if=/dev/zero of=$KN_DEV bs=128k count=128 seek=64 oflag=direct);
+    echo read_4 \$(t dd if=$KN_DEV of=/dev/null bs=4k count=1024 skip=2048 iflag=direct);
+    echo read_128 \$(t dd if=$KN_DEV of=/dev/null bs=128k count=128 skip=64 iflag=direct)")
+  for _k in write_4 write_128 read_4 read_128; do
+    _line=$(mx_line "^$_k " "$_out")
+    case $_k in *_4) _mib=4 ;; *) _mib=16 ;; esac
+    _rate=$(echo "$_line" | awk -v m="$_mib" 'NF == 3 && $3 > $2 { printf "%.2f", m / ($3 - $2) }')
+    if [ -z "$_rate" ]; then
+      _bad="$_bad $_k: '$(echo "$_line" | xv_oneline)'"
+      continue
+    fi
+    eval "_ref=\${KN_REF_$_k:-0}"
+    _detail="$_detail; ${_k%_*} ${_k#*_} KiB $_rate MiB/s ($(awk -v a="$_rate" -v b="$_ref" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "?" }') of bench's $_ref)"
+  done
+  if [ -z "$_bad" ]; then
+    mx_check "$_d" "$KN_NAME-dd" PASS "dd on $KN_DEV with O_DIRECT, one request at a time, against bench --depth 1 of the same size in this boot${_detail}"
+  else
+    mx_check "$_d" "$KN_NAME-dd" FAIL "dd on $KN_DEV:$_bad"
+  fi
+}
+
 # kn_cells DOMAIN: every kernel block-device cell in DOMAIN, then DOMAIN's plain export again.
 kn_cells() {
+  kn_bench_ref "$1"
   if kn_serve_cell "$1"; then
     kn_raw_cell "$1"
+    kn_dd_cell "$1"
     kn_fs_cell "$1"
     kn_restart_cell "$1"
     kn_disconnect_cell "$1"

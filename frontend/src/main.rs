@@ -214,6 +214,11 @@ struct ServeArgs {
     /// and its virtio serial is the vdev name (xvda, ...).
     #[arg(long, conflicts_with = "kernel_nbd")]
     kernel_vduse: bool,
+    /// Also give each blk device to this domain's kernel the best way it has: through VDUSE
+    /// (its own virtio_blk) where the modules are loaded, else as the first free /dev/nbdN.
+    /// The choice and its reason are printed.
+    #[arg(long, conflicts_with_all = ["kernel_nbd", "kernel_vduse"])]
+    kernel: bool,
     /// Where the console's port 0 goes: stdio, or a new pty whose path is printed.
     #[arg(long, value_enum, default_value_t = ConsoleSink::Stdio)]
     console: ConsoleSink,

@@ -18,6 +18,7 @@ pub(crate) fn stop_on_signals() -> Result<Arc<AtomicBool>> {
 }
 
 pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
+    let (kernel_nbd, kernel_vduse) = kernel_choice(args);
     let stop = stop_on_signals()?;
     let frontend = open_frontend(global)?;
     let devices = frontend.devices()?;
@@ -39,7 +40,7 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
         bail!("this domain has no virtio devices to serve; see `xenvirtio-frontend list`");
     }
     let connect = args.dma.connect(global)?;
-    if args.kernel_nbd.is_some() || args.kernel_vduse {
+    if kernel_nbd.is_some() || kernel_vduse {
         // Before the export and the supervisor start their threads, so that they inherit it.
         if let Err(e) = xenvirtio_frontend::knbd::mark_io_flusher() {
             eprintln!(
@@ -106,7 +107,7 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
                         .map(|a| format!(" and tcp {a}"))
                         .unwrap_or_default()
                 );
-                let kernel = match args.kernel_nbd {
+                let kernel = match kernel_nbd {
                     None => None,
                     Some(which) => {
                         let index = match which {
@@ -125,7 +126,7 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
                         )?)
                     }
                 };
-                let vduse = if args.kernel_vduse {
+                let vduse = if kernel_vduse {
                     Some(start_vduse(d.devid, &dev)?)
                 } else {
                     None
@@ -238,6 +239,28 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
         }
     }
     Ok(i32::from(failed))
+}
+
+/// Which kernel path `serve` takes: `--kernel-nbd`, `--kernel-vduse`, or for `--kernel` VDUSE
+/// where this kernel has it and the first free NBD device otherwise, with the reason printed.
+fn kernel_choice(args: &ServeArgs) -> (Option<KernelNbdIndex>, bool) {
+    if !args.kernel {
+        return (args.kernel_nbd, args.kernel_vduse);
+    }
+    let paths = xenvirtio_frontend::vduse::probe(None);
+    if paths.usable() {
+        println!(
+            "kernel path: VDUSE (vduse, vdpa and virtio_vdpa are there: the kernel's own virtio_blk)"
+        );
+        (None, true)
+    } else {
+        let why = match (&paths.control, &paths.vdpa) {
+            (Err(e), _) | (Ok(_), Err(e)) => e.to_string(),
+            _ => "virtio_vdpa is not loaded (modprobe virtio_vdpa)".to_string(),
+        };
+        println!("kernel path: NBD, the first free /dev/nbdN (no VDUSE: {why})");
+        (Some(KernelNbdIndex::Auto), false)
+    }
 }
 
 /// Gives blk device `devid` to this domain's kernel as a VDUSE virtio-blk disk and says which.

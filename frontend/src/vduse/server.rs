@@ -27,6 +27,13 @@ const DRIVER_OK: u8 = 4;
 const TICK: Duration = Duration::from_millis(200);
 /// Each queue's size.
 const QUEUE_SIZE: u16 = 128;
+/// The most data segments in one request: with the header and the status, a chain of direct
+/// descriptors (indirect ones are not offered) must fit in the ring.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// The largest segment.
+const SIZE_MAX: u32 = 32 << 10;
+// The driver can never build a request larger than what `request` serves.
+const _: () = assert!(SEG_MAX as usize * SIZE_MAX as usize <= MAX_REQUEST_BYTES);
 
 /// What the control thread and the queue threads share.
 struct Shared {
@@ -73,8 +80,8 @@ impl VduseBlk {
             | bit(features::blk::BLK_SIZE);
         let mut config = BlkConfig {
             capacity: export.size() / SECTOR_SIZE,
-            size_max: 1 << 20,
-            seg_max: u32::try_from(MAX_REQUEST_BYTES >> 20).unwrap_or(1).max(1) * 4,
+            size_max: SIZE_MAX,
+            seg_max: SEG_MAX,
             blk_size: block,
             num_queues: u16::try_from(queues.max(1)).unwrap_or(1),
             ..BlkConfig::default()

@@ -94,11 +94,23 @@ impl Region {
     }
 
     /// The window `[iova, iova + len)` of this region.
+    ///
+    /// # Panics
+    /// If the window is not inside the region ([`IovaMap::region`] returns a region that holds
+    /// the range asked for).
     pub fn window(&self, iova: u64, len: usize) -> SharedMem<'_> {
-        let off = usize::try_from(iova - self.start).expect("inside the region");
-        debug_assert!(off + len <= self.len);
-        // SAFETY: [off, off + len) lies inside the mapping (callers check `contains`), which
-        // stays mapped for as long as `self` lives: the window borrows `self`.
+        let off = iova
+            .checked_sub(self.start)
+            .and_then(|o| usize::try_from(o).ok())
+            .filter(|&o| o.checked_add(len).is_some_and(|end| end <= self.len))
+            .unwrap_or_else(|| {
+                panic!(
+                    "window of {len} bytes at IOVA {iova:#x} outside the region [{:#x}, {:#x}]",
+                    self.start, self.last
+                )
+            });
+        // SAFETY: [off, off + len) lies inside the mapping (checked just above), which stays
+        // mapped for as long as `self` lives: the window borrows `self`.
         unsafe {
             SharedMem::from_raw_parts(
                 NonNull::new_unchecked(self.ptr.as_ptr().add(off)),

@@ -155,29 +155,39 @@ kn_sums_match() {
   [ -n "$_w" ] && [ "$_w" = "$_g" ]
 }
 
-# kn_restart_cell DOMAIN: a 16 MiB file is copied onto the mounted filesystem (with fsync) while
-# Dom0's daemon is stopped (SIGTERM) and started again; the copy must finish without an error,
+# kn_restart_cell DOMAIN [TERM|KILL]: a 16 MiB file is copied onto the mounted filesystem (with
+# fsync) while Dom0's daemon is stopped (SIGTERM, or SIGKILL: a crash) and started again; the
+# copy must finish without an error,
 # the file must read back after a remount, and the DomU's kernel must log no I/O error for
-# the device: a backend restart is a pause for the filesystem. Checks <path>-restart.
+# the device: a backend restart is a pause for the filesystem. Checks <path>-restart (TERM)
+# or <path>-crash (KILL).
 kn_restart_cell() {
-  local _d _out _stopped _started
-  _d=$1
+  local _d _out _stopped _started _sig _name _copy
+  _d=$1 _sig=${2:-TERM}
+  case $_sig in KILL) _name=$KN_NAME-crash ;; *) _name=$KN_NAME-restart ;; esac
+  _copy=/run/xv/$_name-copy.out
   mx_in "$_d" 60 "mount -t ext2 $KN_DEV /mnt/knbd && dd if=/dev/urandom of=/tmp/knbd.big bs=1M count=16 2>/dev/null && dmesg -c >/dev/null" >/dev/null
   # The daemon is frozen first, so that the copy's first writes wait for it.
   kill -STOP "$MX_BACKEND_PID" 2>/dev/null
-  mx_in "$_d" 10 "(dd if=/tmp/knbd.big of=/mnt/knbd/big bs=1M conv=fsync >/run/xv/knbd-copy.out 2>&1; echo rc=\$? >>/run/xv/knbd-copy.out) </dev/null >/dev/null 2>&1 &" >/dev/null
+  mx_in "$_d" 10 "(dd if=/tmp/knbd.big of=/mnt/knbd/big bs=1M conv=fsync >$_copy 2>&1; echo rc=\$? >>$_copy) </dev/null >/dev/null 2>&1 &" >/dev/null
   sleep 3
-  mx_backend_stop
-  _stopped=$MX_BACKEND_STOPPED
+  if [ "$_sig" = KILL ]; then
+    kill -KILL "$MX_BACKEND_PID" 2>/dev/null
+    wait "$MX_BACKEND_PID" 2>/dev/null
+    _stopped="exit status $? (SIGKILL)"
+  else
+    mx_backend_stop # SIGTERM, then SIGCONT
+    _stopped=$MX_BACKEND_STOPPED
+  fi
   if mx_backend_start; then _started="the new daemon is pid $MX_BACKEND_PID"; else _started="the new daemon did not start"; fi
-  _out=$(mx_in "$_d" 240 "end=\$((\$(xv_uptime) + 200)); while ! grep -q '^rc=' /run/xv/knbd-copy.out; do [ \$(xv_uptime) -lt \$end ] || break; sleep 0.5; done;
-    cat /run/xv/knbd-copy.out; umount /mnt/knbd && echo 3 >/proc/sys/vm/drop_caches && mount -t ext2 $KN_DEV /mnt/knbd &&
+  _out=$(mx_in "$_d" 240 "end=\$((\$(xv_uptime) + 200)); while ! grep -q '^rc=' $_copy; do [ \$(xv_uptime) -lt \$end ] || break; sleep 0.5; done;
+    cat $_copy; umount /mnt/knbd && echo 3 >/proc/sys/vm/drop_caches && mount -t ext2 $KN_DEV /mnt/knbd &&
     echo want=\$(kn_md5 /tmp/knbd.big) got=\$(kn_md5 /mnt/knbd/big); umount /mnt/knbd;
     echo errors=\$(dmesg | grep -c -i -E '${KN_DEV#/dev/}.*(error|timed out)|I/O error')")
   if mx_line '^rc=0$' "$_out" >/dev/null && kn_sums_match "$_out" && mx_line '^errors=0$' "$_out" >/dev/null; then
-    mx_check "$_d" "$KN_NAME-restart" PASS "a 16 MiB copy onto the mounted ext2 spanned a daemon restart (old daemon: $_stopped; $_started): it finished, reads back after a remount (md5 $(kn_sum "$_out" want)), no I/O error in the kernel log"
+    mx_check "$_d" "$_name" PASS "a 16 MiB copy onto the mounted ext2 spanned SIG$_sig to the daemon and a new one (old daemon: $_stopped; $_started): it finished, reads back after a remount (md5 $(kn_sum "$_out" want)), no I/O error in the kernel log"
   else
-    mx_check "$_d" "$KN_NAME-restart" FAIL "old daemon: $_stopped; $_started: $(echo "$_out" | tail -n 5 | xv_oneline)"
+    mx_check "$_d" "$_name" FAIL "old daemon: $_stopped; $_started: $(echo "$_out" | tail -n 5 | xv_oneline)"
   fi
 }
 
@@ -258,7 +268,8 @@ kn_cells() {
     kn_raw_cell "$1"
     kn_dd_cell "$1"
     kn_fs_cell "$1"
-    kn_restart_cell "$1"
+    kn_restart_cell "$1" TERM
+    kn_restart_cell "$1" KILL
     kn_disconnect_cell "$1"
   fi
   mx_serve_cell "$1" "serve-after-$KN_NAME"

@@ -114,8 +114,9 @@ case $ARCH_OPT in
 esac
 # shellcheck source=xen-qemu/releases.sh
 . "$XQ/releases.sh"
-read -r -a RELEASES <<<"$(release_words "$RELEASE_OPT")" ||
+rels=$(release_words "$RELEASE_OPT") ||
   die "--release must be ${XV_RELEASES// /, } or all (got '$RELEASE_OPT')"
+read -r -a RELEASES <<<"$rels"
 REL=all
 MODE=matrix
 [ $SMOKE = 0 ] || MODE=smoke

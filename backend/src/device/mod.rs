@@ -321,6 +321,15 @@ impl<P: Platform> Machine<'_, P> {
         error: Option<String>,
         deadline: Option<Instant>,
     ) {
+        // The first fatal error is the cause: one that a data-path thread reports after it
+        // (from the ring it was still reading) must not replace it in the error node.
+        if let (Some(reason), Phase::Closing { error: true, .. }) = (&error, &self.phase) {
+            tracing::debug!(
+                reason,
+                "a later device error while closing for an earlier one"
+            );
+            return;
+        }
         self.drop_connection(registry);
         match &error {
             Some(reason) => {

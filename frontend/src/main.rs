@@ -219,6 +219,12 @@ struct ServeArgs {
     /// The choice and its reason are printed.
     #[arg(long, conflicts_with_all = ["kernel_nbd", "kernel_vduse"])]
     kernel: bool,
+    /// How long a blk device may be gone from xenstore (detached) before serve gives it up:
+    /// its kernel device is removed (a mounted filesystem then gets I/O errors at once instead
+    /// of waiting) and its export closed. A detach and an attach back to back within it are a
+    /// pause. serve exits once no device is left.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    detach_grace: u64,
     /// Where the console's port 0 goes: stdio, or a new pty whose path is printed.
     #[arg(long, value_enum, default_value_t = ConsoleSink::Stdio)]
     console: ConsoleSink,

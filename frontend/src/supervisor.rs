@@ -11,6 +11,11 @@
 //! may already have done is simply done again. Device errors (`IOERR`, out of range, a
 //! timeout of a backend that hangs while Connected) are returned as they are, never retried.
 //! It never reconnects after [`SupervisedBlk::close`].
+//!
+//! A device that was detached (its xenstore directory is gone) and not attached again within
+//! the detach grace ([`DEFAULT_DETACH_GRACE`]) is given up: [`SupervisedBlk::detached`] says why,
+//! every request from then on fails at once instead of waiting, and the supervisor stops. The
+//! grace is what lets a detach and an attach back to back stay a pause.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -28,6 +33,26 @@ const TICK: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How long the blocking calls wait for a reconnection by default.
 pub const DEFAULT_RETRY_WAIT: Duration = Duration::from_secs(60);
+/// How long a detached device may stay away before it is given up.
+pub const DEFAULT_DETACH_GRACE: Duration = Duration::from_secs(10);
+
+/// How long the supervisor and its callers wait.
+#[derive(Debug, Clone, Copy)]
+pub struct Waits {
+    /// How long a blocking call waits for a lost connection to come back.
+    pub retry: Duration,
+    /// How long a detached device may stay away before it is given up.
+    pub detach_grace: Duration,
+}
+
+impl Default for Waits {
+    fn default() -> Self {
+        Self {
+            retry: DEFAULT_RETRY_WAIT,
+            detach_grace: DEFAULT_DETACH_GRACE,
+        }
+    }
+}
 
 /// What the supervisor thread and the callers share.
 struct Shared<P: Platform> {
@@ -39,6 +64,9 @@ struct Shared<P: Platform> {
     changed: Condvar,
     stop: AtomicBool,
     reconnects: AtomicU64,
+    detach_grace: Duration,
+    /// Why the device was given up (see the module documentation).
+    detached: Mutex<Option<String>>,
 }
 
 /// A blk device that the frontend reconnects whenever its connection is lost (see the module
@@ -68,13 +96,32 @@ where
 {
     /// Connects blk device `devid` (an error of this first connection is returned as it is)
     /// and starts the supervisor. Blocking calls wait up to `retry_wait` for a lost connection
-    /// to come back.
+    /// to come back; a detached device is given up after [`DEFAULT_DETACH_GRACE`].
     pub fn connect(
         frontend: Frontend<P>,
         devid: u32,
         options: BlkOptions,
         retry_wait: Duration,
     ) -> Result<Self, ConnectError> {
+        Self::connect_with(
+            frontend,
+            devid,
+            options,
+            Waits {
+                retry: retry_wait,
+                ..Waits::default()
+            },
+        )
+    }
+
+    /// [`Self::connect`] with both waits chosen.
+    pub fn connect_with(
+        frontend: Frontend<P>,
+        devid: u32,
+        options: BlkOptions,
+        waits: Waits,
+    ) -> Result<Self, ConnectError> {
+        let retry_wait = waits.retry;
         let first = frontend.connect_blk(devid, &options)?;
         let size = first.size();
         let read_only = first.read_only();
@@ -88,6 +135,8 @@ where
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
+            detach_grace: waits.detach_grace,
+            detached: Mutex::new(None),
         });
         let thread = {
             let shared = Arc::clone(&shared);
@@ -127,6 +176,12 @@ impl<P: Platform> SupervisedBlk<P> {
         self.retry_wait
     }
 
+    /// Why the device was given up, once it has been: it was detached and not attached again
+    /// within the detach grace. Every request fails at once from then on.
+    pub fn detached(&self) -> Option<String> {
+        self.shared.detached()
+    }
+
     /// The connected device, if there is one now.
     pub fn current(&self) -> Option<Arc<BlkDevice<P>>> {
         self.shared
@@ -148,6 +203,9 @@ impl<P: Platform> SupervisedBlk<P> {
                 return Err(BlkError::Stopped {
                     reason: "the device is being closed".into(),
                 });
+            }
+            if let Some(reason) = self.shared.detached() {
+                return Err(BlkError::Stopped { reason });
             }
             if let Some(dev) = current.as_ref().filter(|d| d.stopped().is_none()) {
                 return Ok(Arc::clone(dev));
@@ -245,6 +303,15 @@ fn close_when_unused<P: Platform>(
     }
 }
 
+impl<P: Platform> Shared<P> {
+    fn detached(&self) -> Option<String> {
+        self.detached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
 fn supervise<P>(shared: &Shared<P>)
 where
     P: Platform + Clone,
@@ -252,6 +319,8 @@ where
     let devid = shared.devid;
     let mut backoff = Duration::from_millis(100);
     let mut last_error: Option<String> = None;
+    // Since when the device's directory has been missing, while reconnecting.
+    let mut missing_since: Option<Instant> = None;
     while !shared.stop.load(Ordering::SeqCst) {
         let lost = {
             let mut current = shared
@@ -287,8 +356,28 @@ where
                 shared.changed.notify_all();
                 backoff = Duration::from_millis(100);
                 last_error = None;
+                missing_since = None;
             }
             Err(e) => {
+                if matches!(e, ConnectError::NoSuchDevice { .. }) {
+                    let since = *missing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= shared.detach_grace {
+                        let reason = format!(
+                            "blk device {devid} was detached: it has been gone from xenstore for \
+                             {:?} and was not attached again",
+                            shared.detach_grace
+                        );
+                        tracing::warn!(devid, "{reason}; giving the device up");
+                        *shared
+                            .detached
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = Some(reason);
+                        shared.changed.notify_all();
+                        return;
+                    }
+                } else {
+                    missing_since = None;
+                }
                 let text = e.to_string();
                 if last_error.as_deref() != Some(text.as_str()) {
                     tracing::info!(devid, error = %text, "reconnecting failed; retrying");

@@ -704,3 +704,46 @@ fn a_supervised_device_reconnects_and_callers_do_not_notice() {
     );
     assert_eq!(env.xen.stats(GUEST).grants, 0, "every grant revoked");
 }
+
+/// A device detached for good (both of its xenstore directories removed, as
+/// `xenvirtio-backend detach` leaves it) and not attached again within the detach grace is
+/// given up: `detached()` says why, and a request fails at once instead of waiting out the
+/// retry window, so that a kernel device on it can be taken away.
+#[test]
+fn a_supervised_device_detached_for_good_is_given_up() {
+    use xenvirtio_frontend::nbd::BlockExport;
+    use xenvirtio_frontend::supervisor::{SupervisedBlk, Waits};
+    let env = Env::new();
+    let backend = Backend::start(&env, Script::blk(0));
+    let be = backend.be.clone();
+    let fe = Frontend::new(env.guest_platform(), Arc::clone(&env.guest), pvh());
+    let waits = Waits {
+        retry: Duration::from_secs(60),
+        detach_grace: Duration::from_millis(500),
+    };
+    let dev = SupervisedBlk::connect_with(fe, 0, options(None), waits).unwrap();
+    let data = pattern(4096, 7);
+    dev.write_at(&data, 0).unwrap();
+    assert_eq!(dev.detached(), None);
+    drop(backend);
+    env.dom0.rm(TxId::NONE, &be).unwrap();
+    env.dom0
+        .rm(TxId::NONE, &xenbus::frontend_dir(GUEST, 0))
+        .unwrap();
+    wait_until("the device to be given up", Duration::from_secs(20), || {
+        dev.detached().is_some()
+    });
+    let why = dev.detached().unwrap();
+    assert!(why.contains("blk device 0 was detached"), "{why}");
+    let start = std::time::Instant::now();
+    let mut back = vec![0u8; 4096];
+    let err = dev.read_at(&mut back, 0).unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the read waited {:?} for a device that is gone",
+        start.elapsed()
+    );
+    assert_eq!(err.raw_os_error(), Some(libc::ESHUTDOWN), "{err}");
+    assert_eq!(dev.reconnects(), 0);
+    dev.close().unwrap();
+}

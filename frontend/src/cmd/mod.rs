@@ -6,5 +6,6 @@ pub(crate) mod copy;
 pub(crate) mod kernel_paths;
 pub(crate) mod progress;
 pub(crate) mod serve;
+pub(crate) mod serve_blk;
 pub(crate) mod stdio;
 pub(crate) mod verify;

@@ -2,6 +2,9 @@
 //! block device), console on a terminal or pty, rng on a FIFO.
 #![allow(clippy::wildcard_imports)]
 
+use xenvirtio_frontend::supervisor::Waits;
+
+use super::serve_blk::{KernelPath, ServedBlk};
 use crate::*;
 
 /// A flag set once SIGINT or SIGTERM arrives; both are blocked in this thread and in every
@@ -49,13 +52,17 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
             );
         }
     }
+    let waits = Waits {
+        retry: DEFAULT_RETRY_WAIT,
+        detach_grace: Duration::from_secs(args.detach_grace),
+    };
     let mut kernel_devices = 0u32;
+    let mut blks: Vec<ServedBlk> = Vec::new();
     let mut workers = Vec::new();
     let mut closers: Vec<Box<dyn FnOnce() -> Result<()>>> = Vec::new();
     for d in &wanted {
         match d.kind {
             Some(DeviceKind::Block) => {
-                // Kept connected: a backend restart or a re-attach is a pause, not an error.
                 let options = BlkOptions {
                     connect: connect.clone(),
                     ..BlkOptions::default()
@@ -65,13 +72,6 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
                     Arc::clone(frontend.store()),
                     frontend.role().clone(),
                 );
-                let dev = Arc::new(
-                    SupervisedBlk::connect(own, d.devid, options, DEFAULT_RETRY_WAIT)
-                        .with_context(|| format!("cannot connect blk device {}", d.devid))?,
-                );
-                if let Some(c) = dev.current() {
-                    describe_blk(d.devid, &c);
-                }
                 let blk_count = wanted
                     .iter()
                     .filter(|w| w.kind == Some(DeviceKind::Block))
@@ -81,84 +81,28 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
                 } else {
                     args.nbd_socket.clone()
                 };
-                if let Some(parent) = socket.parent() {
-                    std::fs::create_dir_all(parent)
-                        .with_context(|| format!("cannot create {}", parent.display()))?;
-                }
-                let mut config =
-                    NbdServerConfig::new(xenvirtio_virtio::vdev::name(d.devid)).unix(&socket);
-                if let Some(port) = args.nbd_tcp {
-                    let port = port
-                        .checked_add(if blk_count > 1 { d.devid as u16 } else { 0 })
-                        .ok_or_else(|| anyhow!("--nbd-tcp port out of range"))?;
-                    config = config.tcp(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
-                }
-                let export: Arc<dyn BlockExport> = Arc::clone(&dev) as Arc<dyn BlockExport>;
-                let server = NbdServer::start(export, config).with_context(|| {
-                    format!("cannot start the NBD export of device {}", d.devid)
-                })?;
-                println!(
-                    "device {}: NBD export {:?} on unix socket {}{}",
-                    d.devid,
-                    server.export_name(),
-                    socket.display(),
-                    server
-                        .tcp_addr()
-                        .map(|a| format!(" and tcp {a}"))
-                        .unwrap_or_default()
-                );
-                let kernel = match kernel_nbd {
+                let tcp = match args.nbd_tcp {
                     None => None,
+                    Some(port) => Some(
+                        port.checked_add(if blk_count > 1 { d.devid as u16 } else { 0 })
+                            .ok_or_else(|| anyhow!("--nbd-tcp port out of range"))?,
+                    ),
+                };
+                let path = match kernel_nbd {
                     Some(which) => {
                         let index = match which {
                             KernelNbdIndex::Auto => None,
                             KernelNbdIndex::From(n) => Some(n + kernel_devices),
                         };
                         kernel_devices += 1;
-                        // One connection (a kernel hardware queue) per virtqueue.
-                        let connections = dev.current().map_or(1, |c| c.num_queues());
-                        Some(connect_kernel_nbd(
-                            d.devid,
-                            &socket,
-                            server.export_name(),
-                            index,
-                            connections,
-                        )?)
+                        KernelPath::Nbd(index)
                     }
+                    None if kernel_vduse => KernelPath::Vduse,
+                    None => KernelPath::None,
                 };
-                let vduse = if kernel_vduse {
-                    Some(start_vduse(d.devid, &dev)?)
-                } else {
-                    None
-                };
-                let devid = d.devid;
-                closers.push(Box::new(move || {
-                    // The kernel first, so that it stops sending before the export closes.
-                    if let Some(v) = vduse {
-                        let node = v.node().map(|p| p.display().to_string());
-                        v.stop().with_context(|| {
-                            format!("cannot remove the VDUSE device of device {devid}")
-                        })?;
-                        println!(
-                            "device {devid}: {} removed",
-                            node.unwrap_or_else(|| "the VDUSE device".into())
-                        );
-                    }
-                    if let Some(k) = kernel {
-                        let device = k.device();
-                        println!("device {devid}: disconnecting {}", device.display());
-                        k.disconnect().with_context(|| {
-                            format!("cannot disconnect {} of device {devid}", device.display())
-                        })?;
-                        println!("device {devid}: {} disconnected", device.display());
-                    }
-                    server.shutdown();
-                    println!("device {devid}: NBD export closed");
-                    Arc::try_unwrap(dev)
-                        .map_err(|_| anyhow!("blk device {devid} is still in use"))?
-                        .close()
-                        .map_err(Into::into)
-                }));
+                blks.push(ServedBlk::start(
+                    own, d.devid, options, waits, &socket, tcp, path,
+                )?);
             }
             Some(DeviceKind::Console) => {
                 let dev = Arc::new(frontend.connect_console(d.devid, &connect)?);
@@ -224,14 +168,38 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
     if let Err(e) = xenvirtio_xen::service::notify(&status) {
         eprintln!("warning: cannot tell the service manager that serve is ready: {e}");
     }
+    let mut failed = false;
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
+        // A blk device detached for good: the kernel and the export let go of it now.
+        let (gone, kept): (Vec<_>, Vec<_>) = blks.into_iter().partition(|b| b.detached().is_some());
+        blks = kept;
+        for b in gone {
+            let devid = b.devid();
+            eprintln!(
+                "device {devid}: {}; taking it from the kernel and closing its export",
+                b.detached().unwrap_or_default()
+            );
+            if let Err(e) = b.close() {
+                eprintln!("closing: {e:#}");
+                failed = true;
+            }
+            if blks.is_empty() && closers.is_empty() {
+                println!("no device left to serve");
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
     }
     let _ = xenvirtio_xen::service::notify("STOPPING=1");
     for w in workers {
         let _ = w.join();
     }
-    let mut failed = false;
+    for b in blks {
+        if let Err(e) = b.close() {
+            eprintln!("closing: {e:#}");
+            failed = true;
+        }
+    }
     for close in closers {
         if let Err(e) = close() {
             eprintln!("closing: {e:#}");
@@ -261,64 +229,6 @@ fn kernel_choice(args: &ServeArgs) -> (Option<KernelNbdIndex>, bool) {
         println!("kernel path: NBD, the first free /dev/nbdN (no VDUSE: {why})");
         (Some(KernelNbdIndex::Auto), false)
     }
-}
-
-/// Gives blk device `devid` to this domain's kernel as a VDUSE virtio-blk disk and says which.
-fn start_vduse<P: xenvirtio_xen::platform::Platform + 'static>(
-    devid: u32,
-    dev: &Arc<SupervisedBlk<P>>,
-) -> Result<VduseBlk> {
-    let vdev = xenvirtio_virtio::vdev::name(devid);
-    let name = format!("xenvirtio-{vdev}");
-    let queues = dev.current().map_or(1, |c| c.num_queues());
-    let export: Arc<dyn BlockExport> = Arc::clone(dev) as Arc<dyn BlockExport>;
-    let v = VduseBlk::start(export, &name, &vdev, u32::try_from(queues).unwrap_or(1))
-        .with_context(|| format!("cannot give device {devid} to the kernel through VDUSE"))?;
-    println!(
-        "device {devid}: kernel block device {} (VDUSE virtio-blk {name}, {} queue(s))",
-        v.node().map_or_else(
-            || "(no /dev node found)".to_string(),
-            |p| p.display().to_string()
-        ),
-        v.queues()
-    );
-    Ok(v)
-}
-
-/// Connects blk device `devid`'s export on `socket` to a kernel NBD device and says which.
-fn connect_kernel_nbd(
-    devid: u32,
-    socket: &Path,
-    export: &str,
-    index: Option<u32>,
-    connections: usize,
-) -> Result<KernelNbd> {
-    let config = KernelNbdConfig {
-        index,
-        connections: connections.max(1),
-        ..KernelNbdConfig::new(export)
-    };
-    let address = NbdAddress::Unix(socket.to_path_buf());
-    let k = KernelNbd::connect(&address, export, &config)
-        .with_context(|| format!("cannot give blk device {devid} to the kernel over NBD"))?;
-    let ready = k.wait_ready(Duration::from_secs(5));
-    println!(
-        "device {devid}: kernel block device {} (NBD netlink, {} connection{}{}){}",
-        k.device().display(),
-        connections.max(1),
-        if connections > 1 { "s" } else { "" },
-        if k.reconfigured() {
-            ", reconfigured: it was connected before"
-        } else {
-            ""
-        },
-        if ready {
-            ""
-        } else {
-            "; sysfs does not show its size yet"
-        }
-    );
-    Ok(k)
 }
 
 pub(crate) fn pump_console(

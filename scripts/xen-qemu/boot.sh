@@ -36,9 +36,10 @@ case $ARCH in
     # segfaults under TCG once two domains share the CPUs (register state corrupted across
     # context switches: pointers read from %xmm0, bad %fs-relative loads); Xen then falls back to
     # FXSAVE and guests lose AVX, which nothing here needs.
-    # -accel tcg (multi-threaded TCG): an x86 PVH DomU triple-faults in about one boot in
-    # twenty, on the instruction after a VM exit; e2e.sh boots again when that happens before
-    # any check. XENVIRTIO_E2E_X86_ACCEL=tcg,thread=single had no such fault in 40 boots, but
+    # -accel tcg (multi-threaded TCG): an x86 PVH DomU that Xen moves between the two CPUs
+    # triple-faults in about one boot in twenty, on the instruction after a VM exit; pinned to
+    # one (guest/domU-pvh.cfg), none did in 120. e2e.sh boots again when one happens before any
+    # check. XENVIRTIO_E2E_X86_ACCEL=tcg,thread=single had no such fault in 40 boots, but
     # its first CI run lost a PVH DomU mid-run to a kernel crash (docs/E2E.md, "Emulator faults").
     XEN_ARGS="console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 loglvl=all guest_loglvl=all noreboot ${XENVIRTIO_E2E_XEN_ARGS:-}"
     run_qemu "${XENVIRTIO_E2E_QEMU_X86:-qemu-system-x86_64}" -M pc -accel "${XENVIRTIO_E2E_X86_ACCEL:-tcg}" -cpu "${XENVIRTIO_E2E_X86_CPU:-max,-smap,-smep,-xsave}" \

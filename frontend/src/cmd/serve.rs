@@ -168,6 +168,8 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
     if let Err(e) = xenvirtio_xen::service::notify(&status) {
         eprintln!("warning: cannot tell the service manager that serve is ready: {e}");
     }
+    // The same for a plain init script (packaging/sysvinit), which waits for this line.
+    println!("serve: ready, serving {} device(s)", wanted.len());
     let mut failed = false;
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));

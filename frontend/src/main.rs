@@ -201,22 +201,22 @@ struct ServeArgs {
     #[arg(long, value_name = "PORT")]
     nbd_tcp: Option<u16>,
     /// Also give each blk device to this domain's kernel as /dev/nbdN, through the kernel's NBD
-    /// netlink interface (needs nbd.ko: `modprobe nbd`): `auto` takes the first free device,
-    /// a number N takes /dev/nbdN (N, N+1, ... for several blk devices). A device already
+    /// netlink interface (needs nbd.ko, loaded with modprobe if missing): `auto` takes the
+    /// first free device, a number N takes /dev/nbdN (N, N+1, ... for several blk devices). A device already
     /// connected by an earlier run of this frontend to the same export gets the new
     /// connections (a pause, not an error, for a mounted filesystem).
     #[arg(long, value_name = "auto|N", value_parser = parse_kernel_nbd)]
     kernel_nbd: Option<KernelNbdIndex>,
     /// Also give each blk device to this domain's kernel as its own virtio-blk disk (/dev/vdX,
     /// bound by the kernel's virtio_blk driver), through VDUSE: needs vduse.ko, vdpa.ko and
-    /// virtio_vdpa.ko, which Debian 13's kernel has and Debian 12's does not
-    /// (`xenvirtio-frontend kernel-paths` tells). The VDUSE device is named xenvirtio-<vdev>,
+    /// virtio_vdpa.ko (loaded with modprobe if missing), which Debian 13's kernel has and
+    /// Debian 12's does not (`xenvirtio-frontend kernel-paths` tells). The VDUSE device is named xenvirtio-<vdev>,
     /// and its virtio serial is the vdev name (xvda, ...).
     #[arg(long, conflicts_with = "kernel_nbd")]
     kernel_vduse: bool,
     /// Also give each blk device to this domain's kernel the best way it has: through VDUSE
-    /// (its own virtio_blk) where the modules are loaded, else as the first free /dev/nbdN.
-    /// The choice and its reason are printed.
+    /// (its own virtio_blk) where the kernel has it, else as the first free /dev/nbdN. Missing
+    /// modules are loaded with modprobe first. The choice and its reason are printed.
     #[arg(long, conflicts_with_all = ["kernel_nbd", "kernel_vduse"])]
     kernel: bool,
     /// How long a blk device may be gone from xenstore (detached) before serve gives it up:

@@ -213,7 +213,17 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
 
 /// Which kernel path `serve` takes: `--kernel-nbd`, `--kernel-vduse`, or for `--kernel` VDUSE
 /// where this kernel has it and the first free NBD device otherwise, with the reason printed.
+/// The modules of the path are loaded first where they are missing and `modprobe` exists.
 fn kernel_choice(args: &ServeArgs) -> (Option<KernelNbdIndex>, bool) {
+    if args.kernel_vduse || args.kernel {
+        let paths = xenvirtio_frontend::vduse::probe(None);
+        if !paths.usable() {
+            modprobe(&["vduse", "virtio_vdpa", "virtio_blk"]);
+        }
+    }
+    if args.kernel_nbd.is_some() {
+        ensure_nbd();
+    }
     if !args.kernel {
         return (args.kernel_nbd, args.kernel_vduse);
     }
@@ -228,8 +238,38 @@ fn kernel_choice(args: &ServeArgs) -> (Option<KernelNbdIndex>, bool) {
             (Err(e), _) | (Ok(_), Err(e)) => e.to_string(),
             _ => "virtio_vdpa is not loaded (modprobe virtio_vdpa)".to_string(),
         };
+        ensure_nbd();
         println!("kernel path: NBD, the first free /dev/nbdN (no VDUSE: {why})");
         (Some(KernelNbdIndex::Auto), false)
+    }
+}
+
+/// Loads nbd.ko when the kernel has no NBD netlink family yet.
+fn ensure_nbd() {
+    if !matches!(xenvirtio_frontend::knbd::available(), Ok(true)) {
+        modprobe(&["nbd"]);
+    }
+}
+
+/// `modprobe -a MODULES`, said on stdout; a guest without modprobe (or a kernel without the
+/// modules) is not an error here: the path's own check says what is missing.
+fn modprobe(modules: &[&str]) {
+    match std::process::Command::new("modprobe")
+        .arg("-q")
+        .arg("-a")
+        .args(modules)
+        .stdin(std::process::Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => println!("kernel modules: loaded {}", modules.join(" ")),
+        Ok(s) => println!(
+            "kernel modules: modprobe {} failed ({s})",
+            modules.join(" ")
+        ),
+        Err(e) => println!(
+            "kernel modules: cannot run modprobe ({e}); load {} by hand",
+            modules.join(" ")
+        ),
     }
 }
 

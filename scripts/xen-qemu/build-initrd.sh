@@ -44,6 +44,34 @@ case $ARCH in
   arm64) TRIPLET=aarch64-linux-gnu LDSO=lib/ld-linux-aarch64.so.1 ;;
   *) echo "build-initrd: unknown arch $ARCH" >&2; exit 2 ;;
 esac
+# add_elf ROOT REL: the dynamically linked program REL of the packages (e.g. sbin/e2fsck) into
+# ROOT/REL, with the dynamic loader and every library it needs, found by their DT_NEEDED names
+# (readelf reads either arch) in the packages' library directories. A library that none of the
+# packages has stops the build: a program that cannot start in the guest is not carried.
+add_elf() {
+  local root=$1 rel=$2 lib dir found f
+  local -a todo next
+  mkdir -p "$root/$(dirname "$rel")" "$root/$(dirname "$LDSO")" "$root/lib/$TRIPLET"
+  cp -L "$(staged "$rel")" "$root/$rel"
+  [ -e "$root/$LDSO" ] || cp -L "$(staged "$LDSO")" "$root/$LDSO"
+  todo=("$root/$rel")
+  while [ ${#todo[@]} -gt 0 ]; do
+    next=()
+    for f in "${todo[@]}"; do
+      for lib in $(readelf -d "$f" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+        [ ! -e "$root/lib/$TRIPLET/$lib" ] || continue
+        found=
+        for dir in lib/$TRIPLET usr/lib/$TRIPLET; do
+          [ -e "$S/$dir/$lib" ] && found=$S/$dir/$lib && break
+        done
+        [ -n "$found" ] || { echo "build-initrd: $rel needs $lib, which none of the $RELEASE packages has" >&2; return 1; }
+        cp -L "$found" "$root/lib/$TRIPLET/$lib"
+        next+=("$root/lib/$TRIPLET/$lib")
+      done
+    done
+    todo=("${next[@]}")
+  done
+}
 mkdir -p "$OUT"
 R=$OUT/initrd-dom0
 U=$OUT/initrd-domU
@@ -93,6 +121,22 @@ for m in drivers/vhost/vhost_iotlb drivers/vdpa/vdpa drivers/vdpa/vdpa_user/vdus
     add_module "$m" "$U/lib/modules"
   fi
 done
+# Debian's e2fsprogs: the cells make ext4 with mkfs.ext4 and check it with e2fsck -fn, as an
+# operator would (busybox has only an ext2 mke2fs and no fsck).
+add_elf "$U" sbin/mke2fs
+add_elf "$U" sbin/e2fsck
+ln -s mke2fs "$U/sbin/mkfs.ext4"
+ln -s e2fsck "$U/sbin/fsck.ext4"
+mkdir -p "$U/etc"
+cp "$(staged etc/mke2fs.conf)" "$U/etc/mke2fs.conf"
+# The guest's fstab, as an operator writes it for a disk the frontend brings up at boot: by the
+# filesystem's label, which survives the device's name (domU-init mounts it when xvdisk=1).
+echo 'LABEL=xvdata /mnt/data ext4 defaults 0 2' >"$U/etc/fstab"
+# The init script serves the disk only: the matrix's own cells drive the console and rng
+# devices, and once (bookworm arm64, 2026-12-07) a serve of all three hung the guest kernel's
+# xenbus thread (docs/E2E.md, "Pitfalls").
+mkdir -p "$U/etc/default"
+echo 'XENVIRTIO_SERVE_ARGS="--devid 0"' >"$U/etc/default/xenvirtio-frontend"
 add_xv "$U"
 add_project_bins "$U"
 (cd "$U" && find . | cpio -o -H newc --quiet) | gzip -1 >"$OUT/domU.cpio.gz"

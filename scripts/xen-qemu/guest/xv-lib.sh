@@ -307,17 +307,18 @@ xv_domu_state() {
   xl list "$1" 2>/dev/null | awk 'NR == 2 { print $5 }' | grep . || echo gone
 }
 
-# xv_domu_wait_boot NAME TIMEOUT: wait until NAME's console shows its own "boot" check line.
-# On timeout, or when the domain crashed or vanished, emit "NAME boot FAIL" on its behalf.
-# Returns 0 only if the DomU reported boot PASS.
+# xv_domu_wait_boot NAME TIMEOUT [CHECK]: wait until NAME's console shows its own "boot" check
+# line (CHECK: another name, e.g. boot-reboot for a domain booted again with xvboot=reboot).
+# On timeout, or when the domain crashed or vanished, emit "NAME CHECK FAIL" on its behalf.
+# Returns 0 only if the DomU reported CHECK PASS.
 xv_domu_wait_boot() {
-  local _end _l _log _n _prev _s _tf
-  _n=$1 _end=$(($(xv_uptime) + $2)) _prev=
+  local _end _l _log _n _prev _s _tf _c
+  _n=$1 _end=$(($(xv_uptime) + $2)) _prev='' _c=${3:-boot}
   _log=$XV_CONSOLE_DIR/guest-$1.log
   while :; do
-    _l=$(grep -a "@@CHECK $XV_ARCH $_n boot " "$_log" 2>/dev/null | head -n1)
+    _l=$(grep -a "@@CHECK $XV_ARCH $_n $_c " "$_log" 2>/dev/null | head -n1)
     if [ -n "$_l" ]; then
-      case $_l in *" boot PASS"*) return 0 ;; *) return 1 ;; esac
+      case $_l in *" $_c PASS"*) return 0 ;; *) return 1 ;; esac
     fi
     _s=$(xv_domu_state "$_n")
     case $_s in
@@ -332,7 +333,7 @@ xv_domu_wait_boot() {
   [ -z "$_tf" ] || xv_abort_for_retry "$_n" "triple-faulted ($_tf)"
   _l=$(grep -a -m 1 -E 'Kernel panic|Oops|BUG:|Segmentation fault' "$_log" 2>/dev/null)
   _l=${_tf:-$_l}
-  xv_check_for "$_n" boot FAIL "no boot report after waiting $(($(xv_uptime) - _end + $2))s; xl state=$_s;" \
+  xv_check_for "$_n" "$_c" FAIL "no boot report after waiting $(($(xv_uptime) - _end + $2))s; xl state=$_s;" \
     "${_l:+first sign of trouble: $_l;} console tail: $(tail -n 3 "$_log" 2>/dev/null | xv_oneline)"
   return 1
 }

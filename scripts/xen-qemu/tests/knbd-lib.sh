@@ -2,11 +2,12 @@
 # knbd-lib.sh: the guest kernel's own block device (issue 12, item 1), sourced by matrix-dom0.sh
 # after matrix-lib.sh. `xenvirtio-frontend serve --kernel-nbd 0` in a DomU gives blk 0 to the
 # DomU's kernel as /dev/nbd0 through the NBD netlink interface; the cells then use it as an
-# operator would: raw I/O checked from both ends, an ext2 filesystem made, mounted, written and
-# read back, the same filesystem written while Dom0's daemon restarts, and a clean disconnect.
+# operator would: raw I/O checked from both ends, an ext4 filesystem made (Debian's e2fsprogs),
+# mounted, written, checked with e2fsck and read back, the same filesystem written while Dom0's
+# daemon restarts and while it is killed, and a clean disconnect.
 # Every cell emits its own check line; nothing is skipped.
 
-# kn_probe_load: load nbd.ko (4 devices, no partitions) and ext4 (which mounts ext2) with its
+# kn_probe_load: load nbd.ko (4 devices, no partitions) and ext4 with its
 # dependencies in this domain, from the kernel package's modules in the image (ext4 asks the
 # crypto API for crc32c at every mount, and there is no modprobe to load it on demand).
 kn_probe_load() {
@@ -55,6 +56,7 @@ kn_use() {
   esac
 }
 kn_use nbd
+KN_DMA='' KN_SUFFIX=''
 
 # kn_probe_load_vduse: ext4 as for NBD, then VDUSE and the virtio drivers above it.
 kn_probe_load_vduse() {
@@ -66,23 +68,43 @@ kn_probe_load_vduse() {
 }
 
 # kn_serve_cell DOMAIN: stop DOMAIN's export, load the path's modules and serve blk 0 again
-# with the kernel device. Checks <path>-serve. Returns non-zero when there is no kernel device
-# to test.
+# with the kernel device (with --dma $KN_DMA when it is set: the connection must then use that
+# strategy). Checks <path>-serve$KN_SUFFIX. Returns non-zero when there is no kernel device to
+# test.
 kn_serve_cell() {
-  local _d _out _rc _line
+  local _d _out _rc _line _dma
   _d=$1
   # shellcheck disable=SC2016 # expanded in the DomU
   mx_in "$_d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while xv_alive $p; do sleep 0.3; done' >/dev/null
-  _out=$(mx_in "$_d" 240 "$KN_LOAD && mx_probe_serve 0 $NBD $KN_SERVE && kn_probe_wait_kernel")
+  _out=$(mx_in "$_d" 240 "$KN_LOAD && mx_probe_serve 0 $NBD $KN_SERVE ${KN_DMA:+--dma $KN_DMA} && kn_probe_wait_kernel")
   _rc=$?
   _line=$(mx_line 'kernel block device' "$_out")
+  _dma=$(echo "$_out" | grep -o -m 1 ' dma [a-z]*' | sed 's/ dma //')
   [ "$KN_PATH" != vduse ] || KN_DEV=$(echo "$_line" | grep -o '/dev/vd[a-z]*' | head -n 1)
-  if [ $_rc = 0 ] && [ -n "$KN_DEV" ] && mx_line "$KN_DEV" "$_out" >/dev/null; then
-    mx_check "$_d" "$KN_NAME-serve" PASS "$(mx_line '\.ko loaded' "$_out"); $(echo "$_line" | xv_oneline)"
+  if [ $_rc = 0 ] && [ -n "$KN_DEV" ] && mx_line "$KN_DEV" "$_out" >/dev/null &&
+    { [ -z "$KN_DMA" ] || [ "$_dma" = "$KN_DMA" ]; }; then
+    mx_check "$_d" "$KN_NAME-serve$KN_SUFFIX" PASS "$(mx_line '\.ko loaded' "$_out"); $(echo "$_line" | xv_oneline); dma $_dma"
     return 0
   fi
-  mx_check "$_d" "$KN_NAME-serve" FAIL "rc=$_rc: $(echo "$_out" | tail -n 4 | xv_oneline)"
+  mx_check "$_d" "$KN_NAME-serve$KN_SUFFIX" FAIL "rc=$_rc${KN_DMA:+, dma '$_dma' (want $KN_DMA)}: $(echo "$_out" | tail -n 4 | xv_oneline)"
   return 1
+}
+
+# kn_strategy_cells DOMAIN STRATEGY...: the filesystem cells once more for each STRATEGY the
+# role allows besides its default (which the cells above used), forced with --dma: checks
+# <path>-serve-<s>, <path>-fs-<s> and <path>-disconnect-<s>.
+kn_strategy_cells() {
+  local _d _s
+  _d=$1
+  shift
+  for _s in "$@"; do
+    KN_DMA=$_s KN_SUFFIX=-$_s
+    if kn_serve_cell "$_d"; then
+      kn_fs_cell "$_d"
+      kn_disconnect_cell "$_d"
+    fi
+  done
+  KN_DMA='' KN_SUFFIX=''
 }
 
 # kn_raw_cell DOMAIN: the device's size, then 4 MiB of random data written through $KN_DEV at
@@ -125,20 +147,26 @@ kn_raw_cell() {
   fi
 }
 
-# kn_fs_cell DOMAIN: mke2fs on $KN_DEV, mount, an 8 MiB file written, unmounted, mounted again
-# and read back. Checks <path>-fs.
+# kn_fs_cell DOMAIN: what an operator does with a new disk. Debian's mkfs.ext4 on $KN_DEV, mount,
+# a tree of files of known checksums written (3 directories of 5 files from 1 KiB to 485 KiB, and
+# an 8 MiB file), sync, umount, Debian's e2fsck -fn (exit 0: clean), drop_caches, mount again
+# and every checksum verified. Checks <path>-fs.
 kn_fs_cell() {
-  local _d _out
+  local _d _out _n
   _d=$1
-  _out=$(mx_in "$_d" 240 "mkdir -p /mnt/knbd && mke2fs -F $KN_DEV >/dev/null 2>&1 &&
-    mount -t ext2 $KN_DEV /mnt/knbd && dd if=/dev/urandom of=/tmp/knbd.file bs=1M count=8 2>/dev/null &&
-    cp /tmp/knbd.file /mnt/knbd/data && sync && umount /mnt/knbd && echo 3 >/proc/sys/vm/drop_caches &&
-    mount -t ext2 $KN_DEV /mnt/knbd && echo want=\$(kn_md5 /tmp/knbd.file) got=\$(kn_md5 /mnt/knbd/data) &&
+  _out=$(mx_in "$_d" 300 "mkdir -p /mnt/knbd && mkfs.ext4 -F -q -L xvfs $KN_DEV && mount -t ext4 $KN_DEV /mnt/knbd &&
+    for dir in a b c; do mkdir -p /mnt/knbd/\$dir; for i in 1 2 3 4 5; do dd if=/dev/urandom of=/mnt/knbd/\$dir/f\$i bs=1k count=\$((i * 97)) 2>/dev/null; done; done &&
+    dd if=/dev/urandom of=/mnt/knbd/big bs=1M count=8 2>/dev/null &&
+    (cd /mnt/knbd && find . -type f | sort | xargs md5sum) >/tmp/knbd.manifest && sync && umount /mnt/knbd &&
+    { e2fsck -fn $KN_DEV >/tmp/knbd.fsck 2>&1; echo fsck=\$?; } && tail -n 1 /tmp/knbd.fsck &&
+    echo 3 >/proc/sys/vm/drop_caches && mount -t ext4 $KN_DEV /mnt/knbd &&
+    echo files=\$(wc -l </tmp/knbd.manifest) ok=\$(cd /mnt/knbd && md5sum -c /tmp/knbd.manifest 2>&1 | grep -c ': OK\$') &&
     df -k /mnt/knbd | tail -n 1 && umount /mnt/knbd; echo rc=\$?; dmesg | grep -E 'EXT4|nbd' | tail -n 2")
-  if kn_sums_match "$_out" && mx_line '^rc=0$' "$_out" >/dev/null; then
-    mx_check "$_d" "$KN_NAME-fs" PASS "mke2fs, mount, 8 MiB file written, umount, drop_caches, mount: the file reads back (md5 $(kn_sum "$_out" want)); df: $(mx_line '/mnt/knbd' "$_out" | xv_oneline)"
+  _n=$(mx_line '^files=' "$_out" | sed -n 's/^files=\([0-9]*\) ok=\([0-9]*\)$/\1 \2/p')
+  if [ "$_n" = "16 16" ] && mx_line '^fsck=0$' "$_out" >/dev/null && mx_line '^rc=0$' "$_out" >/dev/null; then
+    mx_check "$_d" "$KN_NAME-fs$KN_SUFFIX" PASS "mkfs.ext4, mount, 16 files in a tree written, sync, umount, e2fsck -fn clean ($(mx_line "^xvfs: " "$_out" | xv_oneline)), drop_caches, mount: all 16 checksums match; df: $(mx_line '/mnt/knbd' "$_out" | xv_oneline)"
   else
-    mx_check "$_d" "$KN_NAME-fs" FAIL "$(echo "$_out" | tail -n 4 | xv_oneline)"
+    mx_check "$_d" "$KN_NAME-fs$KN_SUFFIX" FAIL "$(echo "$_out" | tail -n 6 | xv_oneline)"
   fi
 }
 
@@ -157,19 +185,20 @@ kn_sums_match() {
 
 # kn_restart_cell DOMAIN [TERM|KILL]: a 16 MiB file is copied onto the mounted filesystem (with
 # fsync) while Dom0's daemon is stopped (SIGTERM, or SIGKILL: a crash) and started again; the
-# copy must finish without an error,
-# the file must read back after a remount, and the DomU's kernel must log no I/O error for
-# the device: a backend restart is a pause for the filesystem. Checks <path>-restart (TERM)
+# copy must finish without an error, e2fsck -fn must find the filesystem clean after umount,
+# the file and kn_fs_cell's tree must read back after a remount, and the DomU's kernel must log
+# no I/O error for the device: a backend restart is a pause for the filesystem. The copy is
+# removed afterwards (the image is 48 MiB). Checks <path>-restart (TERM)
 # or <path>-crash (KILL).
 kn_restart_cell() {
   local _d _out _stopped _started _sig _name _copy
   _d=$1 _sig=${2:-TERM}
   case $_sig in KILL) _name=$KN_NAME-crash ;; *) _name=$KN_NAME-restart ;; esac
   _copy=/run/xv/$_name-copy.out
-  mx_in "$_d" 60 "mount -t ext2 $KN_DEV /mnt/knbd && dd if=/dev/urandom of=/tmp/knbd.big bs=1M count=16 2>/dev/null && dmesg -c >/dev/null" >/dev/null
+  mx_in "$_d" 60 "mount -t ext4 $KN_DEV /mnt/knbd && dd if=/dev/urandom of=/tmp/knbd.big bs=1M count=16 2>/dev/null && dmesg -c >/dev/null" >/dev/null
   # The daemon is frozen first, so that the copy's first writes wait for it.
   kill -STOP "$MX_BACKEND_PID" 2>/dev/null
-  mx_in "$_d" 10 "(dd if=/tmp/knbd.big of=/mnt/knbd/big bs=1M conv=fsync >$_copy 2>&1; echo rc=\$? >>$_copy) </dev/null >/dev/null 2>&1 &" >/dev/null
+  mx_in "$_d" 10 "(dd if=/tmp/knbd.big of=/mnt/knbd/$_name bs=1M conv=fsync >$_copy 2>&1; echo rc=\$? >>$_copy) </dev/null >/dev/null 2>&1 &" >/dev/null
   sleep 3
   if [ "$_sig" = KILL ]; then
     kill -KILL "$MX_BACKEND_PID" 2>/dev/null
@@ -181,11 +210,14 @@ kn_restart_cell() {
   fi
   if mx_backend_start; then _started="the new daemon is pid $MX_BACKEND_PID"; else _started="the new daemon did not start"; fi
   _out=$(mx_in "$_d" 240 "end=\$((\$(xv_uptime) + 200)); while ! grep -q '^rc=' $_copy; do [ \$(xv_uptime) -lt \$end ] || break; sleep 0.5; done;
-    cat $_copy; umount /mnt/knbd && echo 3 >/proc/sys/vm/drop_caches && mount -t ext2 $KN_DEV /mnt/knbd &&
-    echo want=\$(kn_md5 /tmp/knbd.big) got=\$(kn_md5 /mnt/knbd/big); umount /mnt/knbd;
+    cat $_copy; umount /mnt/knbd && { e2fsck -fn $KN_DEV >/tmp/knbd.fsck 2>&1; echo fsck=\$?; } && tail -n 1 /tmp/knbd.fsck &&
+    echo 3 >/proc/sys/vm/drop_caches && mount -t ext4 $KN_DEV /mnt/knbd &&
+    echo want=\$(kn_md5 /tmp/knbd.big) got=\$(kn_md5 /mnt/knbd/$_name) &&
+    echo files=\$(wc -l </tmp/knbd.manifest) ok=\$(cd /mnt/knbd && md5sum -c /tmp/knbd.manifest 2>&1 | grep -c ': OK\$'); rm -f /mnt/knbd/$_name; umount /mnt/knbd;
     echo errors=\$(dmesg | grep -c -i -E '${KN_DEV#/dev/}.*(error|timed out)|I/O error')")
-  if mx_line '^rc=0$' "$_out" >/dev/null && kn_sums_match "$_out" && mx_line '^errors=0$' "$_out" >/dev/null; then
-    mx_check "$_d" "$_name" PASS "a 16 MiB copy onto the mounted ext2 spanned SIG$_sig to the daemon and a new one (old daemon: $_stopped; $_started): it finished, reads back after a remount (md5 $(kn_sum "$_out" want)), no I/O error in the kernel log"
+  if mx_line '^rc=0$' "$_out" >/dev/null && mx_line '^fsck=0$' "$_out" >/dev/null && kn_sums_match "$_out" &&
+    mx_line '^files=16 ok=16$' "$_out" >/dev/null && mx_line '^errors=0$' "$_out" >/dev/null; then
+    mx_check "$_d" "$_name" PASS "a 16 MiB copy onto the mounted ext4 spanned SIG$_sig to the daemon and a new one (old daemon: $_stopped; $_started): it finished, e2fsck -fn clean after umount, the file and the tree read back after a remount (md5 $(kn_sum "$_out" want); $(mx_line '^files=' "$_out")), no I/O error in the kernel log"
   else
     mx_check "$_d" "$_name" FAIL "old daemon: $_stopped; $_started: $(echo "$_out" | tail -n 5 | xv_oneline)"
   fi
@@ -206,10 +238,130 @@ kn_disconnect_cell() {
     if xv_alive \$p; then echo 'still running after 60 s'; kill -KILL \$p; fi;
     echo size=\$(cat /sys/block/$_k/size 2>/dev/null || echo gone); tail -n 4 /run/xv/serve.log | cut -c1-300; dmesg | grep -i -E 'nbd|vduse|virtio_blk|$_k' | tail -n 3")
   if mx_line "$_gone" "$_out" >/dev/null && ! mx_line 'still running|cannot disconnect|cannot remove|closing:' "$_out" >/dev/null; then
-    mx_check "$_d" "$KN_NAME-disconnect" PASS "SIGTERM to serve: $KN_DEV given back ($(mx_line '^size=' "$_out")): $(echo "$_out" | grep -v '^size=' | xv_oneline)"
+    mx_check "$_d" "$KN_NAME-disconnect$KN_SUFFIX" PASS "SIGTERM to serve: $KN_DEV given back ($(mx_line '^size=' "$_out")): $(echo "$_out" | grep -v '^size=' | xv_oneline)"
   else
-    mx_check "$_d" "$KN_NAME-disconnect" FAIL "$(echo "$_out" | xv_oneline)"
+    mx_check "$_d" "$KN_NAME-disconnect$KN_SUFFIX" FAIL "$(echo "$_out" | xv_oneline)"
   fi
+}
+
+# kn_detach_cell DOMAIN: the device is detached from Dom0 while the guest has its filesystem
+# mounted and a writer running (1 MiB files with fsync, one after another). A new serve with the
+# kernel device, `serve --detach-grace 5`: once the device has been gone from xenstore for 5 s,
+# serve takes it from the kernel and exits, the writer gets an I/O error instead of waiting,
+# umount returns, and the guest's kernel logs no oops, BUG or hung task. Then Dom0 attaches the
+# device again for the cells after this one. Checks <path>-detach and <path>-reattach.
+kn_detach_cell() {
+  local _d _domid _out _rc _line _dev _k _be _gone _att
+  _d=$1
+  _domid=$(mx_domid "$_d")
+  _out=$(mx_in "$_d" 240 "mx_probe_serve 0 $NBD $KN_SERVE --detach-grace 5 && kn_probe_wait_kernel")
+  _rc=$?
+  _line=$(mx_line 'kernel block device' "$_out")
+  _dev=$(echo "$_line" | grep -o -E '/dev/(vd[a-z]+|nbd[0-9]+)' | head -n 1)
+  if [ $_rc != 0 ] || [ -z "$_dev" ]; then
+    mx_check "$_d" "$KN_NAME-detach" FAIL "no kernel device to detach: rc=$_rc: $(echo "$_out" | tail -n 3 | xv_oneline)"
+  else
+    _k=${_dev#/dev/}
+    case $KN_PATH in nbd) _gone='^size=0$' ;; *) _gone='^size=gone$' ;; esac
+    mx_in "$_d" 60 "mount -t ext4 $_dev /mnt/knbd && rm -f /run/xv/detach.out && dmesg -c >/dev/null &&
+      (i=0; while dd if=/dev/urandom of=/mnt/knbd/detach.\$i bs=64k count=16 conv=fsync 2>/run/xv/detach.err; do rm -f /mnt/knbd/detach.\$((i - 1)); i=\$((i + 1)); done;
+       echo writer=failed files=\$i: \$(tail -n 1 /run/xv/detach.err) >/run/xv/detach.out) </dev/null >/dev/null 2>&1 &" >/dev/null
+    sleep 2
+    _be=$($MX_BE detach --domain "$_domid" --devid 0 2>&1)
+    _rc=$?
+    # shellcheck disable=SC2016 # expanded in the DomU
+    _out=$(mx_in "$_d" 150 "end=\$((\$(xv_uptime) + 90)); while ! grep -q '^writer=' /run/xv/detach.out 2>/dev/null || xv_alive \$(cat /run/xv/serve.pid); do
+        [ \$(xv_uptime) -lt \$end ] || { echo 'after 90 s:' \$(cat /run/xv/detach.out 2>/dev/null || echo 'the writer is still writing'); break; }; sleep 0.5; done;
+      cat /run/xv/detach.out; xv_alive \$(cat /run/xv/serve.pid) && echo serve=running || echo serve=exited;
+      timeout 60 umount /mnt/knbd; echo umount=\$?;
+      echo size=\$(cat /sys/block/$_k/size 2>/dev/null || echo gone);
+      echo oops=\$(dmesg | grep -c -E 'Oops|BUG|hung_task|blocked for more than|Call Trace');
+      grep -E 'detached|disconnected|removed|no device left' /run/xv/serve.log | cut -c1-200 | tail -n 4")
+    if [ $_rc = 0 ] && mx_line '^writer=failed files=[1-9]' "$_out" >/dev/null && mx_line '^serve=exited$' "$_out" >/dev/null &&
+      mx_line '^umount=' "$_out" | grep -qv '^umount=\(124\|143\)$' && mx_line "$_gone" "$_out" >/dev/null &&
+      mx_line '^oops=0$' "$_out" >/dev/null && mx_line 'was detached' "$_out" >/dev/null; then
+      mx_check "$_d" "$KN_NAME-detach" PASS "detached from Dom0 under a mounted ext4 with a writer running ($(echo "$_be" | xv_oneline)): the writer stopped with an error ($(mx_line '^writer=' "$_out")), serve gave $_dev up and exited, $(mx_line '^umount=' "$_out"), $(mx_line '^size=' "$_out"), no oops: $(echo "$_out" | grep -E 'detached|disconnected|removed' | xv_oneline)"
+    else
+      mx_check "$_d" "$KN_NAME-detach" FAIL "detach rc=$_rc ($(echo "$_be" | xv_oneline)): $(echo "$_out" | xv_oneline)"
+    fi
+  fi
+  if xenstore-read "$(mx_bdir "$_d" 0)/state" >/dev/null 2>&1; then _gone=; else _gone=1; fi
+  _att="it was still attached"
+  [ -z "$_gone" ] || _att=$($MX_BE attach --quiet --domain "$_domid" --type blk --devid 0 --image "$(mx_image "$_d")" 2>&1)
+  _rc=$?
+  if [ $_rc = 0 ]; then
+    mx_check "$_d" "$KN_NAME-reattach" PASS "devid 0 attached again with the same image ($(echo "$_att" | xv_oneline))"
+  else
+    mx_check "$_d" "$KN_NAME-reattach" FAIL "rc=$_rc: $(echo "$_att" | xv_oneline)"
+  fi
+}
+
+# kn_tree_digest: (in a DomU) one md5 over the names and contents of every file under
+# /mnt/data.
+kn_tree_digest() {
+  (cd /mnt/data && find . -type f | sort | xargs md5sum | md5sum | cut -d' ' -f1)
+}
+
+# kn_reboot_cell DOMAIN: the disk as an operator's guest has it across a reboot. In DOMAIN, the
+# package's init script (/etc/init.d/xenvirtio-frontend: `serve --kernel`, VDUSE where the
+# kernel has it, else NBD) brings the disk up; mkfs.ext4 -L xvdata, a tree of files written, its
+# digest kept, umount, the script stopped. Then DOMAIN is destroyed and created again (what a
+# reboot is to Xen: a new domid, the devices back from the daemon's book), with xvdisk=1: at
+# boot, before anything of the harness runs in it, the init script brings the disk up again and
+# the image's fstab mounts it by its label on /mnt/data. The files must be there with the same
+# digest. The domain then serves its plain export again for the cells after this one. Checks
+# disk-reboot-prep, disk-reboot (and boot-reboot, script-matrix-reboot from the new domain).
+kn_reboot_cell() {
+  local _d _out _rc _digest _old _new _cfg _seen
+  _d=$1
+  # shellcheck disable=SC2016 # expanded in the DomU
+  mx_in "$_d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while xv_alive $p; do sleep 0.3; done' >/dev/null
+  _out=$(mx_in "$_d" 300 "{ kn_probe_load; kn_probe_load_vduse; } >/dev/null 2>&1; /etc/init.d/xenvirtio-frontend start || exit 1;
+    dev=\$(grep -m 1 'kernel block device' /var/log/xenvirtio-frontend.log | grep -o -E '/dev/(vd[a-z]+|nbd[0-9]+)'); echo dev=\$dev;
+    mkfs.ext4 -F -q -L xvdata \$dev && mkdir -p /mnt/data && mount LABEL=xvdata /mnt/data &&
+    for dir in x y; do mkdir -p /mnt/data/\$dir; for i in 1 2 3 4; do dd if=/dev/urandom of=/mnt/data/\$dir/f\$i bs=1k count=\$((i * 131)) 2>/dev/null; done; done &&
+    echo digest=\$(kn_tree_digest) && umount /mnt/data && /etc/init.d/xenvirtio-frontend stop")
+  _rc=$?
+  _digest=$(mx_line '^digest=' "$_out" | sed 's/^digest=//')
+  if [ $_rc = 0 ] && [ ${#_digest} = 32 ]; then
+    mx_check "$_d" disk-reboot-prep PASS "the init script brought up $(mx_line '^dev=' "$_out" | sed 's/^dev=//') ($(mx_line 'kernel path' "$_out" | xv_oneline)); mkfs.ext4 -L xvdata, 8 files written (digest $_digest), umount, the script stopped"
+  else
+    mx_check "$_d" disk-reboot-prep FAIL "rc=$_rc: $(echo "$_out" | tail -n 5 | xv_oneline)"
+    mx_in "$_d" 120 "umount /mnt/data 2>/dev/null; /etc/init.d/xenvirtio-frontend stop" >/dev/null
+    mx_serve_cell "$_d" serve-after-reboot
+    return
+  fi
+  # The domain's own check lines so far: its count starts again in the new domain.
+  xv_domu_run "$_d" 30 "grep -c '^@@CHECK ' $XV_CHECKS" >"$XV_RUN/$_d.emitted-before" 2>&1
+  _old=$(mx_domid "$_d")
+  xl destroy "$_d" >/dev/null 2>&1
+  _seen=$(mx_wait_entries "$_old" "" 30)
+  _cfg=$XV_RUN/$_d-reboot.cfg
+  sed "s/@XVMODE@/$XV_MODE xvboot=reboot xvdisk=1/g" "/etc/xen/$_d.cfg" >"$_cfg"
+  # Paused until the daemon has given the new domid its devices back, so that the init script
+  # finds them at once (as a guest whose devices are in its xl config would).
+  if ! _out=$(xl create -p "$_cfg" 2>&1); then
+    mx_check "$_d" disk-reboot FAIL "xl create $_d again failed: $(echo "$_out" | grep -i -m 2 'error\|fail' | xv_oneline)"
+    return
+  fi
+  _new=$(xv_domid "$_d")
+  echo "$_new" >"$XV_RUN/$_d.domid"
+  echo "@@MARK dom0 created $_d domid=$_new" >/dev/console 2>/dev/null
+  _seen=$(mx_wait_entries "$_new" "0 1 2" 30)
+  xl unpause "$_d"
+  if ! xv_domu_wait_boot "$_d" 300 boot-reboot || ! xv_agent_wait "$_d" 120; then
+    mx_check "$_d" disk-reboot FAIL "$_d (domid $_old -> $_new, devices '$_seen') did not boot again with its agent"
+    return
+  fi
+  _out=$(mx_in "$_d" 60 "cat /run/xv/disk-boot.log; echo digest=\$(kn_tree_digest)")
+  if mx_line '^init-script=0$' "$_out" >/dev/null && mx_line '^mount-a=0$' "$_out" >/dev/null &&
+    mx_line ' /mnt/data ext4 ' "$_out" >/dev/null && mx_line "^digest=$_digest\$" "$_out" >/dev/null; then
+    mx_check "$_d" disk-reboot PASS "destroyed and created again (domid $_old -> $_new, devices $_seen back from the daemon's book): at boot the init script brought the disk up ($(mx_line 'kernel block device' "$_out" | xv_oneline)), the fstab mounted LABEL=xvdata ($(mx_line ' /mnt/data ' "$_out" | cut -d' ' -f1-3)), and the 8 files read back (digest $_digest)"
+  else
+    mx_check "$_d" disk-reboot FAIL "domid $_old -> $_new, devices '$_seen', digest before $_digest: $(echo "$_out" | tail -n 8 | xv_oneline)"
+  fi
+  mx_in "$_d" 120 "umount /mnt/data 2>/dev/null; /etc/init.d/xenvirtio-frontend stop" >/dev/null
+  mx_serve_cell "$_d" serve-after-reboot
 }
 
 # kn_bench_ref DOMAIN: the user-space frontend's own figures in this boot, for kn_dd_cell to
@@ -261,6 +413,15 @@ kn_dd_cell() {
   fi
 }
 
+# kn_other_strategies DOMAIN: the strategies DOMAIN's role allows besides its default
+# (matrix-dom0.sh's policy table).
+kn_other_strategies() {
+  local _s
+  for _s in $(mx_strategies "$1"); do
+    [ "$_s" = "$(mx_default_dma "$1")" ] || echo "$_s"
+  done
+}
+
 # kn_cells DOMAIN: every kernel block-device cell in DOMAIN, then DOMAIN's plain export again.
 kn_cells() {
   kn_bench_ref "$1"
@@ -271,6 +432,9 @@ kn_cells() {
     kn_restart_cell "$1" TERM
     kn_restart_cell "$1" KILL
     kn_disconnect_cell "$1"
+    # shellcheck disable=SC2046 # a list of strategies
+    kn_strategy_cells "$1" $(kn_other_strategies "$1")
+    kn_detach_cell "$1"
   fi
   mx_serve_cell "$1" "serve-after-$KN_NAME"
 }

@@ -252,6 +252,24 @@ mx_wait_entries() {
   echo "$_seen"
 }
 
+# The disk across a reboot of that DomU: the package's init script brings it up at boot and
+# the fstab mounts it by label (knbd-lib.sh, kn_reboot_cell).
+case " $ready " in *" $lc_kernel "*) kn_reboot_cell "$lc_kernel" ;; esac
+
+# mx_save_emitted DOMAIN: how many check lines DOMAIN emitted, into $XV_RUN/DOMAIN.emitted for
+# xv_check_delivered, with those of its earlier boot (kn_reboot_cell) added.
+mx_save_emitted() {
+  local _n _b
+  _n=$(xv_domu_run "$1" 30 "grep -c '^@@CHECK ' $XV_CHECKS" 2>&1)
+  _b=$(cat "$XV_RUN/$1.emitted-before" 2>/dev/null)
+  case "$_n:$_b" in
+    *[!0-9:]* | :*) ;;
+    *:) ;;
+    *) _n=$((_n + _b)) ;;
+  esac
+  echo "$_n" >"$XV_RUN/$1.emitted"
+}
+
 # mx_follow_cells DOMAIN OLD_DOMID: DOMAIN was just destroyed. destroy-no-entry: the daemon
 # removes its backend entries by itself. recreate-devices: `xl create -p` of the same config (a
 # new domid, paused: nothing of it runs) gets devices 0-2 back, blk over the same image, with no
@@ -311,7 +329,7 @@ if [ -n "$lc_destroy" ]; then
   set -- $(mx_process_counts)
   base_maps=$1 base_ports=$2 base_proc=$3
   # The victim's check lines so far, for the accounting at the end (it cannot answer later).
-  xv_domu_run "$d" 30 "grep -c '^@@CHECK ' $XV_CHECKS" >"$XV_RUN/$d.emitted" 2>&1
+  mx_save_emitted "$d"
   mx_serve_cell "$d" serve-before-destroy
   mx_in "$d" 10 "$MX_FE verify --nbd $NBD --length $((24 * 1024 * 1024)) --offset 0 --seed 1 </dev/null >/run/xv/destroy-io.out 2>&1 &" >/dev/null
   running=0
@@ -364,7 +382,7 @@ fi
 # ---- the end: stop the daemon, account for every DomU check line ----
 for n in $ready; do
   [ "$n" = "$lc_destroy" ] && continue
-  xv_domu_run "$n" 30 "grep -c '^@@CHECK ' $XV_CHECKS" >"$XV_RUN/$n.emitted" 2>&1
+  mx_save_emitted "$n"
 done
 if [ "$lc_survivor" = dom0 ] && [ -f "$MX_RUN/serve.pid" ]; then
   kill "$(cat "$MX_RUN/serve.pid")" 2>/dev/null

@@ -202,16 +202,16 @@ struct ServeArgs {
     nbd_tcp: Option<u16>,
     /// Also give each blk device to this domain's kernel as /dev/nbdN, through the kernel's NBD
     /// netlink interface (needs nbd.ko, loaded with modprobe if missing): `auto` takes the
-    /// first free device, a number N takes /dev/nbdN (N, N+1, ... for several blk devices). A device already
-    /// connected by an earlier run of this frontend to the same export gets the new
-    /// connections (a pause, not an error, for a mounted filesystem).
+    /// first free device, a number N takes /dev/nbdN (N, N+1, ... for several blk devices). A
+    /// device already connected by an earlier run of this frontend to the same export gets the
+    /// new connections (a pause, not an error, for a mounted filesystem).
     #[arg(long, value_name = "auto|N", value_parser = parse_kernel_nbd)]
     kernel_nbd: Option<KernelNbdIndex>,
     /// Also give each blk device to this domain's kernel as its own virtio-blk disk (/dev/vdX,
     /// bound by the kernel's virtio_blk driver), through VDUSE: needs vduse.ko, vdpa.ko and
     /// virtio_vdpa.ko (loaded with modprobe if missing), which Debian 13's kernel has and
-    /// Debian 12's does not (`xenvirtio-frontend kernel-paths` tells). The VDUSE device is named xenvirtio-<vdev>,
-    /// and its virtio serial is the vdev name (xvda, ...).
+    /// Debian 12's does not (`xenvirtio-frontend kernel-paths` tells). The VDUSE device is
+    /// named xenvirtio-<vdev>, and its virtio serial is the vdev name (xvda, ...).
     #[arg(long, conflicts_with = "kernel_nbd")]
     kernel_vduse: bool,
     /// Also give each blk device to this domain's kernel the best way it has: through VDUSE

@@ -174,13 +174,15 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
         // A blk device detached for good: the kernel and the export let go of it now.
-        let (gone, kept): (Vec<_>, Vec<_>) = blks.into_iter().partition(|b| b.detached().is_some());
-        blks = kept;
-        for b in gone {
-            let devid = b.devid();
+        while let Some((i, why)) = blks
+            .iter()
+            .enumerate()
+            .find_map(|(i, b)| b.detached().map(|why| (i, why)))
+        {
+            let b = blks.swap_remove(i);
             eprintln!(
-                "device {devid}: {}; taking it from the kernel and closing its export",
-                b.detached().unwrap_or_default()
+                "device {}: {why}; taking it from the kernel and closing its export",
+                b.devid()
             );
             if let Err(e) = b.close() {
                 eprintln!("closing: {e:#}");
@@ -215,19 +217,20 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
 /// where this kernel has it and the first free NBD device otherwise, with the reason printed.
 /// The modules of the path are loaded first where they are missing and `modprobe` exists.
 fn kernel_choice(args: &ServeArgs) -> (Option<KernelNbdIndex>, bool) {
-    if args.kernel_vduse || args.kernel {
-        let paths = xenvirtio_frontend::vduse::probe(None);
-        if !paths.usable() {
-            modprobe(&["vduse", "virtio_vdpa", "virtio_blk"]);
-        }
-    }
     if args.kernel_nbd.is_some() {
         ensure_nbd();
     }
-    if !args.kernel {
-        return (args.kernel_nbd, args.kernel_vduse);
+    if !args.kernel && !args.kernel_vduse {
+        return (args.kernel_nbd, false);
     }
-    let paths = xenvirtio_frontend::vduse::probe(None);
+    let mut paths = xenvirtio_frontend::vduse::probe(None);
+    if !paths.usable() {
+        modprobe(&["vduse", "virtio_vdpa", "virtio_blk"]);
+        paths = xenvirtio_frontend::vduse::probe(None);
+    }
+    if !args.kernel {
+        return (None, true);
+    }
     if paths.usable() {
         println!(
             "kernel path: VDUSE (vduse, vdpa and virtio_vdpa are there: the kernel's own virtio_blk)"

@@ -238,12 +238,18 @@ xv_domu_create() {
   return $_rc
 }
 
-# xv_create_paused NAME CFG: xl create CFG paused, record the domid (before the domain runs at
-# all: it may die within a second), then unpause it.
-xv_create_paused() {
+# xv_create_held NAME CFG: xl create CFG paused and record the domid (before the domain runs at
+# all: it may die within a second) in $XV_RUN/NAME.domid and in the serial log's MARK line,
+# which the emulator-fault rule reads. The domain stays paused.
+xv_create_held() {
   xl create -p "$2" || return $?
   xv_domid "$1" >"$XV_RUN/$1.domid"
   echo "@@MARK dom0 created $1 domid=$(cat "$XV_RUN/$1.domid")" >/dev/console 2>/dev/null
+}
+
+# xv_create_paused NAME CFG: xv_create_held, then unpause it.
+xv_create_paused() {
+  xv_create_held "$1" "$2" || return $?
   xl unpause "$1"
 }
 

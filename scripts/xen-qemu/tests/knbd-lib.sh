@@ -74,13 +74,12 @@ kn_probe_load_vduse() {
 kn_serve_cell() {
   local _d _out _rc _line _dma
   _d=$1
-  # shellcheck disable=SC2016 # expanded in the DomU
-  mx_in "$_d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while xv_alive $p; do sleep 0.3; done' >/dev/null
+  mx_stop_serve "$_d"
   _out=$(mx_in "$_d" 240 "$KN_LOAD && mx_probe_serve 0 $NBD $KN_SERVE ${KN_DMA:+--dma $KN_DMA} && kn_probe_wait_kernel")
   _rc=$?
   _line=$(mx_line 'kernel block device' "$_out")
   _dma=$(echo "$_out" | grep -o -m 1 ' dma [a-z]*' | sed 's/ dma //')
-  [ "$KN_PATH" != vduse ] || KN_DEV=$(echo "$_line" | grep -o '/dev/vd[a-z]*' | head -n 1)
+  [ "$KN_PATH" != vduse ] || KN_DEV=$(kn_kernel_dev "$_line")
   if [ $_rc = 0 ] && [ -n "$KN_DEV" ] && mx_line "$KN_DEV" "$_out" >/dev/null &&
     { [ -z "$KN_DMA" ] || [ "$_dma" = "$KN_DMA" ]; }; then
     mx_check "$_d" "$KN_NAME-serve$KN_SUFFIX" PASS "$(mx_line '\.ko loaded' "$_out"); $(echo "$_line" | xv_oneline); dma $_dma"
@@ -158,16 +157,34 @@ kn_fs_cell() {
     for dir in a b c; do mkdir -p /mnt/knbd/\$dir; for i in 1 2 3 4 5; do dd if=/dev/urandom of=/mnt/knbd/\$dir/f\$i bs=1k count=\$((i * 97)) 2>/dev/null; done; done &&
     dd if=/dev/urandom of=/mnt/knbd/big bs=1M count=8 2>/dev/null &&
     (cd /mnt/knbd && find . -type f | sort | xargs md5sum) >/tmp/knbd.manifest && sync && umount /mnt/knbd &&
-    { e2fsck -fn $KN_DEV >/tmp/knbd.fsck 2>&1; echo fsck=\$?; } && tail -n 1 /tmp/knbd.fsck &&
-    echo 3 >/proc/sys/vm/drop_caches && mount -t ext4 $KN_DEV /mnt/knbd &&
-    echo files=\$(wc -l </tmp/knbd.manifest) ok=\$(cd /mnt/knbd && md5sum -c /tmp/knbd.manifest 2>&1 | grep -c ': OK\$') &&
-    df -k /mnt/knbd | tail -n 1 && umount /mnt/knbd; echo rc=\$?; dmesg | grep -E 'EXT4|nbd' | tail -n 2")
+    kn_fsck $KN_DEV && echo 3 >/proc/sys/vm/drop_caches && mount -t ext4 $KN_DEV /mnt/knbd &&
+    kn_manifest_check && df -k /mnt/knbd | tail -n 1 && umount /mnt/knbd; echo rc=\$?; dmesg | grep -E 'EXT4|nbd' | tail -n 2")
   _n=$(mx_line '^files=' "$_out" | sed -n 's/^files=\([0-9]*\) ok=\([0-9]*\)$/\1 \2/p')
   if [ "$_n" = "16 16" ] && mx_line '^fsck=0$' "$_out" >/dev/null && mx_line '^rc=0$' "$_out" >/dev/null; then
     mx_check "$_d" "$KN_NAME-fs$KN_SUFFIX" PASS "mkfs.ext4, mount, 16 files in a tree written, sync, umount, e2fsck -fn clean ($(mx_line "^xvfs: " "$_out" | xv_oneline)), drop_caches, mount: all 16 checksums match; df: $(mx_line '/mnt/knbd' "$_out" | xv_oneline)"
   else
     mx_check "$_d" "$KN_NAME-fs$KN_SUFFIX" FAIL "$(echo "$_out" | tail -n 6 | xv_oneline)"
   fi
+}
+
+# kn_fsck DEV: (in a DomU) Debian's e2fsck -fn on DEV, which must not be mounted; prints
+# fsck=<exit status> and e2fsck's summary line.
+kn_fsck() {
+  e2fsck -fn "$1" >/tmp/knbd.fsck 2>&1
+  echo "fsck=$?"
+  tail -n 1 /tmp/knbd.fsck
+}
+
+# kn_manifest_check: (in a DomU) files=<lines of kn_fs_cell's manifest> ok=<files of it whose
+# checksum matches under /mnt/knbd>.
+kn_manifest_check() {
+  echo "files=$(wc -l </tmp/knbd.manifest) ok=$(cd /mnt/knbd && md5sum -c /tmp/knbd.manifest 2>&1 | grep -c ': OK$')"
+}
+
+# kn_kernel_dev TEXT: the kernel device (/dev/vdX or /dev/nbdN) that serve's "kernel block
+# device" line in TEXT names.
+kn_kernel_dev() {
+  echo "$1" | grep -m 1 'kernel block device' | grep -o -E '/dev/(vd[a-z]+|nbd[0-9]+)' | head -n 1
 }
 
 # kn_sum TEXT KEY: the value of KEY= in the want=... got=... line of TEXT.
@@ -210,10 +227,8 @@ kn_restart_cell() {
   fi
   if mx_backend_start; then _started="the new daemon is pid $MX_BACKEND_PID"; else _started="the new daemon did not start"; fi
   _out=$(mx_in "$_d" 240 "end=\$((\$(xv_uptime) + 200)); while ! grep -q '^rc=' $_copy; do [ \$(xv_uptime) -lt \$end ] || break; sleep 0.5; done;
-    cat $_copy; umount /mnt/knbd && { e2fsck -fn $KN_DEV >/tmp/knbd.fsck 2>&1; echo fsck=\$?; } && tail -n 1 /tmp/knbd.fsck &&
-    echo 3 >/proc/sys/vm/drop_caches && mount -t ext4 $KN_DEV /mnt/knbd &&
-    echo want=\$(kn_md5 /tmp/knbd.big) got=\$(kn_md5 /mnt/knbd/$_name) &&
-    echo files=\$(wc -l </tmp/knbd.manifest) ok=\$(cd /mnt/knbd && md5sum -c /tmp/knbd.manifest 2>&1 | grep -c ': OK\$'); rm -f /mnt/knbd/$_name; umount /mnt/knbd;
+    cat $_copy; umount /mnt/knbd && kn_fsck $KN_DEV && echo 3 >/proc/sys/vm/drop_caches && mount -t ext4 $KN_DEV /mnt/knbd &&
+    echo want=\$(kn_md5 /tmp/knbd.big) got=\$(kn_md5 /mnt/knbd/$_name) && kn_manifest_check; rm -f /mnt/knbd/$_name; umount /mnt/knbd;
     echo errors=\$(dmesg | grep -c -i -E '${KN_DEV#/dev/}.*(error|timed out)|I/O error')")
   if mx_line '^rc=0$' "$_out" >/dev/null && mx_line '^fsck=0$' "$_out" >/dev/null && kn_sums_match "$_out" &&
     mx_line '^files=16 ok=16$' "$_out" >/dev/null && mx_line '^errors=0$' "$_out" >/dev/null; then
@@ -251,13 +266,12 @@ kn_disconnect_cell() {
 # umount returns, and the guest's kernel logs no oops, BUG or hung task. Then Dom0 attaches the
 # device again for the cells after this one. Checks <path>-detach and <path>-reattach.
 kn_detach_cell() {
-  local _d _domid _out _rc _line _dev _k _be _gone _att
+  local _d _domid _out _rc _dev _k _be _gone _att
   _d=$1
   _domid=$(mx_domid "$_d")
   _out=$(mx_in "$_d" 240 "mx_probe_serve 0 $NBD $KN_SERVE --detach-grace 5 && kn_probe_wait_kernel")
   _rc=$?
-  _line=$(mx_line 'kernel block device' "$_out")
-  _dev=$(echo "$_line" | grep -o -E '/dev/(vd[a-z]+|nbd[0-9]+)' | head -n 1)
+  _dev=$(kn_kernel_dev "$_out")
   if [ $_rc != 0 ] || [ -z "$_dev" ]; then
     mx_check "$_d" "$KN_NAME-detach" FAIL "no kernel device to detach: rc=$_rc: $(echo "$_out" | tail -n 3 | xv_oneline)"
   else
@@ -314,10 +328,9 @@ kn_tree_digest() {
 kn_reboot_cell() {
   local _d _out _rc _digest _old _new _cfg _seen
   _d=$1
-  # shellcheck disable=SC2016 # expanded in the DomU
-  mx_in "$_d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while xv_alive $p; do sleep 0.3; done' >/dev/null
+  mx_stop_serve "$_d"
   _out=$(mx_in "$_d" 300 "{ kn_probe_load; kn_probe_load_vduse; } >/dev/null 2>&1; /etc/init.d/xenvirtio-frontend start || exit 1;
-    dev=\$(grep -m 1 'kernel block device' /var/log/xenvirtio-frontend.log | grep -o -E '/dev/(vd[a-z]+|nbd[0-9]+)'); echo dev=\$dev;
+    dev=\$(kn_kernel_dev \"\$(cat /var/log/xenvirtio-frontend.log)\"); echo dev=\$dev;
     mkfs.ext4 -F -q -L xvdata \$dev && mkdir -p /mnt/data && mount LABEL=xvdata /mnt/data &&
     for dir in x y; do mkdir -p /mnt/data/\$dir; for i in 1 2 3 4; do dd if=/dev/urandom of=/mnt/data/\$dir/f\$i bs=1k count=\$((i * 131)) 2>/dev/null; done; done &&
     echo digest=\$(kn_tree_digest) && umount /mnt/data && /etc/init.d/xenvirtio-frontend stop")
@@ -332,7 +345,7 @@ kn_reboot_cell() {
     return
   fi
   # The domain's own check lines so far: its count starts again in the new domain.
-  xv_domu_run "$_d" 30 "grep -c '^@@CHECK ' $XV_CHECKS" >"$XV_RUN/$_d.emitted-before" 2>&1
+  mx_count_emitted "$_d" >"$XV_RUN/$_d.emitted-before"
   _old=$(mx_domid "$_d")
   xl destroy "$_d" >/dev/null 2>&1
   _seen=$(mx_wait_entries "$_old" "" 30)
@@ -340,13 +353,11 @@ kn_reboot_cell() {
   sed "s/@XVMODE@/$XV_MODE xvboot=reboot xvdisk=1/g" "/etc/xen/$_d.cfg" >"$_cfg"
   # Paused until the daemon has given the new domid its devices back, so that the init script
   # finds them at once (as a guest whose devices are in its xl config would).
-  if ! _out=$(xl create -p "$_cfg" 2>&1); then
+  if ! _out=$(xv_create_held "$_d" "$_cfg" 2>&1); then
     mx_check "$_d" disk-reboot FAIL "xl create $_d again failed: $(echo "$_out" | grep -i -m 2 'error\|fail' | xv_oneline)"
     return
   fi
-  _new=$(xv_domid "$_d")
-  echo "$_new" >"$XV_RUN/$_d.domid"
-  echo "@@MARK dom0 created $_d domid=$_new" >/dev/console 2>/dev/null
+  _new=$(cat "$XV_RUN/$_d.domid")
   _seen=$(mx_wait_entries "$_new" "0 1 2" 30)
   xl unpause "$_d"
   if ! xv_domu_wait_boot "$_d" 300 boot-reboot || ! xv_agent_wait "$_d" 120; then
@@ -372,8 +383,7 @@ kn_bench_ref() {
   local _d _p _bs _out _v
   _d=$1
   [ -z "$KN_REF_write_4" ] || return 0
-  # shellcheck disable=SC2016 # expanded in the DomU
-  mx_in "$_d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while xv_alive $p; do sleep 0.3; done' >/dev/null
+  mx_stop_serve "$_d"
   for _p in write read; do
     for _bs in 4 128; do
       _out=$(mx_in "$_d" 60 "$MX_FE bench --devid 0 --pattern $_p --bs $((_bs * 1024)) --depth 1 --seconds 3")

@@ -256,20 +256,6 @@ mx_wait_entries() {
 # the fstab mounts it by label (knbd-lib.sh, kn_reboot_cell).
 case " $ready " in *" $lc_kernel "*) kn_reboot_cell "$lc_kernel" ;; esac
 
-# mx_save_emitted DOMAIN: how many check lines DOMAIN emitted, into $XV_RUN/DOMAIN.emitted for
-# xv_check_delivered, with those of its earlier boot (kn_reboot_cell) added.
-mx_save_emitted() {
-  local _n _b
-  _n=$(xv_domu_run "$1" 30 "grep -c '^@@CHECK ' $XV_CHECKS" 2>&1)
-  _b=$(cat "$XV_RUN/$1.emitted-before" 2>/dev/null)
-  case "$_n:$_b" in
-    *[!0-9:]* | :*) ;;
-    *:) ;;
-    *) _n=$((_n + _b)) ;;
-  esac
-  echo "$_n" >"$XV_RUN/$1.emitted"
-}
-
 # mx_follow_cells DOMAIN OLD_DOMID: DOMAIN was just destroyed. destroy-no-entry: the daemon
 # removes its backend entries by itself. recreate-devices: `xl create -p` of the same config (a
 # new domid, paused: nothing of it runs) gets devices 0-2 back, blk over the same image, with no
@@ -317,8 +303,7 @@ if [ -n "$lc_destroy" ]; then
   domid=$(mx_domid "$d")
   # The victim's export (if any) stops first, so that what the daemon holds is exactly the
   # other devices' share: the baseline.
-  # shellcheck disable=SC2016 # expanded in the DomU
-  mx_in "$d" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while xv_alive $p; do sleep 0.3; done' >/dev/null
+  mx_stop_serve "$d"
   mx_wait_backend_state "$d" 0 2 30
   # The survivor keeps an export connected throughout.
   if [ "$lc_survivor" = dom0 ]; then

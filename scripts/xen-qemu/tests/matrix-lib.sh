@@ -85,6 +85,33 @@ mx_probe_serve() {
 # Dom0 helpers.
 # ---------------------------------------------------------------------------------------------
 
+# mx_stop_serve DOMAIN: stop DOMAIN's running `serve` (mx_probe_serve's), if any, and wait
+# until it has exited.
+mx_stop_serve() {
+  # shellcheck disable=SC2016 # expanded in the DomU
+  mx_in "$1" 40 'p=$(cat /run/xv/serve.pid 2>/dev/null) && kill $p 2>/dev/null; while xv_alive $p; do sleep 0.3; done' >/dev/null
+}
+
+# mx_count_emitted DOMAIN: how many check lines DOMAIN itself has emitted in this boot (or the
+# channel's error).
+mx_count_emitted() {
+  xv_domu_run "$1" 30 "grep -c '^@@CHECK ' $XV_CHECKS" 2>&1
+}
+
+# mx_save_emitted DOMAIN: how many check lines DOMAIN emitted, into $XV_RUN/DOMAIN.emitted for
+# xv_check_delivered, with those of its earlier boot (kn_reboot_cell) added.
+mx_save_emitted() {
+  local _n _b
+  _n=$(mx_count_emitted "$1")
+  _b=$(cat "$XV_RUN/$1.emitted-before" 2>/dev/null)
+  case "$_n:$_b" in
+    *[!0-9:]* | :*) ;;
+    *:) ;;
+    *) _n=$((_n + _b)) ;;
+  esac
+  echo "$_n" >"$XV_RUN/$1.emitted"
+}
+
 # mx_in DOMAIN TIMEOUT COMMAND: run COMMAND with sh in DOMAIN (Dom0 itself, or a DomU through
 # the command channel), with this library and knbd-lib.sh loaded. Prints its output; returns its status.
 mx_in() {

@@ -59,13 +59,16 @@ channel and how to add checks.
 Environment:
   XENVIRTIO_E2E_WORK      work dir: package cache, images, logs (default /tmp/xenvirtio-e2e)
   XENVIRTIO_E2E_TIMEOUT   seconds one arch's QEMU may run (default 600 for --smoke, 1500 for
-                          the matrix)
+                          the matrix, 3000 for --mode bench)
   CARGO_TARGET_DIR        honoured; CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER defaults to
                           aarch64-linux-gnu-gcc
   XENVIRTIO_E2E_X86_CPU   QEMU -cpu for x86_64 (default max,-smap,-smep,-xsave; see docs/E2E.md)
   XENVIRTIO_E2E_QEMU_X86  the qemu-system-x86_64 to run (default: the one on PATH)
   XENVIRTIO_E2E_X86_ACCEL QEMU -accel for x86_64 (default tcg; docs/E2E.md, "Emulator faults")
   XENVIRTIO_E2E_XEN_ARGS  appended to Xen's x86_64 command line (debugging)
+  XENVIRTIO_E2E_DOM0_WORDS
+                          appended to Dom0's kernel command line, for the mode's test script
+                          (scripts/bench.sh passes xvbench=quick); no commas
 Host tools: scripts/install-deps.sh installs them.
 EOF
 }
@@ -141,6 +144,7 @@ esac
 [ -n "$TIMEOUT" ] || case $MODE in
   smoke) TIMEOUT=600 ;;
   bootloop) TIMEOUT=$((180 + LOOPS * 60)) ;;
+  bench) TIMEOUT=3000 ;;
   *) TIMEOUT=1500 ;;
 esac
 [[ $TIMEOUT =~ ^[0-9]+$ ]] || die "XENVIRTIO_E2E_TIMEOUT must be a number of seconds"
@@ -151,7 +155,14 @@ triple() { case $1 in x86_64) echo x86_64-unknown-linux-musl ;; arm64) echo aarc
 file_arch() { case $1 in x86_64) echo x86-64 ;; arm64) echo "ARM aarch64" ;; esac; }
 # The DomUs to boot (Dom0 cmdline xvdomus=, '+'-separated: no commas on a multiboot cmdline) and
 # every domain that must report "boot".
-all_domus() { case $1 in x86_64) echo pv+pvh ;; arm64) echo arm ;; esac; }
+# The bench (scripts/bench.sh) measures the DomU whose role allows every strategy.
+all_domus() {
+  case $MODE:$1 in
+    bench:x86_64) echo pvh ;;
+    *:x86_64) echo pv+pvh ;;
+    *:arm64) echo arm ;;
+  esac
+}
 domus_word() { echo "${DOMUS_OPT:-$(all_domus "$1")}"; }
 # (A boot loop forwards no DomU console: only Dom0 reports, the boots are counted in @@BOOTLOOP lines.)
 domains() {
@@ -234,6 +245,17 @@ for r in "${RELEASES[@]}"; do
       die "fetching the $r $(debarch "$a") packages failed"
   done
 done
+# The guest tools of the bench (fio; bash and flock for Xen's block hotplug script), with their
+# libraries, into a cache of their own.
+tools() { echo "$WORK/tools-$1-$(debarch "$2")"; }
+if [ "$MODE" = bench ]; then
+  for r in "${RELEASES[@]}"; do
+    for a in "${ARCHES[@]}"; do
+      "$XQ/fetch-tools.sh" "$r" "$(debarch "$a")" "$(tools "$r" "$a")" fio bash util-linux ||
+        die "fetching the $r $(debarch "$a") guest tools failed"
+    done
+  done
+fi
 phase_end fetch
 
 # ---- the harness's own shell library, under the guests' busybox when it runs here ----
@@ -309,13 +331,16 @@ for a in "${ARCHES[@]}"; do build_bins "$a"; done
 phase_end build
 
 # ---- 3. initramfs ----
+TOOLS_OF=
+[ "$MODE" != bench ] || TOOLS_OF=1
 # images REL ARCH: the images of one release and arch (dom0.cpio, ...).
 images() { echo "$WORK/$1/$2"; }
 phase_start
 for r in "${RELEASES[@]}"; do
   for a in "${ARCHES[@]}"; do
     ilog=$WORK/logs/initrd-$r-$a.log
-    "$XQ/build-initrd.sh" "$a" "$(debs "$r" "$a")" "$(images "$r" "$a")" "$(ls "$WORK/$a"/xenvirtio_*.deb)" >"$ilog" 2>&1 ||
+    "$XQ/build-initrd.sh" "$a" "$(debs "$r" "$a")" "$(images "$r" "$a")" "$(ls "$WORK/$a"/xenvirtio_*.deb)" \
+      ${TOOLS_OF:+"$(tools "$r" "$a")"} >"$ilog" 2>&1 ||
       { tail -n 20 "$ilog" >&2; die "building the $r $a initramfs failed (log: $ilog)"; }
     echo "$r: $(tail -n 1 "$ilog")"
     [ $KEEP = 1 ] || rm -rf "$(images "$r" "$a")/initrd-dom0" "$(images "$r" "$a")/initrd-domU"
@@ -405,7 +430,7 @@ boot_attempt() {
   local a=$1 log=$2 n=$3 words
   # Dom0 stops its test script a minute before QEMU is killed, so that it still reports.
   words="xvmode=$MODE xvdomus=$(domus_word "$a") xvtimeout=$((TIMEOUT > 120 ? TIMEOUT - 60 : TIMEOUT * 3 / 4))"
-  words="$words xvattempt=$n/$MAX_ATTEMPTS${LOOPS:+ xvloops=$LOOPS}"
+  words="$words xvattempt=$n/$MAX_ATTEMPTS${LOOPS:+ xvloops=$LOOPS}${XENVIRTIO_E2E_DOM0_WORDS:+ $XENVIRTIO_E2E_DOM0_WORDS}"
   # An induced fault before the checks happens on the first attempt only: the retry must pass.
   case $INDUCE in
     before-checks) [ "$n" != 1 ] || words="$words xvinduce=before-checks" ;;

@@ -3,11 +3,13 @@
 #   DEBS    the fetch-debs.sh directory of that release and arch (DEBS/stage, DEBS/KVER, DEBS/XEN)
 #   OUT     where the images go: OUT/dom0.cpio, OUT/domU.cpio.gz (+ x86_64: OUT/xen)
 #   PACKAGE the project's .deb for ARCH (scripts/build-deb.sh), installed into every domain
+#   TOOLS   optional: a fetch-tools.sh directory (TOOLS/stage): its fio goes into Dom0 and the
+#           DomU, with its libraries (scripts/bench.sh)
 # Staging trees are left in OUT/initrd-dom0 and OUT/initrd-domU (e2e.sh removes them unless --keep).
 # Adapted from the reference recipe shared/xen-qemu/{x86,arm}/build-initrd.sh.
 set -euo pipefail
 ARCH=${1:?usage: build-initrd.sh x86_64|arm64 DEBS OUT PACKAGE}
-DEBS=${2:?} OUT=${3:?} PACKAGE=${4:?}
+DEBS=${2:?} OUT=${3:?} PACKAGE=${4:?} TOOLS=${5:-}
 HERE=$(cd "$(dirname "$0")" && pwd)
 S=$DEBS/stage
 KVER=$(cat "$DEBS/KVER")
@@ -18,13 +20,19 @@ M=lib/modules/$KVER
 # The default grant table of Xen 4.17 and 4.20 (64 frames, v1) holds 32768 entries per domain.
 GNTALLOC_LIMIT=32768
 
+# The unpacked packages: the release's, then the tools'.
+STAGES=("$S")
+[ -z "$TOOLS" ] || STAGES+=("$TOOLS/stage")
 # staged REL: the path of REL (e.g. bin/busybox) in the unpacked packages. Debian 13's packages
 # are merged-/usr (usr/bin, usr/lib/modules); Debian 12's kernel and busybox are not.
 staged() {
-  if [ -e "$S/$1" ]; then echo "$S/$1"; elif [ -e "$S/usr/$1" ]; then echo "$S/usr/$1"; else
-    echo "build-initrd: $1 is in none of the $RELEASE packages" >&2
-    return 1
-  fi
+  local st
+  for st in "${STAGES[@]}"; do
+    if [ -e "$st/$1" ]; then echo "$st/$1"; return 0; fi
+    if [ -e "$st/usr/$1" ]; then echo "$st/usr/$1"; return 0; fi
+  done
+  echo "build-initrd: $1 is in none of the $RELEASE packages" >&2
+  return 1
 }
 MODS=$(staged "$M")
 # add_module REL DIR: the kernel module REL (e.g. drivers/block/nbd) into DIR as REL's basename
@@ -44,13 +52,17 @@ case $ARCH in
   arm64) TRIPLET=aarch64-linux-gnu LDSO=lib/ld-linux-aarch64.so.1 ;;
   *) echo "build-initrd: unknown arch $ARCH" >&2; exit 2 ;;
 esac
-# add_elf ROOT REL: the dynamically linked program REL of the packages (e.g. sbin/e2fsck) into
-# ROOT/REL, with the dynamic loader and every library it needs, found by their DT_NEEDED names
-# (readelf reads either arch) in the packages' library directories. A library that none of the
-# packages has stops the build: a program that cannot start in the guest is not carried.
+# add_elf ROOT REL: the dynamically linked program REL of the packages (e.g. sbin/e2fsck, or
+# usr/bin/fio of the tools) into ROOT/REL, with the dynamic loader and every library it needs,
+# found by their DT_NEEDED names (readelf reads either arch) in the packages' library
+# directories and in the RUNPATH of the object that needs them (librados looks in
+# /usr/lib/<triplet>/ceph). A library goes where the loader will look for it: ROOT/lib/<triplet>,
+# or its RUNPATH directory. A library that none of the packages has stops the build: a program
+# that cannot start in the guest is not carried.
 add_elf() {
-  local root=$1 rel=$2 lib dir found f
-  local -a todo next
+  local root=$1 rel=$2 lib dir found f st rp
+  local -a todo next dirs
+  local -A seen=()
   mkdir -p "$root/$(dirname "$rel")" "$root/$(dirname "$LDSO")" "$root/lib/$TRIPLET"
   cp -L "$(staged "$rel")" "$root/$rel"
   [ -e "$root/$LDSO" ] || cp -L "$(staged "$LDSO")" "$root/$LDSO"
@@ -58,15 +70,32 @@ add_elf() {
   while [ ${#todo[@]} -gt 0 ]; do
     next=()
     for f in "${todo[@]}"; do
+      rp=$(readelf -d "$f" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p' | tr ':' ' ')
+      dirs=(lib/$TRIPLET usr/lib/$TRIPLET)
+      for dir in $rp; do dirs+=("${dir#/}"); done
       for lib in $(readelf -d "$f" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
-        [ ! -e "$root/lib/$TRIPLET/$lib" ] || continue
+        [ -z "${seen[$lib]:-}" ] || continue
+        seen[$lib]=1
         found=
-        for dir in lib/$TRIPLET usr/lib/$TRIPLET; do
-          [ -e "$S/$dir/$lib" ] && found=$S/$dir/$lib && break
+        for dir in "${dirs[@]}"; do
+          [ ! -e "$root/$dir/$lib" ] || { found=$dir; break; }
+        done
+        # already in ROOT (Dom0 has the release's libraries): what it needs may not be
+        if [ -n "$found" ]; then
+          next+=("$root/$found/$lib")
+          continue
+        fi
+        for dir in "${dirs[@]}"; do
+          for st in "${STAGES[@]}"; do
+            [ -e "$st/$dir/$lib" ] && found=$dir && break 2
+          done
         done
         [ -n "$found" ] || { echo "build-initrd: $rel needs $lib, which none of the $RELEASE packages has" >&2; return 1; }
-        cp -L "$found" "$root/lib/$TRIPLET/$lib"
-        next+=("$root/lib/$TRIPLET/$lib")
+        # the multiarch directories all become ROOT/lib/<triplet>, a RUNPATH stays itself
+        case $found in lib/$TRIPLET | usr/lib/$TRIPLET) dir=lib/$TRIPLET ;; *) dir=$found ;; esac
+        mkdir -p "$root/$dir"
+        cp -L "$st/$found/$lib" "$root/$dir/$lib"
+        next+=("$root/$dir/$lib")
       done
     done
     todo=("${next[@]}")
@@ -121,6 +150,11 @@ for m in drivers/vhost/vhost_iotlb drivers/vdpa/vdpa drivers/vdpa/vdpa_user/vdus
     add_module "$m" "$U/lib/modules"
   fi
 done
+# Linux's own PV block frontend, for the disk `xl block-attach` gives (scripts/bench.sh puts it
+# beside ours).
+add_module drivers/block/xen-blkfront "$U/lib/modules"
+# The guest tools of scripts/bench.sh: Debian's fio, with its libraries.
+[ -z "$TOOLS" ] || add_elf "$U" usr/bin/fio
 # Debian's e2fsprogs: the cells make ext4 with mkfs.ext4 and check it with e2fsck -fn, as an
 # operator would (busybox has only an ext2 mke2fs and no fsck).
 add_elf "$U" sbin/mke2fs
@@ -163,6 +197,16 @@ for t in read write list rm watch exists ls chmod; do ln -sf xenstore "$R/usr/bi
 cp -a "$S/etc/xen" "$R/etc/"
 mkdir -p "$R/$M/kernel/drivers"
 cp -a "$MODS/kernel/drivers/xen" "$R/$M/kernel/drivers/"
+# blkback and the RAM disk it and the daemon serve in scripts/bench.sh
+mkdir -p "$R/$M/kernel/drivers/block"
+cp -a "$MODS/kernel/drivers/block/xen-blkback" "$MODS"/kernel/drivers/block/brd.ko* "$R/$M/kernel/drivers/block/"
+# the tools of scripts/bench.sh: fio, and bash and flock (util-linux's: busybox has none) for
+# Xen's hotplug script /etc/xen/scripts/block, which `xl block-attach` runs
+if [ -n "$TOOLS" ]; then
+  add_elf "$R" usr/bin/fio
+  add_elf "$R" bin/bash
+  add_elf "$R" usr/bin/flock
+fi
 # busybox's modprobe loads only uncompressed modules
 find "$R/$M/kernel" -name '*.ko.xz' -exec xz -d {} +
 cp "$MODS"/modules.{order,builtin,builtin.modinfo} "$R/$M/" 2>/dev/null || true

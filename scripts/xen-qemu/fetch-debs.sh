@@ -33,18 +33,8 @@ if [ -f "$DEST/fetched.ok" ] && [ "$(head -n1 "$DEST/fetched.ok")" = "$stamp" ];
 fi
 
 # The private apt configuration of RELEASE, shared by its architectures.
+apt_private "$(dirname "$DEST")/apt-$RELEASE" "$RELEASE" "$DEBARCH"
 APTDIR=$(dirname "$DEST")/apt-$RELEASE
-mkdir -p "$APTDIR/lists/partial" "$APTDIR/cache/archives/partial" "$APTDIR/parts"
-: >"$APTDIR/status"
-{
-  echo "deb [signed-by=$KEYRING] http://deb.debian.org/debian $RELEASE main"
-  echo "deb [signed-by=$KEYRING] http://deb.debian.org/debian $RELEASE-updates main"
-  echo "deb [signed-by=$KEYRING] http://deb.debian.org/debian-security $RELEASE-security main"
-} >"$APTDIR/sources.list"
-APT_OPTS=(-o "Dir::Etc::SourceList=$APTDIR/sources.list" -o "Dir::Etc::SourceParts=$APTDIR/parts"
-  -o "Dir::Etc::Preferences=/dev/null" -o "Dir::Etc::PreferencesParts=$APTDIR/parts"
-  -o "Dir::State::Lists=$APTDIR/lists" -o "Dir::Cache=$APTDIR/cache" -o "Dir::State::status=$APTDIR/status"
-  -o "APT::Architecture=$DEBARCH" -o "APT::Architectures::=$DEBARCH" -o "Acquire::Languages=none")
 echo "fetch-debs: apt-get update for $RELEASE $DEBARCH (private lists in $APTDIR)"
 apt-get "${APT_OPTS[@]}" update -qq
 KPKG=$(apt-cache "${APT_OPTS[@]}" depends "linux-image-$DEBARCH" |

@@ -40,3 +40,21 @@ release_words() {
   [ -n "$out" ] || return 1
   echo "${out# }"
 }
+
+# apt_private APTDIR RELEASE DEBARCH: set up the private apt configuration of RELEASE in APTDIR
+# (its sources list, lists, cache and an empty dpkg status; Debian's archive keyring) and set
+# the array APT_OPTS that points apt-get and apt-cache at it for DEBARCH.
+apt_private() {
+  local dir=$1 rel=$2 arch=$3 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+  mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/parts"
+  : >"$dir/status"
+  {
+    echo "deb [signed-by=$keyring] http://deb.debian.org/debian $rel main"
+    echo "deb [signed-by=$keyring] http://deb.debian.org/debian $rel-updates main"
+    echo "deb [signed-by=$keyring] http://deb.debian.org/debian-security $rel-security main"
+  } >"$dir/sources.list"
+  APT_OPTS=(-o "Dir::Etc::SourceList=$dir/sources.list" -o "Dir::Etc::SourceParts=$dir/parts"
+    -o "Dir::Etc::Preferences=/dev/null" -o "Dir::Etc::PreferencesParts=$dir/parts"
+    -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o "Dir::State::status=$dir/status"
+    -o "APT::Architecture=$arch" -o "APT::Architectures::=$arch" -o "Acquire::Languages=none")
+}

@@ -20,22 +20,6 @@ BOOT_TIMEOUT=${XV_BOOT_TIMEOUT:-300}
 AGENT_TIMEOUT=${XV_AGENT_TIMEOUT:-120}
 NBD=/run/xv/nbd.sock
 
-# The policy table (docs/DESIGN.md "Role policy"): what each role picks without --dma, and every
-# strategy it may be forced to.
-mx_default_dma() {
-  case "$XV_ARCH/$1" in
-    */dom0) echo bounce ;;
-    x86_64/domU-pv | x86_64/domU-pvh) echo grant ;;
-    arm64/domU-arm) echo direct ;; # Dom0 serves it with --allow-direct
-  esac
-}
-mx_strategies() {
-  case "$XV_ARCH/$1" in
-    */dom0) echo bounce grant ;;
-    x86_64/domU-pv) echo grant bounce ;;
-    *) echo grant bounce direct ;;
-  esac
-}
 # The effective grant_usage: 0 only for the DomU the daemon trusts with direct.
 mx_expected_grant_usage() {
   case "$1" in

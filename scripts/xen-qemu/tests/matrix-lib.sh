@@ -17,6 +17,22 @@ MX_BACKEND_LOG=$MX_RUN/backend.log
 MX_FE=xenvirtio-frontend
 MX_BE=xenvirtio-backend
 
+# The policy table (docs/DESIGN.md "Role policy", shared by the matrix and the bench): what each role picks without --dma, and every
+# strategy it may be forced to.
+mx_default_dma() {
+  case "$XV_ARCH/$1" in
+    */dom0) echo bounce ;;
+    x86_64/domU-pv | x86_64/domU-pvh) echo grant ;;
+    arm64/domU-arm) echo direct ;; # Dom0 serves it with --allow-direct
+  esac
+}
+mx_strategies() {
+  case "$XV_ARCH/$1" in
+    */dom0) echo bounce grant ;;
+    x86_64/domU-pv) echo grant bounce ;;
+    *) echo grant bounce direct ;;
+  esac
+}
 # ---------------------------------------------------------------------------------------------
 # Probes: run in the domain under test.
 # ---------------------------------------------------------------------------------------------

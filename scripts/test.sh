@@ -6,7 +6,9 @@
 #   2. real Xen under QEMU, x86_64 and arm64, on Debian 12 (Xen 4.17, Linux 6.1) and Debian 13
 #      (Xen 4.20, Linux 6.12) (scripts/e2e.sh --release all): the harness's handling of emulator
 #      faults (real induced triple faults), the smoke checks, then the full matrix (every role
-#      and DMA strategy, the lifecycle); docs/E2E.md lists the checks
+#      and DMA strategy, the lifecycle); docs/E2E.md lists the checks; then one quick round of
+#      scripts/bench.sh on Debian 13 (our kernel disk beside blkfront/blkback, fio), which must
+#      run and print every target line (its figures are never asserted)
 # Set XENVIRTIO_SKIP_E2E=1 to run only step 1 while iterating (CI never sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,4 +39,8 @@ echo "== scripts/e2e.sh --release all --arch all --smoke"
 scripts/e2e.sh --release all --arch all --smoke || rc=1
 echo "== scripts/e2e.sh --release all --arch all (the full matrix)"
 scripts/e2e.sh --release all --arch all || rc=1
+# The bench must not rot: one quick round on Debian 13, both arches (VDUSE against blkback). It
+# fails only when a setup step fails or a target line is missing; no figure is asserted.
+echo "== scripts/bench.sh --quick --release trixie (our disk beside blkfront/blkback)"
+scripts/bench.sh --quick --release trixie || rc=1
 exit $rc

@@ -1,19 +1,20 @@
 //! A VDUSE virtio-blk device in this domain's kernel, served from a [`BlockExport`]: the
 //! control thread answers the kernel (status, queue state, IOTLB changes) at all times, even
-//! while the export waits for Dom0's backend; one thread per virtqueue serves the requests the
-//! kernel's `virtio_blk` driver queues.
+//! while the export waits for Dom0's backend; one thread per virtqueue takes the requests the
+//! kernel's `virtio_blk` driver queues, and a pool of workers per queue serves them at once.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use xenvirtio_virtio::blk::{BlkConfig, SECTOR_SIZE};
-use xenvirtio_virtio::device_queue::DeviceQueue;
+use xenvirtio_virtio::device_queue::{Chain, DeviceQueue, QueueError};
 use xenvirtio_virtio::features::{self, bit};
 use xenvirtio_virtio::split::RingLayout;
+use xenvirtio_xen::mem::SharedMem;
 
 use super::device::{QueueInfo, Request, VduseDevice};
 use super::iova::IovaMap;
@@ -27,6 +28,8 @@ const DRIVER_OK: u8 = 4;
 const TICK: Duration = Duration::from_millis(200);
 /// Each queue's size.
 const QUEUE_SIZE: u16 = 128;
+/// Requests each queue serves at the same time (fio's QD32 on a single queue).
+const WORKERS: usize = 32;
 /// The most data segments in one request: with the header and the status, a chain of direct
 /// descriptors (indirect ones are not offered) must fit in the ring.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
@@ -364,6 +367,11 @@ fn check_layout(index: u32, info: &QueueInfo, layout: &RingLayout) -> Result<(),
     Ok(())
 }
 
+/// Serves queue `index` until `stop`: this thread takes the chains the driver makes available
+/// and hands them to [`WORKERS`] workers, which serve them at the same time and complete each
+/// on the used ring as soon as it is done, in any order (virtio 1.2 section 2.7.13). Served one
+/// at a time, every request would wait for the one before it to come back from Dom0, and a
+/// driver's queue depth would buy nothing.
 fn serve_queue(
     shared: &Shared,
     index: u32,
@@ -372,41 +380,126 @@ fn serve_queue(
     kick: &OwnedFd,
     stop: &AtomicBool,
 ) -> Result<(), VduseError> {
-    let mut queue = DeviceQueue::new(layout, 0);
     let ring_region = shared
         .iova
         .region(&shared.dev, info.desc, layout.total_len() as u64)?;
     let ring = ring_region.window(info.desc, layout.total_len());
-    let qerr = |e: xenvirtio_virtio::device_queue::QueueError| VduseError::Spec {
-        why: format!("queue {index}: {e}"),
-    };
+    let queue = Mutex::new(DeviceQueue::new(layout, 0));
+    let (jobs, inbox) = mpsc::channel::<Chain>();
+    let inbox = Mutex::new(inbox);
+    let failure: Mutex<Option<VduseError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for w in 0..WORKERS {
+            let (queue, inbox, ring, failure) = (&queue, &inbox, &ring, &failure);
+            let spawned = std::thread::Builder::new()
+                .name(format!("vduse-q{index}w{w}"))
+                .spawn_scoped(s, move || {
+                    if let Err(e) = complete_requests(shared, index, queue, ring, inbox) {
+                        failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                });
+            if let Err(source) = spawned {
+                // the workers already started serve alone; say why there are fewer
+                tracing::warn!(device = %shared.dev.name(), queue = index, "only {w} request workers: {source}");
+                break;
+            }
+        }
+        let taken = take_requests(shared, index, &queue, &ring, kick, stop, &jobs, &failure);
+        // the workers finish what they hold, then see the closed channel and return
+        drop(jobs);
+        taken
+    })?;
+    match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The queue thread's part: every chain the driver makes available goes to the workers, with
+/// notifications off while there is more to take; then it sleeps until a kick (or a tick, to
+/// look at `stop` and at a worker's failure).
+#[allow(clippy::too_many_arguments)]
+fn take_requests(
+    shared: &Shared,
+    index: u32,
+    queue: &Mutex<DeviceQueue>,
+    ring: &SharedMem<'_>,
+    kick: &OwnedFd,
+    stop: &AtomicBool,
+    jobs: &mpsc::Sender<Chain>,
+    failure: &Mutex<Option<VduseError>>,
+) -> Result<(), VduseError> {
+    let qerr = |e: QueueError| queue_error(index, e);
+    let lock = || queue.lock().unwrap_or_else(|p| p.into_inner());
     while !stop.load(Ordering::SeqCst) {
-        queue.disable_notification(&ring).map_err(qerr)?;
+        if failure.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            return Ok(()); // serve_queue reports it
+        }
+        lock().disable_notification(ring).map_err(qerr)?;
         loop {
             let mut no_indirect = |_: u64, _: u32| -> Result<Vec<u8>, String> {
                 Err("indirect descriptors were not offered".into())
             };
-            while let Some(chain) = queue.pop_chain(&ring, &mut no_indirect).map_err(qerr)? {
-                shared.next_avail[index as usize].store(queue.next_avail(), Ordering::SeqCst);
-                let io = ChainIo::new(&shared.dev, &shared.iova, &chain);
-                let written = match request::serve(&io, shared.export.as_ref(), &shared.serial) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::warn!(device = %shared.dev.name(), queue = index, "bad request: {e}");
-                        0
-                    }
+            loop {
+                let mut q = lock();
+                let Some(chain) = q.pop_chain(ring, &mut no_indirect).map_err(qerr)? else {
+                    break;
                 };
-                queue.add_used(&ring, chain.head, written).map_err(qerr)?;
+                shared.next_avail[index as usize].store(q.next_avail(), Ordering::SeqCst);
+                drop(q);
+                if jobs.send(chain).is_err() {
+                    return Ok(()); // no worker left: each said why
+                }
             }
-            if queue.needs_notification(&ring).map_err(qerr)? {
-                shared.dev.inject_irq(index)?;
-            }
-            if !queue.enable_notification(&ring).map_err(qerr)? {
+            if !lock().enable_notification(ring).map_err(qerr)? {
                 break;
             }
-            queue.disable_notification(&ring).map_err(qerr)?;
+            lock().disable_notification(ring).map_err(qerr)?;
         }
         wait_kick(kick);
     }
     Ok(())
+}
+
+/// A worker: serves the chains it takes from `inbox` from the export, each completed on the
+/// used ring (and the driver interrupted if it asked to be) as soon as it is served. Returns
+/// when the queue thread closes the channel.
+fn complete_requests(
+    shared: &Shared,
+    index: u32,
+    queue: &Mutex<DeviceQueue>,
+    ring: &SharedMem<'_>,
+    inbox: &Mutex<mpsc::Receiver<Chain>>,
+) -> Result<(), VduseError> {
+    loop {
+        let next = inbox.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let Ok(chain) = next else {
+            return Ok(());
+        };
+        let io = ChainIo::new(&shared.dev, &shared.iova, &chain);
+        let written = match request::serve(&io, shared.export.as_ref(), &shared.serial) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(device = %shared.dev.name(), queue = index, "bad request: {e}");
+                0
+            }
+        };
+        let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.add_used(ring, chain.head, written)
+            .map_err(|e| queue_error(index, e))?;
+        if q.needs_notification(ring)
+            .map_err(|e| queue_error(index, e))?
+        {
+            shared.dev.inject_irq(index)?;
+        }
+    }
+}
+
+fn queue_error(index: u32, e: QueueError) -> VduseError {
+    VduseError::Spec {
+        why: format!("queue {index}: {e}"),
+    }
 }

@@ -22,6 +22,9 @@ and max MiB/s of the rounds), the counts per request (our daemon's map calls and
 blkback's notifications), then one line per target:
   target <name>: <measured> (goal <goal>) met|missed
 A missed target is a result, not an error. No figure is asserted anywhere.
+Last, without Xen, on this host (scripts/bench-loopback.sh): the loopback pair's NBD export
+against the image file itself under the same fio, 128 KiB sequential reads at QD16 and 4 KiB
+random reads at QD32, each with its target line.
 
   --release R   bookworm, trixie or all (default: all)
   --arch A      x86_64, arm64 or all (default: all)
@@ -30,7 +33,7 @@ A missed target is a result, not an error. No figure is asserted anywhere.
   --help        this text
 
 Exit status: 0 when every setup check of the boots passed and every boot printed all 17 of
-its target lines (the figures and met/missed do not count), 1 otherwise, 2 on a usage, fetch
+its target lines, and the loopback its 2 (the figures and met/missed do not count), 1 otherwise, 2 on a usage, fetch
 or build error. The environment of scripts/e2e.sh applies
 (XENVIRTIO_E2E_WORK: work dir, default /tmp/xenvirtio-e2e). docs/PERFORMANCE.md has the figures
 of a full run and what they mean.
@@ -58,8 +61,8 @@ while [ $# -gt 0 ]; do
 done
 WORK=${XENVIRTIO_E2E_WORK:-/tmp/xenvirtio-e2e}
 export XENVIRTIO_E2E_WORK=$WORK
-words=
-[ $QUICK = 0 ] || words=xvbench=quick
+words='' rounds=3 seconds=4
+[ $QUICK = 0 ] || words=xvbench=quick rounds=1 seconds=1
 start=$(date +%s)
 rc=0
 XENVIRTIO_E2E_DOM0_WORDS=$words "$ROOT/scripts/e2e.sh" --mode bench --release "$RELEASE" --arch "$ARCH" || rc=$?
@@ -93,6 +96,23 @@ for r in $rels; do
     fi
   done
 done
+# The no-Xen figures: the loopback pair on this host (its static binary, as e2e.sh built it).
+echo
+host=$(uname -m)
+triple=$host-unknown-linux-musl
+lbin=${CARGO_TARGET_DIR:-$ROOT/target}/$triple/release-static/xenvirtio-loopback
+if ! (cd "$ROOT" && cargo build -q --profile release-static --target "$triple" --bin xenvirtio-loopback); then
+  echo "bench: cannot build xenvirtio-loopback for $triple"
+  missing="$missing loopback"
+elif ! lb=$("$ROOT/scripts/bench-loopback.sh" "$lbin" "$rounds" "$seconds"); then
+  echo "$lb"
+  echo "bench: the loopback figures failed"
+  missing="$missing loopback"
+else
+  echo "$lb"
+  n=$(grep -c '^target loopback-.*: .* (goal .*) \(met\|missed\)$' <<<"$lb" || true)
+  [ "$n" = 2 ] || { echo "bench: $n loopback target lines, want 2"; missing="$missing loopback"; }
+fi
 echo
 echo "bench: done in $(($(date +%s) - start)) s${missing:+; no full report from:$missing}"
 [ -z "$missing" ] || rc=1

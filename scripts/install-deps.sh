@@ -13,6 +13,8 @@ APT_PKGS=(
   xenstore-utils xen-utils-4.17 libxen-dev
   # real NBD clients for the export tests
   qemu-utils libnbd-bin
+  # scripts/bench.sh's no-Xen figures: the loopback pair's NBD export against the image file
+  fio
   # building the xenstored shim for the host integration tests; g++ for libFuzzer, which the
   # fuzz crate's replay test links (scripts/test.sh)
   gcc libc6-dev g++

@@ -71,7 +71,7 @@ add_elf() {
     next=()
     for f in "${todo[@]}"; do
       rp=$(readelf -d "$f" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p' | tr ':' ' ')
-      dirs=(lib/$TRIPLET usr/lib/$TRIPLET)
+      dirs=("lib/$TRIPLET" "usr/lib/$TRIPLET")
       for dir in $rp; do dirs+=("${dir#/}"); done
       for lib in $(readelf -d "$f" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
         [ -z "${seen[$lib]:-}" ] || continue
@@ -92,7 +92,7 @@ add_elf() {
         done
         [ -n "$found" ] || { echo "build-initrd: $rel needs $lib, which none of the $RELEASE packages has" >&2; return 1; }
         # the multiarch directories all become ROOT/lib/<triplet>, a RUNPATH stays itself
-        case $found in lib/$TRIPLET | usr/lib/$TRIPLET) dir=lib/$TRIPLET ;; *) dir=$found ;; esac
+        case $found in "lib/$TRIPLET" | "usr/lib/$TRIPLET") dir=lib/$TRIPLET ;; *) dir=$found ;; esac
         mkdir -p "$root/$dir"
         cp -L "$st/$found/$lib" "$root/$dir/$lib"
         next+=("$root/$dir/$lib")

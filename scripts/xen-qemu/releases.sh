@@ -53,6 +53,7 @@ apt_private() {
     echo "deb [signed-by=$keyring] http://deb.debian.org/debian $rel-updates main"
     echo "deb [signed-by=$keyring] http://deb.debian.org/debian-security $rel-security main"
   } >"$dir/sources.list"
+  # shellcheck disable=SC2034 # for the sourcing script
   APT_OPTS=(-o "Dir::Etc::SourceList=$dir/sources.list" -o "Dir::Etc::SourceParts=$dir/parts"
     -o "Dir::Etc::Preferences=/dev/null" -o "Dir::Etc::PreferencesParts=$dir/parts"
     -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o "Dir::State::status=$dir/status"

@@ -149,6 +149,7 @@ bk_dev=
 if [ -n "$ready" ]; then
   out=$(mx_in "$d" 30 "[ -d /sys/module/xen_blkfront ] || insmod /lib/modules/xen-blkfront.ko" 2>&1)
   out="$out $(xl block-attach "$d" phy:/dev/ram0,xvdb,w 2>&1)"
+  # shellcheck disable=SC2016 # expanded in the DomU
   size=$(mx_in "$d" 90 'i=0; while [ ! -b /dev/xvdb ] && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done; blockdev --getsize64 /dev/xvdb')
   persist="backend $(xenstore-read "/local/domain/0/backend/vbd/$DOMID/$BN_XVDB/feature-persistent" 2>&1), frontend $(xenstore-read "/local/domain/$DOMID/device/vbd/$BN_XVDB/feature-persistent" 2>&1)"
   if [ "$size" = $((BN_DISK_MB * 1024 * 1024)) ]; then
@@ -219,8 +220,9 @@ bench ""
 bench "MiB/s, median (min-max) of the rounds; xv-<strategy>: xenvirtio, each DMA strategy the role allows"
 bench "$hdr $(printf '%8s' best/bk)"
 for w in $BN_WORKLOADS; do
-  row=$(printf '%-17s' "$w") best= bk=
+  row=$(printf '%-17s' "$w") best='' bk=''
   for p in $paths; do
+    # shellcheck disable=SC2046 # three numbers, or none
     set -- $(bn_median "$p" "$w")
     row="$row$(printf ' %22s' "${1:-failed}${2:+ ($2-$3)}")"
     case $p in
@@ -237,7 +239,7 @@ bench "per request (all workloads; QD32 only in brackets): map calls, notificati
 qd32=$(echo "$BN_WORKLOADS" | tr ' ' '\n' | grep qd32 | xargs)
 for p in $paths; do
   [ "$p" = local ] && continue
-  # shellcheck disable=SC2086 # lists of workloads
+  # shellcheck disable=SC2086,SC2046 # lists of workloads; six numbers
   set -- $(bn_per_request "$p" $BN_WORKLOADS) $(bn_per_request "$p" $qd32)
   bench "$(printf '%-10s maps %5s  to-backend %5s (%5s)  to-frontend %5s (%5s)' "$p" "$1" "$2" "$5" "$3" "$6")"
   eval "PR_$(echo "$p" | tr '-' '_')=\"$4 $5 $6\""

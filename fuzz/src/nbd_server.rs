@@ -9,7 +9,8 @@
 //! - the image keeps its size (no write past the end), and changes only where a WRITE,
 //!   TRIM or WRITE_ZEROES inside the export named;
 //! - the server greets with the fixed-newstyle hello, and every transmission reply it sends
-//!   carries the magic and the handle of a request the client sent, in order.
+//!   carries the magic and the handle of a request the client sent, one reply per request, in
+//!   any order (the export answers each request as it completes).
 //!
 //! Allocation is bounded by libFuzzer's `-rss_limit_mb` and `-malloc_limit_mb` (the server
 //! caps options at 64 KiB and moves data through a 1 MiB buffer).
@@ -321,8 +322,8 @@ pub fn run(input: &NbdInput) {
 
 /// Checks the reply stream. The hello always; when the client's stream is well-formed (so the
 /// server's view of it is the input's), every option reply and every transmission reply too:
-/// right magic, the option or handle it answers, in order, with READ data of the right length,
-/// and nothing after the last.
+/// right magic, the option it answers in order, the handle of a request each (in any order), with
+/// READ data of the right length, and nothing after the last.
 fn check_replies(input: &NbdInput, replies: &[u8]) {
     assert!(replies.len() >= 18, "no hello");
     assert_eq!(replies[0..8], proto::NBDMAGIC.to_be_bytes());
@@ -392,26 +393,44 @@ fn check_replies(input: &NbdInput, replies: &[u8]) {
     if !transmission {
         return;
     }
-    for q in &input.requests {
-        if q.command() == proto::CMD_DISC {
-            break;
-        }
+    // The export answers each request as it completes (NBD allows any order), so a reply is
+    // matched to the earliest unanswered request with its handle. Every request before DISC
+    // gets exactly one reply.
+    let requests: Vec<&NbdRequest> = input
+        .requests
+        .iter()
+        .take_while(|q| q.command() != proto::CMD_DISC)
+        .collect();
+    let mut answered = vec![false; requests.len()];
+    for _ in 0..requests.len() {
         assert!(
             replies.len() >= pos + 16,
-            "request {:#x} got no reply",
-            q.handle
+            "{} request(s) got no reply",
+            answered.iter().filter(|a| !**a).count()
         );
         assert_eq!(be32(pos), proto::SIMPLE_REPLY_MAGIC, "reply magic at {pos}");
         let error = be32(pos + 4);
-        assert_eq!(
-            replies[pos + 8..pos + 16],
-            q.handle.to_be_bytes(),
-            "replies come in request order"
-        );
-        pos += 16;
-        if error == 0 && q.command() == proto::CMD_READ {
-            pos += q.range().1 as usize;
+        let handle = u64::from_be_bytes(replies[pos + 8..pos + 16].try_into().expect("8 bytes"));
+        let data = |i: usize| {
+            if error == 0 && requests[i].command() == proto::CMD_READ {
+                requests[i].range().1 as usize
+            } else {
+                0
+            }
+        };
+        let candidates: Vec<usize> = (0..requests.len())
+            .filter(|&i| !answered[i] && requests[i].handle == handle)
+            .collect();
+        let Some(&i) = candidates.first() else {
+            panic!("a reply at {pos} names handle {handle:#x}, which no unanswered request has");
+        };
+        if candidates.iter().any(|&c| data(c) != data(i)) {
+            // A client that reuses a handle for reads of different lengths cannot tell which
+            // one a reply answers, nor can this check: the rest of the stream is not parsed.
+            return;
         }
+        answered[i] = true;
+        pos += 16 + data(i);
     }
     assert_eq!(pos, replies.len(), "bytes after the last reply");
 }

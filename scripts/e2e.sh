@@ -239,23 +239,17 @@ show_tail() {
 phase_start
 # debs REL ARCH: the package cache of one release and arch.
 debs() { echo "$WORK/debs-$1-$(debarch "$2")"; }
+# The guest tools of the bench (fio; bash and flock for Xen's block hotplug script), with their
+# libraries, into a cache of their own.
+tools() { echo "$WORK/tools-$1-$(debarch "$2")"; }
 for r in "${RELEASES[@]}"; do
   for a in "${ARCHES[@]}"; do
     "$XQ/fetch-debs.sh" "$r" "$(debarch "$a")" "$(debs "$r" "$a")" ||
       die "fetching the $r $(debarch "$a") packages failed"
+    [ "$MODE" != bench ] || "$XQ/fetch-tools.sh" "$r" "$(debarch "$a")" "$(tools "$r" "$a")" fio bash util-linux ||
+      die "fetching the $r $(debarch "$a") guest tools failed"
   done
 done
-# The guest tools of the bench (fio; bash and flock for Xen's block hotplug script), with their
-# libraries, into a cache of their own.
-tools() { echo "$WORK/tools-$1-$(debarch "$2")"; }
-if [ "$MODE" = bench ]; then
-  for r in "${RELEASES[@]}"; do
-    for a in "${ARCHES[@]}"; do
-      "$XQ/fetch-tools.sh" "$r" "$(debarch "$a")" "$(tools "$r" "$a")" fio bash util-linux ||
-        die "fetching the $r $(debarch "$a") guest tools failed"
-    done
-  done
-fi
 phase_end fetch
 
 # ---- the harness's own shell library, under the guests' busybox when it runs here ----
@@ -331,16 +325,16 @@ for a in "${ARCHES[@]}"; do build_bins "$a"; done
 phase_end build
 
 # ---- 3. initramfs ----
-TOOLS_OF=
-[ "$MODE" != bench ] || TOOLS_OF=1
 # images REL ARCH: the images of one release and arch (dom0.cpio, ...).
 images() { echo "$WORK/$1/$2"; }
 phase_start
 for r in "${RELEASES[@]}"; do
   for a in "${ARCHES[@]}"; do
     ilog=$WORK/logs/initrd-$r-$a.log
+    targs=()
+    [ "$MODE" != bench ] || targs=("$(tools "$r" "$a")")
     "$XQ/build-initrd.sh" "$a" "$(debs "$r" "$a")" "$(images "$r" "$a")" "$(ls "$WORK/$a"/xenvirtio_*.deb)" \
-      ${TOOLS_OF:+"$(tools "$r" "$a")"} >"$ilog" 2>&1 ||
+      "${targs[@]}" >"$ilog" 2>&1 ||
       { tail -n 20 "$ilog" >&2; die "building the $r $a initramfs failed (log: $ilog)"; }
     echo "$r: $(tail -n 1 "$ilog")"
     [ $KEEP = 1 ] || rm -rf "$(images "$r" "$a")/initrd-dom0" "$(images "$r" "$a")/initrd-domU"

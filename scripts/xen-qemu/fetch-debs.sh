@@ -23,8 +23,6 @@ case $DEBARCH in amd64 | arm64) ;; *) echo "fetch-debs: unknown Debian architect
 LIST=$HERE/pkgs/$RELEASE-$DEBARCH.txt
 [ -f "$LIST" ] || { echo "fetch-debs: no package list $LIST" >&2; exit 2; }
 XEN=$(release_xen "$RELEASE")
-KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-[ -f "$KEYRING" ] || { echo "fetch-debs: $KEYRING missing (apt-get install debian-archive-keyring)" >&2; exit 2; }
 
 stamp="release=$RELEASE pkgs=$(sha256sum <"$LIST" | cut -d' ' -f1)"
 if [ -f "$DEST/fetched.ok" ] && [ "$(head -n1 "$DEST/fetched.ok")" = "$stamp" ]; then
@@ -33,8 +31,8 @@ if [ -f "$DEST/fetched.ok" ] && [ "$(head -n1 "$DEST/fetched.ok")" = "$stamp" ];
 fi
 
 # The private apt configuration of RELEASE, shared by its architectures.
-apt_private "$(dirname "$DEST")/apt-$RELEASE" "$RELEASE" "$DEBARCH"
 APTDIR=$(dirname "$DEST")/apt-$RELEASE
+apt_private "$APTDIR" "$RELEASE" "$DEBARCH" || exit 2
 echo "fetch-debs: apt-get update for $RELEASE $DEBARCH (private lists in $APTDIR)"
 apt-get "${APT_OPTS[@]}" update -qq
 KPKG=$(apt-cache "${APT_OPTS[@]}" depends "linux-image-$DEBARCH" |

@@ -24,7 +24,7 @@ if [ -f "$DEST/fetched.ok" ] && [ "$(head -n1 "$DEST/fetched.ok")" = "$stamp" ];
   echo "fetch-tools: $* for $RELEASE $DEBARCH cached in $DEST"
   exit 0
 fi
-apt_private "$(dirname "$DEST")/apt-$RELEASE" "$RELEASE" "$DEBARCH"
+apt_private "$(dirname "$DEST")/apt-$RELEASE" "$RELEASE" "$DEBARCH" || exit 2
 apt-get "${APT_OPTS[@]}" update -qq
 # The closure: apt-cache prints each package once at the start of a line; virtual packages
 # come as <name>.

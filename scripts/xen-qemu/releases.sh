@@ -43,9 +43,11 @@ release_words() {
 
 # apt_private APTDIR RELEASE DEBARCH: set up the private apt configuration of RELEASE in APTDIR
 # (its sources list, lists, cache and an empty dpkg status; Debian's archive keyring) and set
-# the array APT_OPTS that points apt-get and apt-cache at it for DEBARCH.
+# the array APT_OPTS that points apt-get and apt-cache at it for DEBARCH. Fails, saying so, when
+# the keyring is missing.
 apt_private() {
   local dir=$1 rel=$2 arch=$3 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+  [ -f "$keyring" ] || { echo "$keyring missing (apt-get install debian-archive-keyring)" >&2; return 1; }
   mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/parts"
   : >"$dir/status"
   {

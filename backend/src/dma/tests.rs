@@ -327,6 +327,34 @@ fn hostile_direct_unmappable_chunk_is_not_retried() {
     );
 }
 
+/// An arena of `pages` pages granted read-write by `front`, page `i` starting with `i` (u32 LE);
+/// the grant (keep it alive) and its refs.
+fn numbered_arena(front: &LoopbackDomain, pages: usize) -> (impl GrantedPages, Vec<GrantRef>) {
+    let arena = front
+        .grant_allocator()
+        .unwrap()
+        .grant(0, pages, Access::ReadWrite)
+        .unwrap();
+    for i in 0..pages {
+        arena
+            .mem()
+            .write(i * 4096, &(i as u32).to_le_bytes())
+            .unwrap();
+    }
+    let refs = arena.refs().to_vec();
+    (arena, refs)
+}
+
+/// Maps the first 4 bytes of `gref` as a one-buffer chain and checks they hold `want`, the
+/// page's number in its [`numbered_arena`].
+fn read_numbered(space: &mut Space, c: &mut MapCounters, gref: GrantRef, want: usize) {
+    let m = space
+        .map_chain(&chain(&[(gaddr(gref, 0), 4, false)]), c)
+        .unwrap();
+    let got = u32::from_le_bytes(m.readable()[0].read_array::<4>(0).unwrap());
+    assert_eq!(got as usize, want, "verified data");
+}
+
 /// Issue 14: a frontend whose buffers come from anywhere in its arena, a page at a time,
 /// fills [`MAX_PERSISTENT_MAPPINGS`] small batches long before it has touched the whole
 /// arena. The batches are merged then, not evicted: after one pass over the arena, another
@@ -335,38 +363,20 @@ fn hostile_direct_unmappable_chunk_is_not_retried() {
 fn persistent_grants_are_merged_instead_of_churning() {
     const PAGES: usize = 256;
     let (hv, back, front) = setup();
-    let pages = front
-        .grant_allocator()
-        .unwrap()
-        .grant(0, PAGES, Access::ReadWrite)
-        .unwrap();
-    for i in 0..PAGES {
-        pages
-            .mem()
-            .write(i * 4096, &(i as u32).to_le_bytes())
-            .unwrap();
-    }
-    let refs = pages.refs().to_vec();
+    let (_pages, refs) = numbered_arena(&front, PAGES);
     let mut space: Space =
         AddressSpace::grant(Arc::new(back.grant_mapper().unwrap()), FRONT, true, 1024);
     let mut c = MapCounters::default();
     // a stride that visits every page once per pass, never two neighbours in a row
     let order: Vec<usize> = (0..PAGES).map(|i| (i * 97) % PAGES).collect();
-    let read = |space: &mut Space, c: &mut MapCounters, page: usize| {
-        let m = space
-            .map_chain(&chain(&[(gaddr(refs[page], 0), 4, false)]), c)
-            .unwrap();
-        let got = u32::from_le_bytes(m.readable()[0].read_array::<4>(0).unwrap());
-        assert_eq!(got as usize, page, "verified data");
-    };
     let mut most = 0;
     for &p in &order {
-        read(&mut space, &mut c, p);
+        read_numbered(&mut space, &mut c, refs[p], p);
         most = most.max(hv.stats(0).grant_maps);
     }
     let warm = c.map_calls;
     for &p in order.iter().rev() {
-        read(&mut space, &mut c, p);
+        read_numbered(&mut space, &mut c, refs[p], p);
     }
     assert_eq!(
         c.map_calls, warm,
@@ -390,28 +400,13 @@ fn hostile_persistent_grants_one_new_page_per_request() {
     const PAGES: usize = 1000;
     const VMA_BOUND: usize = 32;
     let (hv, back, front) = setup();
-    let pages = front
-        .grant_allocator()
-        .unwrap()
-        .grant(0, PAGES, Access::ReadWrite)
-        .unwrap();
-    for i in 0..PAGES {
-        pages
-            .mem()
-            .write(i * 4096, &(i as u32).to_le_bytes())
-            .unwrap();
-    }
-    let refs = pages.refs().to_vec();
+    let (_pages, refs) = numbered_arena(&front, PAGES);
     let mut space: Space =
         AddressSpace::grant(Arc::new(back.grant_mapper().unwrap()), FRONT, true, 1024);
     let mut c = MapCounters::default();
     let mut most = 0;
     for (round, &gref) in refs.iter().chain(refs.iter()).enumerate() {
-        let m = space
-            .map_chain(&chain(&[(gaddr(gref, 0), 4, false)]), &mut c)
-            .unwrap();
-        let got = u32::from_le_bytes(m.readable()[0].read_array::<4>(0).unwrap());
-        assert_eq!(got as usize, round % PAGES, "verified data");
+        read_numbered(&mut space, &mut c, gref, round % PAGES);
         most = most.max(hv.stats(0).grant_maps);
     }
     assert!(

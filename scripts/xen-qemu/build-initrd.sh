@@ -35,17 +35,34 @@ staged() {
   return 1
 }
 MODS=$(staged "$M")
-# add_module REL DIR: the kernel module REL (e.g. drivers/block/nbd) into DIR as REL's basename
-# .ko, uncompressed: Debian 13 ships its modules xz-compressed, which busybox's insmod cannot load.
+# add_module ROOT REL: the kernel module REL (e.g. drivers/block/nbd) into ROOT's module tree at
+# its own path, uncompressed: Debian 13 ships its modules xz-compressed, and decompressing them
+# once here spares the guest's kmod the work at every boot under TCG.
 add_module() {
-  if [ -f "$MODS/kernel/$1.ko" ]; then
-    cp "$MODS/kernel/$1.ko" "$2/"
-  elif [ -f "$MODS/kernel/$1.ko.xz" ]; then
-    xz -dc "$MODS/kernel/$1.ko.xz" >"$2/$(basename "$1").ko"
+  local dst=$1/$M/kernel/$2.ko
+  mkdir -p "$(dirname "$dst")"
+  if [ -f "$MODS/kernel/$2.ko" ]; then
+    cp "$MODS/kernel/$2.ko" "$dst"
+  elif [ -f "$MODS/kernel/$2.ko.xz" ]; then
+    xz -dc "$MODS/kernel/$2.ko.xz" >"$dst"
   else
-    echo "build-initrd: no module $1 in $MODS" >&2
+    echo "build-initrd: no module $2 in $MODS" >&2
     return 1
   fi
+}
+# add_kmod ROOT: Debian's kmod (modprobe, insmod, rmmod, lsmod, modinfo, depmod) into ROOT with
+# its libraries, and ROOT's module tree indexed as the kernel package's postinst would
+# (modules.dep, modules.alias: what modprobe and the kernel's own request_module, e.g. for
+# crc32c at an ext4 mount, resolve names and dependencies with). The index is written by the
+# host's depmod on ROOT's tree (`depmod -b`), since the guest's kmod cannot run here for arm64.
+add_kmod() {
+  local t
+  add_elf "$1" bin/kmod
+  mkdir -p "$1/sbin"
+  for t in modprobe insmod rmmod lsmod modinfo depmod; do ln -sf /bin/kmod "$1/sbin/$t"; done
+  cp "$MODS"/modules.{order,builtin,builtin.modinfo} "$1/$M/" 2>/dev/null || true
+  sed -i 's/\.ko\.xz$/.ko/' "$1/$M/modules.order"
+  depmod -b "$1" "$KVER"
 }
 case $ARCH in
   x86_64) TRIPLET=x86_64-linux-gnu LDSO=lib64/ld-linux-x86-64.so.2 ;;
@@ -129,30 +146,30 @@ add_project_bins() {
 # ---------- DomU: busybox, the Xen device modules, the project binaries ----------
 # No xenstore tools: the project's binaries speak xenstore over /dev/xen/xenbus themselves
 # (the command channel's agent is `xenvirtio-selftest agent`).
-mkdir -p "$U"/{bin,proc,sys,dev,run,tmp,lib/modules}
+mkdir -p "$U"/{bin,proc,sys,dev,run,tmp}
 cp "$(staged bin/busybox)" "$U/bin/busybox"
 install -m 755 "$HERE/guest/domU-init" "$U/init"
-# no dependencies between them: plain insmod; /dev/xen/xenbus is built into the kernel
+# The Xen device modules; /dev/xen/xenbus is built into the kernel.
 for m in xen-evtchn xen-gntalloc xen-gntdev; do
-  add_module "drivers/xen/$m" "$U/lib/modules"
+  add_module "$U" "drivers/xen/$m"
 done
-# The kernel's NBD driver and ext4 (for ext2 filesystems on it), loaded by the kernel
-# block-device cells (tests/knbd-lib.sh): nbd has no dependencies, ext4 needs jbd2, mbcache,
-# crc16, and crc32c from the crypto API at mount.
+# The kernel's NBD driver and ext4 with what it needs (jbd2, mbcache, crc16, and crc32c, which
+# the crypto API asks modprobe for at every mount), loaded by the kernel block-device cells
+# (tests/knbd-lib.sh) and the package's init script.
 for m in drivers/block/nbd fs/ext4/ext4 fs/jbd2/jbd2 fs/mbcache lib/crc16 crypto/crc32c_generic; do
-  add_module "$m" "$U/lib/modules"
+  add_module "$U" "$m"
 done
 # VDUSE and the virtio drivers on top of it, where the release's kernel builds them (Debian 13's
 # 6.12; Debian 12's 6.1 does not): vduse needs vhost_iotlb and vdpa, virtio_vdpa needs vdpa.
 for m in drivers/vhost/vhost_iotlb drivers/vdpa/vdpa drivers/vdpa/vdpa_user/vduse \
   drivers/virtio/virtio_vdpa drivers/block/virtio_blk; do
   if [ -e "$MODS/kernel/$m.ko" ] || [ -e "$MODS/kernel/$m.ko.xz" ]; then
-    add_module "$m" "$U/lib/modules"
+    add_module "$U" "$m"
   fi
 done
 # Linux's own PV block frontend, for the disk `xl block-attach` gives (scripts/bench.sh puts it
 # beside ours).
-add_module drivers/block/xen-blkfront "$U/lib/modules"
+add_module "$U" drivers/block/xen-blkfront
 # The guest tools of scripts/bench.sh: Debian's fio, with its libraries.
 [ -z "$TOOLS" ] || add_elf "$U" usr/bin/fio
 # Debian's e2fsprogs: the cells make ext4 with mkfs.ext4 and check it with e2fsck -fn, as an
@@ -161,6 +178,7 @@ add_elf "$U" sbin/mke2fs
 add_elf "$U" sbin/e2fsck
 ln -s mke2fs "$U/sbin/mkfs.ext4"
 ln -s e2fsck "$U/sbin/fsck.ext4"
+add_kmod "$U"
 mkdir -p "$U/etc"
 cp "$(staged etc/mke2fs.conf)" "$U/etc/mke2fs.conf"
 # The guest's fstab, as an operator writes it for a disk the frontend brings up at boot: by the
@@ -207,11 +225,8 @@ if [ -n "$TOOLS" ]; then
   add_elf "$R" bin/bash
   add_elf "$R" usr/bin/flock
 fi
-# busybox's modprobe loads only uncompressed modules
 find "$R/$M/kernel" -name '*.ko.xz' -exec xz -d {} +
-cp "$MODS"/modules.{order,builtin,builtin.modinfo} "$R/$M/" 2>/dev/null || true
-sed -i 's/\.ko\.xz$/.ko/' "$R/$M/modules.order"
-depmod -b "$R" "$KVER"
+add_kmod "$R"
 cp "$OUT/domU.cpio.gz" "$R/boot/domU.cpio.gz"
 case $ARCH in
   x86_64)

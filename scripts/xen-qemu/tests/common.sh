@@ -60,14 +60,10 @@ xv_expect_vduse() {
 }
 
 # xv_load_kernel_paths: nbd.ko (4 devices, as the kernel block-device cells use it) and, where
-# the image has them, the VDUSE modules, in dependency order. Already loaded ones are skipped.
+# the release's kernel has them, the VDUSE modules (modprobe resolves their dependencies).
 xv_load_kernel_paths() {
-  local _m
-  [ -d /sys/module/nbd ] || insmod /lib/modules/nbd.ko nbds_max=4 max_part=0 || return 1
-  for _m in vhost_iotlb vdpa vduse virtio_vdpa virtio_blk; do
-    [ -f "/lib/modules/$_m.ko" ] || continue
-    [ -d "/sys/module/$_m" ] || insmod "/lib/modules/$_m.ko" || return 1
-  done
+  [ -d /sys/module/nbd ] || modprobe nbd nbds_max=4 max_part=0 || return 1
+  [ "$(xv_expect_vduse)" = unavailable ] || modprobe -a vduse virtio_vdpa virtio_blk
 }
 
 # xv_check_kernel_paths: `xenvirtio-frontend kernel-paths --probe` after loading the modules:

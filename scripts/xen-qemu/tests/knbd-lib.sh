@@ -7,15 +7,12 @@
 # daemon restarts and while it is killed, and a clean disconnect.
 # Every cell emits its own check line; nothing is skipped.
 
-# kn_probe_load: load nbd.ko (4 devices, no partitions) and ext4 with its
-# dependencies in this domain, from the kernel package's modules in the image (ext4 asks the
-# crypto API for crc32c at every mount, and there is no modprobe to load it on demand).
+# kn_probe_load: load nbd.ko (4 devices, no partitions) and ext4 in this domain with Debian's
+# modprobe, which brings ext4's dependencies and its soft dependency crc32c (which ext4 asks the
+# crypto API for at every mount).
 kn_probe_load() {
-  local _m
-  for _m in crc32c_generic crc16 mbcache jbd2 ext4; do
-    [ -d "/sys/module/$_m" ] || insmod "/lib/modules/$_m.ko" || return 1
-  done
-  [ -d /sys/module/nbd ] || insmod /lib/modules/nbd.ko nbds_max=4 max_part=0 || return 1
+  [ -d /sys/module/nbd ] || modprobe nbd nbds_max=4 max_part=0 || return 1
+  modprobe ext4 || return 1
   [ -b /dev/nbd0 ] || return 1
   set -- /sys/block/nbd*
   echo "nbd.ko loaded: $# devices"
@@ -56,21 +53,18 @@ kn_use() {
   esac
 }
 kn_use nbd
-KN_DMA='' KN_SUFFIX=''
+KN_DMA='' KN_SUFFIX='' KN_WANT=''
 
 # kn_probe_load_vduse: ext4 as for NBD, then VDUSE and the virtio drivers above it.
 kn_probe_load_vduse() {
-  local _m
-  for _m in crc32c_generic crc16 mbcache jbd2 ext4 vhost_iotlb vdpa vduse virtio_vdpa virtio_blk; do
-    [ -d "/sys/module/$_m" ] || insmod "/lib/modules/$_m.ko" || return 1
-  done
+  modprobe -a ext4 vduse virtio_vdpa virtio_blk || return 1
   echo "vduse.ko loaded: $(ls /dev/vduse | xv_oneline)"
 }
 
 # kn_serve_cell DOMAIN: stop DOMAIN's export, load the path's modules and serve blk 0 again
 # with the kernel device (with --dma $KN_DMA when it is set: the connection must then use that
-# strategy). Checks <path>-serve$KN_SUFFIX. Returns non-zero when there is no kernel device to
-# test.
+# strategy; with KN_WANT set, serve's kernel line must match that pattern). Checks
+# <path>-serve$KN_SUFFIX. Returns non-zero when there is no kernel device to test.
 kn_serve_cell() {
   local _d _out _rc _line _dma
   _d=$1
@@ -317,9 +311,9 @@ kn_tree_digest() {
 }
 
 # kn_reboot_cell DOMAIN: the disk as an operator's guest has it across a reboot. In DOMAIN, the
-# package's init script (/etc/init.d/xenvirtio-frontend: `serve --kernel`, VDUSE where the
-# kernel has it, else NBD) brings the disk up; mkfs.ext4 -L xvdata, a tree of files written, its
-# digest kept, umount, the script stopped. Then DOMAIN is destroyed and created again (what a
+# package's init script (/etc/init.d/xenvirtio-frontend: the modules with modprobe, then `serve
+# --kernel`, VDUSE where the kernel has it, else NBD) brings the disk up; mkfs.ext4 -L xvdata, a
+# tree of files written, its digest kept, umount, the script stopped. Then DOMAIN is destroyed and created again (what a
 # reboot is to Xen: a new domid, the devices back from the daemon's book), with xvdisk=1: at
 # boot, before anything of the harness runs in it, the init script brings the disk up again and
 # the image's fstab mounts it by its label on /mnt/data. The files must be there with the same
@@ -329,7 +323,7 @@ kn_reboot_cell() {
   local _d _out _rc _digest _old _new _cfg _seen
   _d=$1
   mx_stop_serve "$_d"
-  _out=$(mx_in "$_d" 300 "{ kn_probe_load; kn_probe_load_vduse; } >/dev/null 2>&1; /etc/init.d/xenvirtio-frontend start || exit 1;
+  _out=$(mx_in "$_d" 300 "modprobe ext4 || exit 1; /etc/init.d/xenvirtio-frontend start || exit 1;
     dev=\$(kn_kernel_dev \"\$(cat /var/log/xenvirtio-frontend.log)\"); echo dev=\$dev;
     mkfs.ext4 -F -q -L xvdata \$dev && mkdir -p /mnt/data && mount LABEL=xvdata /mnt/data &&
     for dir in x y; do mkdir -p /mnt/data/\$dir; for i in 1 2 3 4; do dd if=/dev/urandom of=/mnt/data/\$dir/f\$i bs=1k count=\$((i * 131)) 2>/dev/null; done; done &&

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use xenvirtio_frontend::Frontend;
 use xenvirtio_frontend::blk::{BlkDevice, BlkOptions};
-use xenvirtio_frontend::knbd::{KernelNbd, KernelNbdConfig};
+use xenvirtio_frontend::knbd::{KernelNbd, KernelNbdConfig, NbdInterface};
 use xenvirtio_frontend::nbd::{BlockExport, NbdAddress, NbdClient, NbdServer, NbdServerConfig};
 use xenvirtio_frontend::pattern::{self, Comparer};
 use xenvirtio_frontend::supervisor::{DEFAULT_RETRY_WAIT, SupervisedBlk};
@@ -207,6 +207,18 @@ struct ServeArgs {
     /// new connections (a pause, not an error, for a mounted filesystem).
     #[arg(long, value_name = "auto|N", value_parser = parse_kernel_nbd)]
     kernel_nbd: Option<KernelNbdIndex>,
+    /// Which of the kernel's NBD interfaces connects the /dev/nbdN of --kernel-nbd (and of
+    /// --kernel where it picks NBD): `auto` takes netlink where the kernel has it, else the
+    /// old ioctls on /dev/nbdN (kernels before 4.12). Only netlink hands a connected device
+    /// the new connections of a restarted frontend and holds requests while none is left;
+    /// under ioctl a restarted frontend takes another device. The one used is printed.
+    #[arg(
+        long,
+        value_name = "auto|netlink|ioctl",
+        default_value = "auto",
+        value_parser = parse_nbd_interface
+    )]
+    nbd_interface: NbdInterface,
     /// Also give each blk device to this domain's kernel as its own virtio-blk disk (/dev/vdX,
     /// bound by the kernel's virtio_blk driver), through VDUSE: needs vduse.ko, vdpa.ko and
     /// virtio_vdpa.ko (loaded with modprobe if missing), which Debian 13's kernel has and
@@ -253,6 +265,15 @@ fn parse_kernel_nbd(s: &str) -> std::result::Result<KernelNbdIndex, String> {
             .parse()
             .map(KernelNbdIndex::From)
             .map_err(|_| format!("{s:?} is neither `auto` nor a device number such as 0")),
+    }
+}
+
+fn parse_nbd_interface(s: &str) -> std::result::Result<NbdInterface, String> {
+    match s {
+        "auto" => Ok(NbdInterface::Auto),
+        "netlink" => Ok(NbdInterface::Netlink),
+        "ioctl" => Ok(NbdInterface::Ioctl),
+        _ => Err(format!("{s:?} is not one of auto, netlink, ioctl")),
     }
 }
 

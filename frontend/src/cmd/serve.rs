@@ -95,7 +95,7 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
                             KernelNbdIndex::From(n) => Some(n + kernel_devices),
                         };
                         kernel_devices += 1;
-                        KernelPath::Nbd(index)
+                        KernelPath::Nbd(index, args.nbd_interface)
                     }
                     None if kernel_vduse => KernelPath::Vduse,
                     None => KernelPath::None,
@@ -247,9 +247,10 @@ fn kernel_choice(args: &ServeArgs) -> (Option<KernelNbdIndex>, bool) {
     }
 }
 
-/// Loads nbd.ko when the kernel has no NBD netlink family yet.
+/// Loads nbd.ko when the kernel has neither the NBD netlink family nor NBD devices yet.
 fn ensure_nbd() {
-    if !matches!(xenvirtio_frontend::knbd::available(), Ok(true)) {
+    use xenvirtio_frontend::knbd;
+    if !matches!(knbd::available(), Ok(true)) && !knbd::devices_available() {
         modprobe(&["nbd"]);
     }
 }

@@ -13,8 +13,8 @@ use crate::*;
 pub(crate) enum KernelPath {
     /// None: the NBD export only.
     None,
-    /// A kernel NBD device: the first free one, or this one.
-    Nbd(Option<u32>),
+    /// A kernel NBD device: the first free one, or this one, through this interface.
+    Nbd(Option<u32>, NbdInterface),
     /// A VDUSE virtio-blk device, bound by the kernel's own virtio_blk.
     Vduse,
 }
@@ -70,11 +70,16 @@ impl ServedBlk {
         );
         let (kernel, vduse) = match path {
             KernelPath::None => (None, None),
-            KernelPath::Nbd(index) => {
+            KernelPath::Nbd(index, interface) => {
                 // One connection (a kernel hardware queue) per virtqueue.
                 let connections = dev.current().map_or(1, |c| c.num_queues());
-                let k =
-                    connect_kernel_nbd(devid, socket, server.export_name(), index, connections)?;
+                let k = connect_kernel_nbd(
+                    devid,
+                    socket,
+                    server.export_name(),
+                    (index, interface),
+                    connections,
+                )?;
                 (Some(k), None)
             }
             KernelPath::Vduse => (None, Some(start_vduse(devid, &dev)?)),
@@ -152,11 +157,12 @@ fn connect_kernel_nbd(
     devid: u32,
     socket: &Path,
     export: &str,
-    index: Option<u32>,
+    (index, interface): (Option<u32>, NbdInterface),
     connections: usize,
 ) -> Result<KernelNbd> {
     let config = KernelNbdConfig {
         index,
+        interface,
         connections: connections.max(1),
         ..KernelNbdConfig::new(export)
     };
@@ -165,8 +171,9 @@ fn connect_kernel_nbd(
         .with_context(|| format!("cannot give blk device {devid} to the kernel over NBD"))?;
     let ready = k.wait_ready(Duration::from_secs(5));
     println!(
-        "device {devid}: kernel block device {} (NBD netlink, {} connection{}{}){}",
+        "device {devid}: kernel block device {} (NBD {}, {} connection{}{}){}",
         k.device().display(),
+        k.interface(),
         connections.max(1),
         if connections > 1 { "s" } else { "" },
         if k.reconfigured() {

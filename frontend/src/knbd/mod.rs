@@ -17,8 +17,13 @@
 //! take a device that another export holds (the backend identifier, checked by the kernel on
 //! reconfiguration).
 //!
-//! The old ioctl interface (`NBD_SET_SOCK`, `NBD_DO_IT`) is not implemented: every kernel since
-//! 4.12 has the netlink family, and without it [`KernelNbdError::NoDriver`] says what to load.
+//! The old ioctl interface (`NBD_SET_SOCK`, `NBD_DO_IT`: module `ioctl`) is the fallback where
+//! the kernel has NBD devices but no netlink family (before 4.12), or when
+//! [`KernelNbdConfig::interface`] asks for it; [`KernelNbd::interface`] says which was used.
+//! It cannot reconfigure a connected device nor hold requests while no connection is left.
+//! Without either, [`KernelNbdError::NoDriver`] says what to load.
+
+mod ioctl;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -46,6 +51,27 @@ const SOCK_FD: u16 = 1;
 /// `NBD_CFLAG_DESTROY_ON_DISCONNECT`: a device the kernel created for us goes away with us.
 const CFLAG_DESTROY_ON_DISCONNECT: u64 = 1 << 0;
 
+/// Which of the kernel's two NBD interfaces connects the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdInterface {
+    /// Netlink where the kernel has it, else ioctls.
+    Auto,
+    /// The netlink family `nbd` (Linux 4.12 and later): reconfiguration, dead-connection timeout.
+    Netlink,
+    /// The ioctls on `/dev/nbdN`, as nbd-client used before netlink.
+    Ioctl,
+}
+
+impl std::fmt::Display for NbdInterface {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NbdInterface::Auto => "auto",
+            NbdInterface::Netlink => "netlink",
+            NbdInterface::Ioctl => "ioctl",
+        })
+    }
+}
+
 /// How to connect a kernel NBD device.
 #[derive(Debug, Clone)]
 pub struct KernelNbdConfig {
@@ -62,6 +88,8 @@ pub struct KernelNbdConfig {
     pub dead_conn_timeout: Duration,
     /// Names the export; the kernel refuses a reconfiguration from another one.
     pub identifier: String,
+    /// Which kernel interface to use.
+    pub interface: NbdInterface,
 }
 
 impl KernelNbdConfig {
@@ -73,6 +101,7 @@ impl KernelNbdConfig {
             io_timeout: None,
             dead_conn_timeout: Duration::from_secs(60),
             identifier: identifier.into(),
+            interface: NbdInterface::Auto,
         }
     }
 }
@@ -80,9 +109,14 @@ impl KernelNbdConfig {
 /// Errors of connecting or disconnecting a kernel NBD device.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelNbdError {
-    /// The kernel has no NBD netlink family.
+    /// The kernel has no NBD driver (or not the interface asked for).
     #[error("the kernel has no NBD driver: load it with `modprobe nbd` (module nbd.ko)")]
     NoDriver,
+    /// The kernel has NBD devices but not the netlink family that was asked for.
+    #[error(
+        "the kernel has NBD devices but no NBD netlink family (Linux 4.12 and later have it): use the ioctl interface"
+    )]
+    NoNetlink,
     /// Talking to the export failed.
     #[error("cannot open a connection to the NBD export")]
     Export(#[source] NbdClientError),
@@ -105,10 +139,16 @@ pub enum KernelNbdError {
 pub struct KernelNbd {
     index: u32,
     size: u64,
-    socket: GenlSocket,
-    family: u16,
+    link: Link,
     reconfigured: bool,
     connected: bool,
+}
+
+/// How the device is held: by netlink requests, or by the thread in `NBD_DO_IT`.
+#[derive(Debug)]
+enum Link {
+    Netlink { socket: GenlSocket, family: u16 },
+    Ioctl(ioctl::Device),
 }
 
 impl KernelNbd {
@@ -123,11 +163,22 @@ impl KernelNbd {
             let what = what.to_owned();
             move |source| KernelNbdError::Kernel { what, source }
         };
-        let mut socket = GenlSocket::open().map_err(kernel("a netlink socket"))?;
-        let family = socket
-            .family(FAMILY)
-            .map_err(kernel("the lookup of the nbd netlink family"))?
-            .ok_or(KernelNbdError::NoDriver)?;
+        let netlink = if config.interface == NbdInterface::Ioctl {
+            None
+        } else {
+            let mut socket = GenlSocket::open().map_err(kernel("a netlink socket"))?;
+            socket
+                .family(FAMILY)
+                .map_err(kernel("the lookup of the nbd netlink family"))?
+                .map(|family| (socket, family))
+        };
+        if netlink.is_none() {
+            match (config.interface, ioctl::available()) {
+                (_, false) => return Err(KernelNbdError::NoDriver),
+                (NbdInterface::Netlink, true) => return Err(KernelNbdError::NoNetlink),
+                _ => {}
+            }
+        }
 
         let first = NbdClient::connect(address, name).map_err(KernelNbdError::Export)?;
         let size = first.size();
@@ -159,6 +210,22 @@ impl KernelNbd {
             sockets.push(c.into_socket().map_err(KernelNbdError::Export)?);
         }
 
+        let Some((mut socket, family)) = netlink else {
+            let geometry = ioctl::Geometry {
+                size,
+                block,
+                flags,
+                io_timeout: config.io_timeout,
+            };
+            let device = ioctl::Device::connect(config.index, sockets, &geometry)?;
+            return Ok(KernelNbd {
+                index: device.index(),
+                size,
+                link: Link::Ioctl(device),
+                reconfigured: false,
+                connected: true,
+            });
+        };
         let mut items = Attrs::new();
         for s in &sockets {
             let mut item = Attrs::new();
@@ -218,8 +285,7 @@ impl KernelNbd {
         Ok(KernelNbd {
             index,
             size,
-            socket,
-            family,
+            link: Link::Netlink { socket, family },
             reconfigured,
             connected: true,
         })
@@ -233,6 +299,14 @@ impl KernelNbd {
     /// The device node.
     pub fn device(&self) -> PathBuf {
         PathBuf::from(format!("/dev/nbd{}", self.index))
+    }
+
+    /// The kernel interface that connected the device (never [`NbdInterface::Auto`]).
+    pub fn interface(&self) -> NbdInterface {
+        match self.link {
+            Link::Netlink { .. } => NbdInterface::Netlink,
+            Link::Ioctl(_) => NbdInterface::Ioctl,
+        }
     }
 
     /// Whether the device was connected before and got new sockets (`NBD_CMD_RECONFIGURE`).
@@ -269,10 +343,14 @@ impl KernelNbd {
             return Ok(());
         }
         self.connected = false;
+        let (socket, family) = match &mut self.link {
+            Link::Netlink { socket, family } => (socket, *family),
+            Link::Ioctl(device) => return device.disconnect(),
+        };
         let mut attrs = Attrs::new();
         attrs.u32(ATTR_INDEX, self.index);
-        self.socket
-            .request(self.family, CMD_DISCONNECT, VERSION, &attrs)
+        socket
+            .request(family, CMD_DISCONNECT, VERSION, &attrs)
             .map_err(|source| KernelNbdError::Kernel {
                 what: format!("NBD_CMD_DISCONNECT of /dev/nbd{}", self.index),
                 source,
@@ -293,6 +371,11 @@ impl Drop for KernelNbd {
 pub fn available() -> std::io::Result<bool> {
     let mut socket = GenlSocket::open()?;
     Ok(socket.family(FAMILY)?.is_some())
+}
+
+/// Whether the kernel has NBD devices (`/dev/nbd0`), whichever interface drives them.
+pub fn devices_available() -> bool {
+    ioctl::available()
 }
 
 /// Marks the calling thread, and the threads it starts afterwards, as part of the block I/O

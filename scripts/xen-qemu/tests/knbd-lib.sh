@@ -75,11 +75,12 @@ kn_serve_cell() {
   _dma=$(echo "$_out" | grep -o -m 1 ' dma [a-z]*' | sed 's/ dma //')
   [ "$KN_PATH" != vduse ] || KN_DEV=$(kn_kernel_dev "$_line")
   if [ $_rc = 0 ] && [ -n "$KN_DEV" ] && mx_line "$KN_DEV" "$_out" >/dev/null &&
-    { [ -z "$KN_DMA" ] || [ "$_dma" = "$KN_DMA" ]; }; then
+    { [ -z "$KN_DMA" ] || [ "$_dma" = "$KN_DMA" ]; } &&
+    { [ -z "$KN_WANT" ] || echo "$_line" | grep -q "$KN_WANT"; }; then
     mx_check "$_d" "$KN_NAME-serve$KN_SUFFIX" PASS "$(mx_line '\.ko loaded' "$_out"); $(echo "$_line" | xv_oneline); dma $_dma"
     return 0
   fi
-  mx_check "$_d" "$KN_NAME-serve$KN_SUFFIX" FAIL "rc=$_rc${KN_DMA:+, dma '$_dma' (want $KN_DMA)}: $(echo "$_out" | tail -n 4 | xv_oneline)"
+  mx_check "$_d" "$KN_NAME-serve$KN_SUFFIX" FAIL "rc=$_rc${KN_DMA:+, dma '$_dma' (want $KN_DMA)}${KN_WANT:+, want '$KN_WANT' in the kernel line}: $(echo "$_out" | tail -n 4 | xv_oneline)"
   return 1
 }
 
@@ -417,6 +418,21 @@ kn_dd_cell() {
   fi
 }
 
+# kn_ioctl_cells DOMAIN: the NBD path once more through the kernel's old ioctl interface
+# (`--nbd-interface ioctl`: NBD_SET_SOCK, NBD_DO_IT), the fallback for kernels without the
+# netlink family: serve must say it used ioctl, the filesystem cell passes on it, and a SIGTERM
+# gives the device back. Checks knbd-serve-ioctl, knbd-fs-ioctl, knbd-disconnect-ioctl.
+kn_ioctl_cells() {
+  local _serve
+  _serve=$KN_SERVE
+  KN_SERVE="$KN_SERVE --nbd-interface ioctl" KN_SUFFIX=-ioctl KN_WANT='(NBD ioctl, '
+  if kn_serve_cell "$1"; then
+    kn_fs_cell "$1"
+    kn_disconnect_cell "$1"
+  fi
+  KN_SERVE=$_serve KN_SUFFIX='' KN_WANT=''
+}
+
 # kn_other_strategies DOMAIN: the strategies DOMAIN's role allows besides its default
 # (matrix-dom0.sh's policy table).
 kn_other_strategies() {
@@ -438,6 +454,7 @@ kn_cells() {
     kn_disconnect_cell "$1"
     # shellcheck disable=SC2046 # a list of strategies
     kn_strategy_cells "$1" $(kn_other_strategies "$1")
+    [ "$KN_PATH" != nbd ] || kn_ioctl_cells "$1"
     kn_detach_cell "$1"
   fi
   mx_serve_cell "$1" "serve-after-$KN_NAME"

@@ -46,6 +46,21 @@ xv_alive() {
   kill -0 "$1" 2>/dev/null && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]
 }
 
+# xv_task_usage PID...: "<CPU ticks> <context switches>" of the processes PID, every thread
+# counted: utime + stime of /proc/PID/stat (USER_HZ ticks, 100 a second), and the voluntary and
+# involuntary switches of each /proc/PID/task/*/status. A process that is gone counts 0.
+xv_task_usage() {
+  local _p _t=0 _c=0
+  for _p in "$@"; do
+    [ -r "/proc/$_p/stat" ] || continue
+    # after "PID (comm) ", whose comm may hold spaces, utime and stime are fields 12 and 13
+    _t=$((_t + $(sed 's/^.*) //' "/proc/$_p/stat" | awk '{ print $12 + $13 }')))
+    _c=$((_c + $(cat "/proc/$_p"/task/*/status 2>/dev/null |
+      awk '/^(non)?voluntary_ctxt_switches:/ { s += $2 } END { print s + 0 }')))
+  done
+  echo "$_t $_c"
+}
+
 # xv_oneline [TEXT...]: TEXT (or stdin) squashed to one line of at most 300 characters, with
 # "@@" broken up so that quoted output never looks like a check line or a summary.
 xv_oneline() {

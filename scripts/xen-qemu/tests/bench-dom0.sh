@@ -75,25 +75,43 @@ bn_irqs() {
   mx_in "$1" 20 "awk '/$2/ { for (i = 2; i <= NF; i++) if (\$i ~ /^[0-9]+\$/) s += \$i } END { print s + 0 }' /proc/interrupts"
 }
 
-# bn_counts PATH: "<requests> <map calls> <notifications to the backend> <to the frontend>" of
-# PATH's device so far: our daemon's stats for xv-*, blkback's sysfs and both ends' IRQ counts
-# for blkback (blkback's grant maps are not counted anywhere: "-").
+# bn_domain_ms: "<Dom0's CPU ms> <the DomU's CPU ms>" so far, as Xen accounts them (`xl list`,
+# the Time(s) column: every vCPU of the domain, to 0.1 s).
+bn_domain_ms() {
+  xl list | awk -v id="$DOMID" '$2 == 0 { a = $6 } $2 == id { b = $6 } END { printf "%d %d", a * 1000, b * 1000 }'
+}
+
+# bn_blkback_pids: the pids of blkback's kernel threads in Dom0 (one per ring, named
+# blkback.<domid>.<vdev>-<ring>).
+bn_blkback_pids() {
+  grep -l '^Name:[[:space:]]*blkback\.' /proc/[0-9]*/status 2>/dev/null | cut -d/ -f3
+}
+
+# bn_counts PATH: PATH's counts so far, ten fields: "<requests> <map calls> <notifications to
+# the backend> <to the frontend> <Dom0 CPU ms> <DomU CPU ms> <server CPU ticks> <server
+# context switches> <client CPU ticks> <client context switches>". The server is our daemon
+# for xv-* (its stats give the first four) and blkback's kernel threads for blkback (sysfs and
+# both ends' IRQ lines); the client is the DomU's `xenvirtio-frontend serve` for xv-*. What is
+# not counted is "-": blkback's grant maps (nowhere), and blkfront, which has no process of its
+# own (it runs in fio's context and in interrupts: the DomU's CPU counts it).
 bn_counts() {
   local _j _s
   case $1 in
     blkback)
       _s=/sys/bus/xen-backend/devices/vbd-$DOMID-$BN_XVDB/statistics
-      echo "$(($(cat "$_s/rd_req" 2>/dev/null || echo 0) + $(cat "$_s/wr_req" 2>/dev/null || echo 0))) - $(bn_irqs dom0 blkif-backend) $(bn_irqs "$d" 'blkif$')"
+      # shellcheck disable=SC2046 # a list of pids
+      echo "$(($(cat "$_s/rd_req" 2>/dev/null || echo 0) + $(cat "$_s/wr_req" 2>/dev/null || echo 0))) - $(bn_irqs dom0 blkif-backend) $(bn_irqs "$d" 'blkif$') $(bn_domain_ms) $(xv_task_usage $(bn_blkback_pids)) - -"
       ;;
     *)
       _j=$(mx_device_json "$DOMID" 0)
-      echo "$(mx_json_num requests "$_j") $(mx_json_num map_calls "$_j") $(mx_json_num notifications_received "$_j") $(mx_json_num notifications_sent "$_j")"
+      # shellcheck disable=SC2016 # expanded in the DomU
+      echo "$(mx_json_num requests "$_j") $(mx_json_num map_calls "$_j") $(mx_json_num notifications_received "$_j") $(mx_json_num notifications_sent "$_j") $(bn_domain_ms) $(xv_task_usage "$MX_BACKEND_PID") $(mx_in "$d" 20 'xv_task_usage $(cat /run/xv/serve.pid)')"
       ;;
   esac
 }
 
 # bn_workloads DOMAIN PATH DEV ROUND: the 8 workloads on DEV; the counts of each run (after
-# minus before) appended to $BN/PATH.counts.WORKLOAD.
+# minus before, field by field; "-" stays "-") appended to $BN/PATH.counts.WORKLOAD.
 bn_workloads() {
   local _w _b _a
   for _w in $BN_WORKLOADS; do
@@ -101,7 +119,9 @@ bn_workloads() {
     bn_run "$1" "$2" "$3" "$_w" "$4"
     [ "$2" = local ] && continue
     _a=$(bn_counts "$2")
-    echo "$_b $_a" | awk '{ m = ($2 == "-") ? "-" : $6 - $2; print $5 - $1, m, $7 - $3, $8 - $4 }' >>"$BN/$2.counts.$_w"
+    echo "$_b $_a" | awk '{ n = NF / 2; o = ""
+      for (i = 1; i <= n; i++) o = o (i > 1 ? " " : "") (($i == "-" || $(i + n) == "-") ? "-" : $(i + n) - $i)
+      print o }' >>"$BN/$2.counts.$_w"
   done
 }
 
@@ -147,7 +167,7 @@ DOMID=$(mx_domid "$d")
 # blkfront <- blkback: the operator's `xl block-attach`, Xen's own hotplug script included.
 bk_dev=
 if [ -n "$ready" ]; then
-  out=$(mx_in "$d" 30 "[ -d /sys/module/xen_blkfront ] || insmod /lib/modules/xen-blkfront.ko" 2>&1)
+  out=$(mx_in "$d" 30 "modprobe xen-blkfront" 2>&1)
   out="$out $(xl block-attach "$d" phy:/dev/ram0,xvdb,w 2>&1)"
   # shellcheck disable=SC2016 # expanded in the DomU
   size=$(mx_in "$d" 90 'i=0; while [ ! -b /dev/xvdb ] && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done; blockdev --getsize64 /dev/xvdb')
@@ -245,6 +265,32 @@ for p in $paths; do
   eval "PR_$(echo "$p" | tr '-' '_')=\"$4 $5 $6\""
 done
 [ -z "$bk_dev" ] || bench "blkback: maps are not counted: neither Linux nor Xen exposes a count of blkback's grant maps (feature-persistent: $persist); its requests are sysfs rd_req + wr_req, its notifications the blkif IRQ lines of Dom0 and the DomU"
+
+# Where the time goes: CPU per request in each domain as Xen accounts it, and in the processes
+# that serve the disk. fio's own start in the DomU (through the command channel) is inside
+# every run's window, alike for every path.
+# bn_cpu_per_request PATH WORKLOAD: "dom0-us domU-us server-us server-csw client-us client-csw"
+# per request over PATH's runs of WORKLOAD ("-" where not counted).
+bn_cpu_per_request() {
+  awk '{ r += $1; d0 += $5; du += $6
+      if ($7 == "-") ns = 1; else { st += $7; sc += $8 }
+      if ($9 == "-") nc = 1; else { ct += $9; cc += $10 } }
+    END { if (r == 0) { print "- - - - - -"; exit }
+      printf "%.0f %.0f %s %s\n", d0 * 1000 / r, du * 1000 / r,
+        ns ? "- -" : sprintf("%.0f %.2f", st * 10000 / r, sc / r),
+        nc ? "- -" : sprintf("%.0f %.2f", ct * 10000 / r, cc / r) }' "$BN/$1.counts.$2" 2>/dev/null || echo "- - - - - -"
+}
+bench ""
+bench "CPU per request, microseconds, over the rounds: Dom0 and the DomU as Xen accounts them (xl list); the server (our daemon, or blkback's kernel threads) and the client (our DomU frontend; blkfront has no process of its own) from /proc, with their context switches per request"
+bench "$(printf '%-10s %-17s %8s %8s %9s %7s %9s %7s' path workload dom0-us domU-us server-us csw client-us csw)"
+for p in $paths; do
+  [ "$p" = local ] && continue
+  for w in $BN_WORKLOADS; do
+    # shellcheck disable=SC2046 # six fields
+    set -- $(bn_cpu_per_request "$p" "$w")
+    bench "$(printf '%-10s %-17s %8s %8s %9s %7s %9s %7s' "$p" "$w" "$@")"
+  done
+done
 
 # ---- the targets ----
 # bn_target NAME MEASURED GOAL le|ge: one target line ("-": not measured, missed).

@@ -474,13 +474,15 @@ fn complete_requests(
     ring: &SharedMem<'_>,
     inbox: &Mutex<mpsc::Receiver<Chain>>,
 ) -> Result<(), VduseError> {
+    let mut scratch = Vec::new();
     loop {
         let next = inbox.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok(chain) = next else {
             return Ok(());
         };
         let io = ChainIo::new(&shared.dev, &shared.iova, &chain);
-        let written = match request::serve(&io, shared.export.as_ref(), &shared.serial) {
+        let served = request::serve(&io, shared.export.as_ref(), &shared.serial, &mut scratch);
+        let written = match served {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(device = %shared.dev.name(), queue = index, "bad request: {e}");

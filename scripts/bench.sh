@@ -19,12 +19,15 @@ Debian's fio runs 8 workloads with O_DIRECT (libaio) on each: sequential 128 KiB
 4 KiB, read and write, at QD1 and QD32, and the same in Dom0 on the RAM disk itself (the local
 bound, column "local"); the paths are interleaved round by round. It prints a table (median, min
 and max MiB/s of the rounds), the counts per request (our daemon's map calls and notifications,
-blkback's notifications), then one line per target:
+blkback's notifications), where the time goes (CPU microseconds per request of Dom0 and the
+DomU as Xen accounts them, and of the processes that serve the disk, with their context
+switches), then one line per target:
   target <name>: <measured> (goal <goal>) met|missed
 A missed target is a result, not an error. No figure is asserted anywhere.
 Last, without Xen, on this host (scripts/bench-loopback.sh): the loopback pair's NBD export
 against the image file itself under the same fio, 128 KiB sequential reads at QD16 and 4 KiB
-random reads at QD32, each with its target line.
+random reads at QD32, each with the CPU per request of fio and of the export, and its target
+line.
 
   --release R   bookworm, trixie or all (default: all)
   --arch A      x86_64, arm64 or all (default: all)

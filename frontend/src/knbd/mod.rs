@@ -109,12 +109,13 @@ impl KernelNbdConfig {
 /// Errors of connecting or disconnecting a kernel NBD device.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelNbdError {
-    /// The kernel has no NBD driver (or not the interface asked for).
+    /// The kernel has no NBD driver loaded: neither the netlink family nor `/dev/nbd0`.
     #[error("the kernel has no NBD driver: load it with `modprobe nbd` (module nbd.ko)")]
     NoDriver,
     /// The kernel has NBD devices but not the netlink family that was asked for.
     #[error(
-        "the kernel has NBD devices but no NBD netlink family (Linux 4.12 and later have it): use the ioctl interface"
+        "the kernel has NBD devices but no NBD netlink family (Linux 4.12 and later have it): \
+         the ioctl interface drives them (serve --nbd-interface ioctl, or auto)"
     )]
     NoNetlink,
     /// Talking to the export failed.

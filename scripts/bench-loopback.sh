@@ -9,6 +9,10 @@
 #   target loopback-randread-4k-qd32-vs-pread: <ratio> (goal 0.70) met|missed
 # Usage: scripts/bench-loopback.sh BIN ROUNDS SECONDS   (BIN: the xenvirtio-loopback to run)
 set -euo pipefail
+# xv_task_usage: the guest harness's own CPU and context-switch count of a process (functions
+# and variables only: sourcing it here runs nothing)
+# shellcheck source=xen-qemu/guest/xv-lib.sh
+. "$(dirname "$0")/xen-qemu/guest/xv-lib.sh"
 BIN=${1:?usage: bench-loopback.sh BIN ROUNDS SECONDS}
 ROUNDS=${2:?} SECONDS_=${3:?}
 DMA=${DMA:-bounce}
@@ -32,15 +36,6 @@ done
 grep -q '^ready' "$DIR/loopback.out" || { echo "bench-loopback: the loopback pair did not start: $(tail -n 3 "$DIR/loopback.out")" >&2; exit 1; }
 URI="nbd+unix:///xvda?socket=$DIR/nbd.sock"
 
-# usage PID: "<CPU ticks> <context switches>" of PID, every thread: utime + stime (USER_HZ
-# ticks, 100 a second) and the voluntary and involuntary switches of each task.
-usage() {
-  local t c
-  t=$(sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }')
-  c=$(cat "/proc/$1"/task/*/status | awk '/^(non)?voluntary_ctxt_switches:/ { s += $2 } END { print s + 0 }')
-  echo "$t $c"
-}
-
 # run WHERE RW BS QD: one fio run (reads), WHERE = export (one job, QD requests in flight on the
 # NBD connection) or file (QD jobs, each a plain preadv loop over its own 256/QD MiB of the
 # image: QD reads in flight). Appends to $DIR/WHERE one line: "<MiB/s> <requests> <fio's CPU
@@ -53,9 +48,9 @@ run() {
     file) eng=(--ioengine=pvsync "--filename=$IMG" --numjobs="$4" --group_reporting
       --size=$((256 / $4))m --offset_increment=$((256 / $4))m) ;;
   esac
-  b=$(usage "$pid")
+  b=$(xv_task_usage "$pid")
   out=$( { time fio --name=lb "${eng[@]}" --rw="$2" --bs="$3" --runtime="$SECONDS_" --time_based --minimal 2>/dev/null; } 2>"$DIR/time")
-  a=$(usage "$pid")
+  a=$(xv_task_usage "$pid")
   # terse v3: field 5 the error, 6 KiB read, 7 KiB/s
   printf '%s\n' "$out" | awk -F';' -v bs="${3%k}" -v t="$(cat "$DIR/time")" -v b="$b" -v a="$a" '
     NF > 7 && $5 == 0 { split(t, c, " "); split(b, x, " "); split(a, y, " ")

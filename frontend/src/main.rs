@@ -216,7 +216,7 @@ struct ServeArgs {
         long,
         value_name = "auto|netlink|ioctl",
         default_value = "auto",
-        value_parser = parse_nbd_interface
+        value_parser = str::parse::<NbdInterface>
     )]
     nbd_interface: NbdInterface,
     /// Also give each blk device to this domain's kernel as its own virtio-blk disk (/dev/vdX,
@@ -265,15 +265,6 @@ fn parse_kernel_nbd(s: &str) -> std::result::Result<KernelNbdIndex, String> {
             .parse()
             .map(KernelNbdIndex::From)
             .map_err(|_| format!("{s:?} is neither `auto` nor a device number such as 0")),
-    }
-}
-
-fn parse_nbd_interface(s: &str) -> std::result::Result<NbdInterface, String> {
-    match s {
-        "auto" => Ok(NbdInterface::Auto),
-        "netlink" => Ok(NbdInterface::Netlink),
-        "ioctl" => Ok(NbdInterface::Ioctl),
-        _ => Err(format!("{s:?} is not one of auto, netlink, ioctl")),
     }
 }
 

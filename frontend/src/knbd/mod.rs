@@ -62,13 +62,37 @@ pub enum NbdInterface {
     Ioctl,
 }
 
-impl std::fmt::Display for NbdInterface {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl NbdInterface {
+    const ALL: [NbdInterface; 3] = [
+        NbdInterface::Auto,
+        NbdInterface::Netlink,
+        NbdInterface::Ioctl,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
             NbdInterface::Auto => "auto",
             NbdInterface::Netlink => "netlink",
             NbdInterface::Ioctl => "ioctl",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for NbdInterface {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for NbdInterface {
+    type Err = String;
+
+    /// The names [`Display`](std::fmt::Display) prints.
+    fn from_str(s: &str) -> Result<NbdInterface, String> {
+        NbdInterface::ALL
+            .into_iter()
+            .find(|i| i.name() == s)
+            .ok_or_else(|| format!("{s:?} is not one of auto, netlink, ioctl"))
     }
 }
 

@@ -81,7 +81,7 @@ echo "bench: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')
 missing=
 for r in $rels; do
   for a in $arches; do
-    log=$WORK/logs/$r-$a.serial.log
+    log=$WORK/logs/$r-$a-bench.serial.log
     lines=$(grep -a -o '@@BENCH .*' "$log" 2>/dev/null | tr -d '\r' | sed 's/^@@BENCH //' || true)
     echo
     if [ -z "$lines" ]; then

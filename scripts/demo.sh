@@ -65,7 +65,7 @@ XEN=$(release_xen "$RELEASE")
 WORK=${XENVIRTIO_DEMO_WORK:-/tmp/xenvirtio-demo}
 mkdir -p "$WORK"
 LOG=$WORK/demo-$RELEASE-$ARCH.log
-SERIAL=$WORK/logs/$RELEASE-$ARCH.serial.log
+SERIAL=$WORK/logs/$RELEASE-$ARCH-demo.serial.log
 : >"$LOG"
 START=$(date +%s)
 

@@ -352,7 +352,7 @@ CRASH_RE='Kernel panic|Oops:|BUG: |general protection fault|Segmentation fault|\
 # collect ARCH LOG QEMU_RC: turn one arch's serial log into check lines.
 collect() {
   local a=$1 log=$2 qrc=$3 raw n_guest=0 bad summary s_checks s_failed dups crash d
-  raw=$WORK/logs/$REL-$a.checks
+  raw=$WORK/logs/$REL-$a$LOG_SUFFIX.checks
   [ -f "$log" ] || echo "(boot.sh wrote no log)" >"$log"
   # A check line starts at "@@CHECK"; what precedes it (timestamps, "[domU-pv] ") is dropped.
   grep -a -o '@@CHECK .*' "$log" | tr -d '\r' >"$raw.all" || true
@@ -440,9 +440,13 @@ boot_attempt() {
 
 RETRIES=()
 BOOTS=()
+# The logs of a mode other than the matrix carry its name, so that a bench or a smoke run in the
+# same work directory does not overwrite the serial log of a failed matrix boot.
+LOG_SUFFIX=
+[ "$MODE" = matrix ] || LOG_SUFFIX=-$MODE
 for REL in "${RELEASES[@]}"; do for a in "${ARCHES[@]}"; do
-  BOOTS+=("$REL-$a")
-  log=$WORK/logs/$REL-$a.serial.log
+  BOOTS+=("$REL-$a$LOG_SUFFIX")
+  log=$WORK/logs/$REL-$a$LOG_SUFFIX.serial.log
   rm -f "$log".attempt-*
   ARCH_T0=$(date +%s)
   n=1
@@ -457,13 +461,13 @@ for REL in "${RELEASES[@]}"; do for a in "${ARCHES[@]}"; do
     echo "RETRY $a boot: $why (attempt $n of $MAX_ATTEMPTS)"
     RETRIES+=("$REL $a attempt $((n - 1)): $why (log: $log.attempt-$((n - 1)))")
   done
-  PHASE_S[boot-$REL-$a]=$(($(date +%s) - ARCH_T0))
+  PHASE_S[boot-$REL-$a$LOG_SUFFIX]=$(($(date +%s) - ARCH_T0))
   ATTEMPT_NOTE=
   [ "$n" = 1 ] || ATTEMPT_NOTE=" (attempt $n of $MAX_ATTEMPTS: the earlier ones were lost to emulator faults)"
   collect "$a" "$log" "$qrc"
   if [ "$MODE" = bootloop ]; then
-    grep -a -o '@@BOOTLOOP .*' "$log" | tr -d '\r' >"$WORK/logs/$REL-$a.bootloop"
-    echo "e2e: boot loop $REL $a: every boot in $WORK/logs/$REL-$a.bootloop"
+    grep -a -o '@@BOOTLOOP .*' "$log" | tr -d '\r' >"$WORK/logs/$REL-$a$LOG_SUFFIX.bootloop"
+    echo "e2e: boot loop $REL $a: every boot in $WORK/logs/$REL-$a$LOG_SUFFIX.bootloop"
   fi
 done; done
 REL=all

@@ -32,10 +32,10 @@ if [ "$rc" != 0 ]; then
   result FAIL before-checks "e2e.sh exited $rc (want 0): $(grep -m 3 '^FAIL ' "$out" | tr '\n' ' ') (output: $out)"
 elif ! grep -qxF "$want" "$out"; then
   result FAIL before-checks "no line '$want' (output: $out)"
-elif ! grep -a -q 'induced fault: domU-pvh boots /boot/triple-fault (before-checks)' "$LOGS/$REL-x86_64.serial.log.attempt-1" ||
-  ! grep -a -q -E '\(XEN\) d[0-9]+v0 Triple fault' "$LOGS/$REL-x86_64.serial.log.attempt-1"; then
-  result FAIL before-checks "attempt 1 did not boot the fault kernel into a triple fault ($LOGS/$REL-x86_64.serial.log.attempt-1)"
-elif grep -a -q 'induced fault' "$LOGS/$REL-x86_64.serial.log"; then
+elif ! grep -a -q 'induced fault: domU-pvh boots /boot/triple-fault (before-checks)' "$LOGS/$REL-x86_64-smoke.serial.log.attempt-1" ||
+  ! grep -a -q -E '\(XEN\) d[0-9]+v0 Triple fault' "$LOGS/$REL-x86_64-smoke.serial.log.attempt-1"; then
+  result FAIL before-checks "attempt 1 did not boot the fault kernel into a triple fault ($LOGS/$REL-x86_64-smoke.serial.log.attempt-1)"
+elif grep -a -q 'induced fault' "$LOGS/$REL-x86_64-smoke.serial.log"; then
   result FAIL before-checks "the fault was induced again on the last attempt"
 else
   result PASS before-checks "Xen logged a real triple fault on attempt 1, the run retried and passed: $(grep -m 1 '^e2e: [0-9]* passed' "$out")"
@@ -49,9 +49,9 @@ rc=0
 fails=$(grep '^FAIL ' "$out" || true)
 if [ "$rc" != 1 ]; then
   result FAIL after-checks "e2e.sh exited $rc (want 1: a failure) (output: $out)"
-elif ! grep -a -q 'induced fault: domU-pvh boots /boot/triple-fault (after-checks)' "$LOGS/$REL-x86_64.serial.log"; then
-  result FAIL after-checks "the last attempt did not boot the fault kernel after the checks ($LOGS/$REL-x86_64.serial.log)"
-elif grep -a -l 'induced fault: domU-pvh boots /boot/triple-fault (after-checks)' "$LOGS"/$REL-x86_64.serial.log.attempt-* >/dev/null 2>&1; then
+elif ! grep -a -q 'induced fault: domU-pvh boots /boot/triple-fault (after-checks)' "$LOGS/$REL-x86_64-smoke.serial.log"; then
+  result FAIL after-checks "the last attempt did not boot the fault kernel after the checks ($LOGS/$REL-x86_64-smoke.serial.log)"
+elif grep -a -l 'induced fault: domU-pvh boots /boot/triple-fault (after-checks)' "$LOGS"/$REL-x86_64-smoke.serial.log.attempt-* >/dev/null 2>&1; then
   result FAIL after-checks "the fault after the checks was retried: $(grep '^RETRY ' "$out" | tr '\n' ' ')"
 elif ! grep -q "^FAIL $REL *x86_64 host *no-crash: .*Triple fault" <<<"$fails" || [ "$(grep -c . <<<"$fails")" != 1 ]; then
   result FAIL after-checks "want exactly one failure, no-crash naming the triple fault; got: $(tr '\n' ' ' <<<"$fails")"

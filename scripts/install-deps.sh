@@ -22,17 +22,30 @@ APT_PKGS=(
 
 SUDO=
 [ "$(id -u)" = 0 ] || SUDO=sudo
-missing=()
-for p in "${APT_PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "install-deps: apt-get install ${missing[*]}"
-  $SUDO apt-get update -qq
+missing_pkgs() {
+  local p
+  for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
+  done
+}
+# Two passes: installing a newer QEMU can remove an older qemu-utils that conflicts with it (seen
+# on a machine that came with one), so what is missing is looked at again after the install.
+updated=0
+for pass in 1 2; do
+  mapfile -t missing < <(missing_pkgs)
+  [ ${#missing[@]} -gt 0 ] || break
+  echo "install-deps: apt-get install ${missing[*]} (pass $pass)"
+  [ $updated = 1 ] || $SUDO apt-get update -qq
+  updated=1
   # --no-install-recommends keeps QEMU's GUI stack out; qemu-utils is listed with qemu-system so
   # that apt picks one consistent QEMU version.
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
+done
+mapfile -t missing < <(missing_pkgs)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: still not installed after apt-get install: ${missing[*]}" >&2
+  exit 1
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

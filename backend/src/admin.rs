@@ -25,7 +25,10 @@ use std::time::Duration;
 use xenvirtio_virtio::ids::DeviceKind;
 use xenvirtio_xenstore::{DomId, XsError};
 
-pub use attach::{AttachOutcome, AttachRequest, ConsoleOutput, DmaSetting, attach};
+pub use attach::{
+    AttachOutcome, AttachRequest, ConsoleOutput, DEFAULT_BRIDGE, DmaSetting, NetOptions, attach,
+    random_mac,
+};
 pub use book::{BookEntry, DeviceBook};
 pub use detach::{DEFAULT_DETACH_TIMEOUT, DetachOutcome, DetachRequest, Removal, detach};
 pub use domain::{DomainRef, domain_name, domid_of, own_domid, resolve_domain};
@@ -98,6 +101,14 @@ pub enum AdminError {
     NoFreeDevid {
         /// The frontend domain.
         frontend: DomId,
+    },
+    /// A net option that cannot be used as given.
+    #[error("{option}: {reason}")]
+    BadNetOption {
+        /// The option, as on the command line.
+        option: &'static str,
+        /// What is wrong and how to fix it.
+        reason: String,
     },
     /// A blk device without an image.
     #[error("a blk device needs an image: give --image PATH")]

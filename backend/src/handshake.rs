@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use xenvirtio_virtio::dma::DmaStrategy;
 use xenvirtio_virtio::features::{self, transport};
 use xenvirtio_virtio::ids::DeviceKind;
+use xenvirtio_virtio::net::{self, MacAddr};
 use xenvirtio_virtio::protocol::{
     self, MAX_BOUNCE_PAGES, MAX_QUEUE_SIZE, MAX_QUEUES, backend_keys as bk, directory_pages,
     frontend_keys as fk,
@@ -21,6 +22,8 @@ use xenvirtio_virtio::split::{QueueSizeError, RingLayout};
 use xenvirtio_xen::{DomId, Gfn, GrantRef, Port};
 use xenvirtio_xenstore::xenbus::{self, XenbusState};
 use xenvirtio_xenstore::{TxId, XenStore, XsError, transaction};
+
+use crate::net::{NetLink, NetTarget};
 
 /// How many times a handshake transaction is retried on EAGAIN.
 pub const TRANSACTION_ATTEMPTS: u32 = 16;
@@ -37,7 +40,7 @@ pub enum ToolstackError {
     #[error("cannot read the toolstack's keys")]
     Xenstore(#[from] XsError),
     /// `type` names a device xenvirtio does not serve.
-    #[error("type {0:?} is not a virtio device this backend serves (blk, console, rng)")]
+    #[error("type {0:?} is not a virtio device this backend serves (blk, console, rng, net)")]
     UnknownType(String),
     /// `transport` is not `xenbus`.
     #[error("transport {0:?} is not xenbus")]
@@ -51,6 +54,15 @@ pub enum ToolstackError {
     /// `console` is not `pty` or `socket:<path>`.
     #[error("console {0:?} is not pty or socket:<path>")]
     BadConsole(String),
+    /// net: `mac` is missing or not a unicast MAC address.
+    #[error("mac {0:?} is not a unicast MAC address such as 00:16:3e:12:34:56")]
+    BadMac(String),
+    /// net: `mtu` is not a number from 68 to 9000.
+    #[error("mtu {0:?} is not a number from 68 to 9000")]
+    BadMtu(String),
+    /// net: `link` is not `tap` or `socket:<path>`.
+    #[error("link {0:?} is not tap or socket:<path>")]
+    BadLink(String),
     /// blk without `params`.
     #[error("a blk device needs params (the image path)")]
     NoImage,
@@ -110,6 +122,8 @@ pub struct ToolstackConfig {
     pub force_share: bool,
     /// console: where port 0 goes.
     pub console: ConsoleTarget,
+    /// net: the address, MTU and host side (`None` for other devices).
+    pub net: Option<NetTarget>,
     /// blk: `requested-queues`, clamped to 1..=16.
     pub queues: u32,
 }
@@ -188,6 +202,11 @@ pub fn read_toolstack_config(
             _ => return Err(ToolstackError::BadConsole(s.to_owned())),
         },
     };
+    let net = if kind == DeviceKind::Net {
+        Some(read_net_target(store, &key, frontend, devid)?)
+    } else {
+        None
+    };
     let requested = xenbus::optional(xenbus::read_u32(
         store,
         TxId::NONE,
@@ -197,6 +216,7 @@ pub fn read_toolstack_config(
         DeviceKind::Block => requested.unwrap_or(1).clamp(1, MAX_QUEUES),
         DeviceKind::Console => 2,
         DeviceKind::Rng => 1,
+        DeviceKind::Net => 2,
     };
     Ok(ToolstackConfig {
         kind,
@@ -206,8 +226,43 @@ pub fn read_toolstack_config(
         read_only,
         force_share,
         console,
+        net,
         queues,
     })
+}
+
+/// The net keys: `mac` (required), `mtu`, `link`, `bridge`, `vifname`.
+fn read_net_target(
+    store: &dyn XenStore,
+    key: &dyn Fn(&str) -> String,
+    frontend: DomId,
+    devid: u32,
+) -> Result<NetTarget, ToolstackError> {
+    let mac_s = read_opt_string(store, &key(bk::MAC))?.unwrap_or_default();
+    let mac = match mac_s.parse::<MacAddr>() {
+        Ok(m) if !m.is_multicast() && !m.is_zero() => m,
+        _ => return Err(ToolstackError::BadMac(mac_s)),
+    };
+    let mtu = match read_opt_string(store, &key(bk::MTU))? {
+        None => net::DEFAULT_MTU,
+        Some(s) => match s.parse::<u16>() {
+            Ok(m) if (net::MIN_MTU..=net::MAX_MTU).contains(&m) => m,
+            _ => return Err(ToolstackError::BadMtu(s)),
+        },
+    };
+    let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let link = match read_opt_string(store, &key(bk::LINK))?.as_deref() {
+        None | Some("") | Some("tap") => NetLink::Tap {
+            name: nonempty(read_opt_string(store, &key(bk::VIFNAME))?)
+                .unwrap_or_else(|| format!("xvn{frontend}.{devid}")),
+            bridge: nonempty(read_opt_string(store, &key(bk::BRIDGE))?),
+        },
+        Some(s) => match s.strip_prefix("socket:") {
+            Some(p) if !p.is_empty() => NetLink::Socket(PathBuf::from(p)),
+            _ => return Err(ToolstackError::BadLink(s.to_owned())),
+        },
+    };
+    Ok(NetTarget { mac, mtu, link })
 }
 
 /// What the backend publishes before InitWait (section 2.2).
@@ -233,6 +288,8 @@ pub struct Offer {
     pub config: Vec<u8>,
     /// console: `tty`.
     pub tty: Option<String>,
+    /// net: `tap`, the TAP made for the device.
+    pub tap: Option<String>,
 }
 
 impl Offer {
@@ -261,6 +318,7 @@ impl Offer {
             max_pages_per_domain: crate::budget::DEFAULT_MAX_PAGES_PER_DOMAIN,
             config,
             tty: None,
+            tap: None,
         }
     }
 }
@@ -325,6 +383,9 @@ pub fn publish(store: &dyn XenStore, bdir: &str, offer: &Offer) -> Result<u32, X
         )?;
         store.write_str(tx, &key(bk::CONFIG), &protocol::encode_hex(&offer.config))?;
         store.write_str(tx, &key(bk::CONFIG_GENERATION), &generation.to_string())?;
+        if let Some(tap) = &offer.tap {
+            store.write_str(tx, &key(bk::TAP), tap)?;
+        }
         if let Some(tty) = &offer.tty {
             store.write_str(tx, &key(bk::TTY), tty)?;
         }
@@ -626,16 +687,18 @@ fn read_setup_in(
 
     // Queues.
     let num_queues = xenbus::read_u32(store, tx, &key(fk::NUM_QUEUES))?;
-    let console_rule = toolstack.kind == DeviceKind::Console && num_queues != 2;
-    if num_queues == 0 || num_queues > offer.max_queues || console_rule {
+    // A console (receiveq, transmitq of port 0) and a net device (one queue pair) have two.
+    let pair_rule = match toolstack.kind {
+        DeviceKind::Console => Some(" (a console needs exactly 2)"),
+        DeviceKind::Net => Some(" (a net device needs exactly 2)"),
+        _ => None,
+    };
+    if num_queues == 0 || num_queues > offer.max_queues || (pair_rule.is_some() && num_queues != 2)
+    {
         return Ok(Err(ConnectError::NumQueues {
             got: num_queues,
             max: offer.max_queues,
-            extra: if toolstack.kind == DeviceKind::Console {
-                " (a console needs exactly 2)"
-            } else {
-                ""
-            },
+            extra: pair_rule.unwrap_or(""),
         }));
     }
     let mut queues = Vec::with_capacity(num_queues as usize);
@@ -744,6 +807,7 @@ mod tests {
             read_only: false,
             force_share: false,
             console: ConsoleTarget::Pty,
+            net: None,
             queues: if kind == DeviceKind::Console { 2 } else { 4 },
         }
     }

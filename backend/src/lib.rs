@@ -19,6 +19,7 @@ pub mod event_loop;
 pub mod follow;
 pub mod handshake;
 pub mod image_lock;
+pub mod net;
 pub mod rng;
 pub mod stats;
 #[cfg(feature = "test-utils")]

@@ -17,12 +17,13 @@ use xenvirtio_backend::admin::{
 };
 use xenvirtio_virtio::dma::DmaStrategy;
 use xenvirtio_virtio::ids::DeviceKind;
+use xenvirtio_virtio::net::MacAddr;
 use xenvirtio_xenstore::{XenStore, XsClient};
 
 const ABOUT: &str = "Serve virtio devices to Xen guests over xenbus, and manage them";
 
 const LONG_ABOUT: &str = "\
-Serve virtio devices (blk, console, rng) to Xen guests over xenbus, and manage them.
+Serve virtio devices (blk, console, rng, net) to Xen guests over xenbus, and manage them.
 
 The attach, detach and list commands are the toolstack: run them in Dom0. They create and \
 remove a device's xenstore directories (docs/PROTOCOL.md section 2) the way xl does for PV \
@@ -113,6 +114,9 @@ Examples:
   xenvirtio-backend attach guest1 --type console \\
       --console socket:/run/guest1-hvc.sock
   xenvirtio-backend attach guest1 --type rng
+  # A NIC whose TAP (xvn<domid>.<devid>) joins the bridge xenbr0, like a vif:
+  xenvirtio-backend attach guest1 --type net --bridge xenbr0 \\
+      --mac 00:16:3e:12:34:56
   # Served by a driver domain (paths are in that domain):
   xenvirtio-backend attach guest1 /srv/img --backend-domain storage
   # In a script:
@@ -152,6 +156,8 @@ enum DeviceType {
     Console,
     /// virtio-rng, fed by getrandom(2).
     Rng,
+    /// virtio-net, a TAP in this domain on a bridge (--bridge, --mac, --mtu).
+    Net,
 }
 
 impl From<DeviceType> for DeviceKind {
@@ -160,6 +166,7 @@ impl From<DeviceType> for DeviceKind {
             DeviceType::Blk => DeviceKind::Block,
             DeviceType::Console => DeviceKind::Console,
             DeviceType::Rng => DeviceKind::Rng,
+            DeviceType::Net => DeviceKind::Net,
         }
     }
 }
@@ -233,7 +240,8 @@ struct AttachArgs {
     #[arg(long, value_name = "N|VDEV", value_parser = parse_devid, conflicts_with = "vdev_pos")]
     devid: Option<u32>,
 
-    /// Number of queues: blk 1 to 16 (requested-queues); console is always 2, rng always 1.
+    /// Number of queues: blk 1 to 16 (requested-queues); console and net are always 2, rng
+    /// always 1.
     #[arg(long, value_name = "N")]
     queues: Option<u32>,
 
@@ -245,6 +253,28 @@ struct AttachArgs {
     /// `socket:PATH` (a unix socket; its directory must exist) [default: pty].
     #[arg(long, value_name = "pty|socket:PATH", value_parser = parse_console)]
     console: Option<ConsoleOutput>,
+
+    /// net only: the guest's MAC address [default: 00:16:3e and three random bytes, as xl
+    /// draws one; it is remembered, so the guest keeps it].
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    mac: Option<MacAddr>,
+
+    /// net only: the bridge the device's TAP joins [default: xenbr0, as xl's vif].
+    #[arg(long, value_name = "BRIDGE")]
+    bridge: Option<String>,
+
+    /// net only: the MTU, 68 to 9000 [default: 1500].
+    #[arg(long, value_name = "BYTES")]
+    mtu: Option<u16>,
+
+    /// net only: the TAP's name, at most 15 characters [default: xvn<domid>.<devid>].
+    #[arg(long, value_name = "NAME")]
+    vifname: Option<String>,
+
+    /// net only: hand the frames to this listening SOCK_SEQPACKET unix socket (one frame
+    /// behind a 12-byte virtio-net header per packet) instead of a TAP.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
 
     /// The domain that runs the backend: a domid or a name [default: this domain, read from
     /// xenstore's `domid` key].
@@ -318,6 +348,11 @@ fn parse_devid(s: &str) -> Result<u32, String> {
     })
 }
 
+fn parse_mac(s: &str) -> Result<MacAddr, String> {
+    s.parse()
+        .map_err(|e: xenvirtio_virtio::net::BadMac| e.to_string())
+}
+
 fn parse_console(s: &str) -> Result<ConsoleOutput, String> {
     s.parse().map_err(|e: admin::AdminError| e.to_string())
 }
@@ -386,11 +421,11 @@ fn run_attach(store: &dyn XenStore, args: AttachArgs, state_dir: &Path) -> anyho
         (Some(t), _) => t.into(),
         (None, Some(_)) => DeviceKind::Block,
         (None, None) => anyhow::bail!(
-            "give the device type (--type blk|console|rng), or an image for a blk device \
+            "give the device type (--type blk|console|rng|net), or an image for a blk device \
              (attach DOMAIN IMAGE)"
         ),
     };
-    let request = AttachRequest {
+    let mut request = AttachRequest {
         frontend: args
             .domain
             .or(args.domain_pos)
@@ -404,7 +439,18 @@ fn run_attach(store: &dyn XenStore, args: AttachArgs, state_dir: &Path) -> anyho
         dma: args.dma.into(),
         console: args.console,
         force_share: args.force_share,
+        net: admin::NetOptions {
+            mac: args.mac,
+            bridge: args.bridge,
+            mtu: args.mtu,
+            vifname: args.vifname,
+            socket: args.socket,
+        },
     };
+    if kind == DeviceKind::Net && request.net.mac.is_none() {
+        // Drawn here, so that the book remembers the address the guest got.
+        request.net.mac = Some(admin::random_mac());
+    }
     let out = admin::attach(store, &request)?;
     if !args.transient {
         let remembered =

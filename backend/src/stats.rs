@@ -48,6 +48,10 @@ pub struct DeviceStats {
     /// Requests over the per-request cap (`docs/PROTOCOL.md` 10.2, 10.3): blk ones answered
     /// IOERR, console ones truncated. Neither mapped nor copied beyond the cap.
     pub oversized: u64,
+    /// Frames dropped (net): too long, offloads not offered, no data, a receive buffer too
+    /// small, or refused by the host side (`docs/PROTOCOL.md` 10.6). Never mapped beyond the
+    /// frame's bound.
+    pub dropped: u64,
     /// The last fatal error, as written to the `error` node.
     pub last_error: Option<String>,
 }

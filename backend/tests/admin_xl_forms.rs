@@ -32,7 +32,7 @@ fn attach_and_detach_take_xl_positional_forms_and_vdev_names() {
     host.run(&["attach", "guest1", "--type", "rng", "--devid", "xvd1"])
         .refused_with("\"xvd1\" is not a device: give a devid (0, 1, ...) or a vdev name");
     host.run(&["attach", "guest1"])
-        .refused_with("give the device type (--type blk|console|rng), or an image");
+        .refused_with("give the device type (--type blk|console|rng|net), or an image");
     // detach DOMAIN DEVID|VDEV, as `xl block-detach guest1 xvdc`.
     let out = host.ok(&["detach", "guest1", "xvdc", "--timeout", "0.2", "--force"]);
     assert!(

@@ -66,6 +66,7 @@ pub mod console;
 pub mod dma;
 pub mod knbd;
 pub mod nbd;
+pub mod net;
 mod netlink;
 pub mod pattern;
 pub mod policy;

@@ -247,6 +247,11 @@ struct ServeArgs {
         default_value = "/run/xenvirtio-frontend/rng.fifo"
     )]
     rng_fifo: PathBuf,
+    /// The name of the network interface (a TAP) a net device gets in this domain; with
+    /// several net devices, `.<devid>` is appended [default: xvnet<devid>]. It takes the
+    /// device's MAC address and MTU and is up; its IP address is the operator's to give.
+    #[arg(long, value_name = "NAME")]
+    net_ifname: Option<String>,
 }
 
 /// Which kernel NBD device `serve --kernel-nbd` takes.

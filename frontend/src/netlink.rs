@@ -132,7 +132,9 @@ impl GenlSocket {
     /// that never answers must not hang the frontend.
     pub(crate) fn set_receive_timeout(&self, seconds: i64) -> io::Result<()> {
         let timeout = libc::timeval {
-            tv_sec: seconds as libc::time_t,
+            // `time_t` is 64 bits on every target built here (musl 1.2 too); `as _` names the
+            // field's type without the alias libc deprecates for musl.
+            tv_sec: seconds as _,
             tv_usec: 0,
         };
         // SAFETY: the option value is a live timeval of the size passed.

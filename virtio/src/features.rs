@@ -57,6 +57,16 @@ pub mod console {
     pub const EMERG_WRITE: u32 = 2;
 }
 
+/// virtio-net feature bits (5.1.3). Only the ones xenvirtio offers are named.
+pub mod net {
+    /// `mtu` is valid.
+    pub const MTU: u32 = 3;
+    /// `mac` is valid.
+    pub const MAC: u32 = 5;
+    /// `status` is valid.
+    pub const STATUS: u32 = 16;
+}
+
 /// The mask of one feature bit.
 pub const fn bit(n: u32) -> u64 {
     1u64 << n
@@ -97,6 +107,9 @@ pub fn describe(device_id: u32, features: u64) -> String {
             (console::SIZE, 3) => "SIZE",
             (console::MULTIPORT, 3) => "MULTIPORT",
             (console::EMERG_WRITE, 3) => "EMERG_WRITE",
+            (net::MTU, 1) => "MTU",
+            (net::MAC, 1) => "MAC",
+            (net::STATUS, 1) => "STATUS",
             _ => {
                 names.push(format!("bit{n}"));
                 continue;
@@ -139,6 +152,10 @@ mod tests {
         assert_eq!(blk::DISCARD, vb::VIRTIO_BLK_F_DISCARD);
         assert_eq!(blk::WRITE_ZEROES, vb::VIRTIO_BLK_F_WRITE_ZEROES);
         assert_eq!(blk::SECURE_ERASE, vb::VIRTIO_BLK_F_SECURE_ERASE);
+        use virtio_bindings::virtio_net as vn;
+        assert_eq!(net::MTU, vn::VIRTIO_NET_F_MTU);
+        assert_eq!(net::MAC, vn::VIRTIO_NET_F_MAC);
+        assert_eq!(net::STATUS, vn::VIRTIO_NET_F_STATUS);
     }
 
     #[test]
@@ -147,6 +164,7 @@ mod tests {
         assert_eq!(describe(2, f), "FLUSH|VERSION_1|bit50");
         assert_eq!(describe(3, bit(console::SIZE)), "SIZE");
         assert_eq!(describe(4, 0), "none");
+        assert_eq!(describe(1, bit(net::MAC) | bit(net::MTU)), "MTU|MAC");
         assert!(has(f, transport::VERSION_1));
         assert!(!has(f, transport::ACCESS_PLATFORM));
     }

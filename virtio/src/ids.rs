@@ -1,5 +1,7 @@
 //! Virtio device ids (virtio 1.2 section 5) and the `type` string of the xenstore layout.
 
+/// virtio-net.
+pub const VIRTIO_ID_NET: u32 = 1;
 /// virtio-blk.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 /// virtio-console.
@@ -16,6 +18,8 @@ pub enum DeviceKind {
     Console,
     /// virtio-rng.
     Rng,
+    /// virtio-net.
+    Net,
 }
 
 impl DeviceKind {
@@ -25,6 +29,7 @@ impl DeviceKind {
             DeviceKind::Block => VIRTIO_ID_BLOCK,
             DeviceKind::Console => VIRTIO_ID_CONSOLE,
             DeviceKind::Rng => VIRTIO_ID_RNG,
+            DeviceKind::Net => VIRTIO_ID_NET,
         }
     }
 
@@ -34,16 +39,18 @@ impl DeviceKind {
             VIRTIO_ID_BLOCK => Some(DeviceKind::Block),
             VIRTIO_ID_CONSOLE => Some(DeviceKind::Console),
             VIRTIO_ID_RNG => Some(DeviceKind::Rng),
+            VIRTIO_ID_NET => Some(DeviceKind::Net),
             _ => None,
         }
     }
 
-    /// The short name used on command lines: `blk`, `console`, `rng`.
+    /// The short name used on command lines: `blk`, `console`, `rng`, `net`.
     pub fn name(self) -> &'static str {
         match self {
             DeviceKind::Block => "blk",
             DeviceKind::Console => "console",
             DeviceKind::Rng => "rng",
+            DeviceKind::Net => "net",
         }
     }
 
@@ -53,6 +60,7 @@ impl DeviceKind {
             "blk" => Some(DeviceKind::Block),
             "console" => Some(DeviceKind::Console),
             "rng" => Some(DeviceKind::Rng),
+            "net" => Some(DeviceKind::Net),
             _ => None,
         }
     }
@@ -91,11 +99,17 @@ mod tests {
         assert_eq!(VIRTIO_ID_BLOCK, v::VIRTIO_ID_BLOCK);
         assert_eq!(VIRTIO_ID_CONSOLE, v::VIRTIO_ID_CONSOLE);
         assert_eq!(VIRTIO_ID_RNG, v::VIRTIO_ID_RNG);
+        assert_eq!(VIRTIO_ID_NET, v::VIRTIO_ID_NET);
     }
 
     #[test]
     fn type_strings_round_trip() {
-        for k in [DeviceKind::Block, DeviceKind::Console, DeviceKind::Rng] {
+        for k in [
+            DeviceKind::Block,
+            DeviceKind::Console,
+            DeviceKind::Rng,
+            DeviceKind::Net,
+        ] {
             let s = k.type_string();
             assert_eq!(DeviceKind::parse_type_string(&s), Some(k.device_id()));
             assert_eq!(DeviceKind::from_name(k.name()), Some(k));

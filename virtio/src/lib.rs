@@ -1,7 +1,7 @@
 //! Virtio wire formats shared by both ends of xenvirtio.
 //!
 //! This crate owns the bytes that cross between domains: the split-ring structures, feature and
-//! status bits, device ids, the blk/console/rng request and config structures, and the xenvirtio
+//! status bits, device ids, the blk/console/rng/net request and config structures, and the xenvirtio
 //! transport's DMA address encodings and xenstore key names (see `docs/PROTOCOL.md`). It holds no
 //! state and performs no I/O. Every structure is `#[repr(C)]` with its size and field offsets
 //! asserted against the virtio 1.2 specification, and is encoded and decoded field by field in
@@ -19,6 +19,7 @@ pub mod device_queue;
 pub mod dma;
 pub mod features;
 pub mod ids;
+pub mod net;
 pub mod protocol;
 pub mod split;
 pub mod status;

@@ -48,6 +48,18 @@ pub mod backend_keys {
     pub const CONSOLE: &str = "console";
     /// console: the pty the backend opened (backend).
     pub const TTY: &str = "tty";
+    /// net: the guest's MAC address, `00:16:3e:12:34:56` (toolstack; xl's `mac`).
+    pub const MAC: &str = "mac";
+    /// net: the MTU offered, 68 to 9000 (toolstack, optional; absent is 1500).
+    pub const MTU: &str = "mtu";
+    /// net: `tap` (absent too) or `socket:<path>`, where the frames go (toolstack).
+    pub const LINK: &str = "link";
+    /// net: the bridge the TAP becomes a port of (toolstack, optional; xl's `bridge`).
+    pub const BRIDGE: &str = "bridge";
+    /// net: the TAP's name (toolstack, optional; xl's `vifname`; absent is `xvn<domid>.<devid>`).
+    pub const VIFNAME: &str = "vifname";
+    /// net: the TAP the backend made (backend).
+    pub const TAP: &str = "tap";
     /// Requested number of queues (toolstack, optional).
     pub const REQUESTED_QUEUES: &str = "requested-queues";
     /// Offered features, hex u64 (backend, before InitWait).

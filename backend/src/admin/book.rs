@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use xenvirtio_virtio::ids::DeviceKind;
 
-use super::{AttachRequest, ConsoleOutput, DmaSetting};
+use super::{AttachRequest, ConsoleOutput, DmaSetting, NetOptions};
 
 /// Where the daemon and the admin commands keep their state by default.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/xenvirtio";
@@ -22,7 +22,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/xenvirtio";
 pub struct BookEntry {
     /// The devid.
     pub devid: u32,
-    /// `blk`, `console` or `rng`.
+    /// `blk`, `console`, `rng` or `net`.
     #[serde(rename = "type")]
     pub kind: String,
     /// blk: the image.
@@ -42,6 +42,21 @@ pub struct BookEntry {
     /// console: `pty` or `socket:PATH`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
+    /// net: the MAC address (kept, so that the guest's NIC keeps it across reboots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// net: the bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// net: the MTU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    /// net: the TAP's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vifname: Option<String>,
+    /// net: the frame socket instead of a TAP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
 }
 
 impl BookEntry {
@@ -56,6 +71,11 @@ impl BookEntry {
             queues: req.queues,
             dma: req.dma.to_string(),
             console: req.console.as_ref().map(ToString::to_string),
+            mac: req.net.mac.map(|m| m.to_string()),
+            bridge: req.net.bridge.clone(),
+            mtu: req.net.mtu,
+            vifname: req.net.vifname.clone(),
+            socket: req.net.socket.clone(),
         }
     }
 
@@ -65,15 +85,26 @@ impl BookEntry {
             devid: self.devid,
             what,
         };
-        let kind = [DeviceKind::Block, DeviceKind::Console, DeviceKind::Rng]
-            .into_iter()
-            .find(|k| k.name() == self.kind)
-            .ok_or_else(|| bad(format!("unknown type {:?}", self.kind)))?;
+        let kind = [
+            DeviceKind::Block,
+            DeviceKind::Console,
+            DeviceKind::Rng,
+            DeviceKind::Net,
+        ]
+        .into_iter()
+        .find(|k| k.name() == self.kind)
+        .ok_or_else(|| bad(format!("unknown type {:?}", self.kind)))?;
         let dma: DmaSetting = self.dma.parse().map_err(|e| bad(format!("{e}")))?;
         let console = self
             .console
             .as_deref()
             .map(str::parse::<ConsoleOutput>)
+            .transpose()
+            .map_err(|e| bad(format!("{e}")))?;
+        let mac = self
+            .mac
+            .as_deref()
+            .map(str::parse)
             .transpose()
             .map_err(|e| bad(format!("{e}")))?;
         Ok(AttachRequest {
@@ -84,6 +115,13 @@ impl BookEntry {
             queues: self.queues,
             dma,
             console,
+            net: NetOptions {
+                mac,
+                bridge: self.bridge.clone(),
+                mtu: self.mtu,
+                vifname: self.vifname.clone(),
+                socket: self.socket.clone(),
+            },
             ..AttachRequest::new(domid, kind)
         })
     }
@@ -281,6 +319,29 @@ mod tests {
             !book.file("guest1").unwrap().exists(),
             "an empty book is removed"
         );
+    }
+
+    #[test]
+    fn a_net_device_comes_back_with_its_mac_and_bridge() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = DeviceBook::new(dir.path());
+        let mut net = AttachRequest::new(5, DeviceKind::Net);
+        net.net = NetOptions {
+            mac: Some("00:16:3e:aa:bb:cc".parse().unwrap()),
+            bridge: Some("xenbr1".into()),
+            mtu: Some(1400),
+            vifname: Some("g1-net".into()),
+            socket: None,
+        };
+        book.record("guest1", BookEntry::of(&net, 3)).unwrap();
+        let got = book.entries("guest1").unwrap();
+        let req = got[0].request(12).unwrap();
+        assert_eq!(req.kind, DeviceKind::Net);
+        assert_eq!(
+            req.net, net.net,
+            "the guest keeps its MAC, bridge, MTU and name"
+        );
+        assert_eq!(req.devid, Some(3));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The data path of a connected device: draining one queue (pop, map, serve, return the
-//! chain, notify) within a budget, and moving console input into held receive buffers.
+//! chain, notify) within a budget, and moving console input into held receive buffers (net's
+//! frames: `net_path`).
 //! It never changes the device's phase: an error is returned to the state machine.
 //!
 //! **Bounds against a hostile guest** (`docs/RELIABILITY.md`, "Resource bounds"). A chain's
@@ -75,7 +76,7 @@ impl Budget {
 
 /// The first `max` bytes of a chain's buffers of one direction (readable or writable): a
 /// chain of descriptors that name only those bytes, so mapping it maps no more.
-fn clipped(chain: &Chain, writable: bool, max: u64) -> Chain {
+pub(super) fn clipped(chain: &Chain, writable: bool, max: u64) -> Chain {
     let mut left = max;
     let mut descriptors = Vec::new();
     for d in chain.descriptors.iter().filter(|d| d.writable == writable) {
@@ -158,7 +159,7 @@ pub(super) fn serve_queue<P: Platform>(
             let Some(chain) = chain else { break };
             served += 1;
             let used = match model {
-                Model::Console(_) if q == usize::from(RECEIVEQ) => {
+                Model::Console(_) | Model::Net(_) if q == usize::from(RECEIVEQ) => {
                     // Held until input arrives. A driver cannot have more chains outstanding
                     // than the queue holds; one that offers the same heads again would make
                     // this list grow without bound.
@@ -195,6 +196,11 @@ pub(super) fn serve_queue<P: Platform>(
                     0
                 }
                 Model::Console(_) => 0,
+                Model::Net(n) => {
+                    budget.spend(u64::from(chain.readable_len()));
+                    super::net_path::transmit::<P>(n, &chain, space, counters).map_err(dma)?;
+                    0
+                }
                 Model::Blk(_)
                     if u64::from(chain.readable_len()) + u64::from(chain.writable_len())
                         > budget.blk_cap =>

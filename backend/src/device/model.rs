@@ -1,4 +1,4 @@
-//! The types one device holds: its model (blk, console, rng) and what it offers, the
+//! The types one device holds: its model (blk, console, rng, net) and what it offers, the
 //! runtime of a connection (rings, ports, address space), the phases of the state machine,
 //! and the errors that end a connection or its setup. No behaviour beyond building the offer.
 
@@ -18,6 +18,7 @@ use crate::daemon::DaemonConfig;
 use crate::dma::{AddressSpace, DmaMapError, MapCounters};
 use crate::handshake::{ConnectError, DirectTrust, Offer, ToolstackConfig};
 use crate::image_lock::{LockError, RELEASE_GRACE};
+use crate::net::NetDevice;
 use crate::rng::RngDevice;
 use xenvirtio_virtio::device_queue::{Chain, DeviceQueue, QueueError};
 
@@ -99,6 +100,7 @@ pub(super) enum Model {
     Blk(BlockDevice),
     Console(Box<ConsoleDevice>),
     Rng(RngDevice),
+    Net(Box<NetDevice>),
 }
 
 impl Model {
@@ -132,6 +134,12 @@ impl Model {
                 .map(|c| Model::Console(Box::new(c)))
                 .map_err(|e| error_chain(&e)),
             DeviceKind::Rng => Ok(Model::Rng(RngDevice::new())),
+            DeviceKind::Net => {
+                let target = ts.net.as_ref().ok_or("a net device needs mac")?;
+                NetDevice::open(target)
+                    .map(|n| Model::Net(Box::new(n)))
+                    .map_err(|e| error_chain(&e))
+            }
         }
     }
 
@@ -152,6 +160,7 @@ impl Model {
             ),
             Model::Console(c) => (c.features(), c.config()),
             Model::Rng(_) => (0, Vec::new()),
+            Model::Net(n) => (n.features(), n.config()),
         };
         let mut offer = Offer::new(
             ts,
@@ -164,6 +173,9 @@ impl Model {
         offer.max_pages_per_domain = config.max_pages_per_domain;
         if let Model::Console(c) = self {
             offer.tty = c.tty().map(|p| p.display().to_string());
+        }
+        if let Model::Net(n) = self {
+            offer.tap = n.tap_name().map(str::to_owned);
         }
         offer
     }
@@ -185,7 +197,7 @@ pub(super) struct Connection<P: Platform> {
     pub(super) queues: Vec<QueueRuntime<P::Events>>,
     pub(super) space: AddressSpace<Budgeted<P::GrantMap>, Budgeted<P::Foreign>>,
     pub(super) counters: MapCounters,
-    /// Console receive chains waiting for input (validated, not mapped).
+    /// Console and net receive chains waiting for input (validated, not mapped).
     pub(super) held_rx: VecDeque<Chain>,
     pub(super) strategy: DmaStrategy,
     /// The queue served first by the next serve call (round robin, so a flooded queue cannot

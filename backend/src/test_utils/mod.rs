@@ -27,10 +27,12 @@
 //! ```
 
 mod driver_ring;
+mod frame_peer;
 mod frontend;
 mod toolstack;
 
 pub use driver_ring::{DriverRing, DriverRingError, Segment};
+pub use frame_peer::FramePeer;
 pub use frontend::{
     DEFAULT_TIMEOUT, FrontendOptions, Hostile, TestError, TestFrontend, TestStrategy,
 };

@@ -29,6 +29,8 @@ pub struct TestDevice {
     pub grant_usage: bool,
     /// console: the `console` value (`pty` when `None`).
     pub console: Option<String>,
+    /// net: `mac`, `mtu` and `link` (other keys for net are the tests' own).
+    pub net: Option<(String, Option<u16>, String)>,
 }
 
 impl TestDevice {
@@ -41,6 +43,7 @@ impl TestDevice {
             dma: None,
             grant_usage: true,
             console: None,
+            net: None,
         }
     }
 
@@ -60,6 +63,22 @@ impl TestDevice {
     /// An rng.
     pub fn rng() -> Self {
         Self::new(DeviceKind::Rng)
+    }
+
+    /// A net device with `mac`, whose frames go to the `SOCK_SEQPACKET` socket at `socket`.
+    pub fn net(mac: &str, socket: &std::path::Path) -> Self {
+        Self {
+            net: Some((mac.to_owned(), None, format!("socket:{}", socket.display()))),
+            ..Self::new(DeviceKind::Net)
+        }
+    }
+
+    /// With `mtu` (net).
+    pub fn with_mtu(mut self, mtu: u16) -> Self {
+        if let Some(n) = &mut self.net {
+            n.1 = Some(mtu);
+        }
+        self
     }
 
     /// With `grant_usage = 0` (what `direct` needs).
@@ -134,6 +153,13 @@ pub fn attach(
         }
         if dev.kind == DeviceKind::Console {
             b(bk::CONSOLE, dev.console.as_deref().unwrap_or("pty"))?;
+        }
+        if let Some((mac, mtu, link)) = &dev.net {
+            b(bk::MAC, mac)?;
+            b(bk::LINK, link)?;
+            if let Some(mtu) = mtu {
+                b(bk::MTU, &mtu.to_string())?;
+            }
         }
         b(bk::STATE, &XenbusState::Initialising.value().to_string())?;
         let f = |k: &str, v: &str| store.write_str(tx, &format!("{fdir}/{k}"), v);

@@ -1,5 +1,5 @@
 //! `serve`: every device of the domain, kept connected: blk as an NBD export (and a kernel
-//! block device), console on a terminal or pty, rng on a FIFO.
+//! block device), console on a terminal or pty, rng on a FIFO, net as a TAP interface.
 #![allow(clippy::wildcard_imports)]
 
 use xenvirtio_frontend::supervisor::Waits;
@@ -155,6 +155,40 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
                 closers.push(Box::new(move || {
                     let dev = done_rx.recv().map_err(|_| anyhow!("the rng worker died"))?;
                     dev.close().map_err(Into::into)
+                }));
+            }
+            Some(DeviceKind::Net) => {
+                let dev = Arc::new(frontend.connect_net(d.devid, &connect)?);
+                let nets = wanted
+                    .iter()
+                    .filter(|w| w.kind == Some(DeviceKind::Net))
+                    .count();
+                let name = match &args.net_ifname {
+                    Some(n) if nets > 1 => format!("{n}.{}", d.devid),
+                    Some(n) => n.clone(),
+                    None => xenvirtio_frontend::net::tap_relay::default_name(d.devid),
+                };
+                let relay = xenvirtio_frontend::net::tap_relay::TapRelay::start(
+                    Arc::clone(&dev),
+                    &name,
+                    Arc::clone(&stop),
+                )
+                .with_context(|| format!("device {}", d.devid))?;
+                println!(
+                    "device {}: net on interface {} (mac {}, mtu {}, {} DMA)",
+                    d.devid,
+                    relay.name(),
+                    dev.mac(),
+                    dev.mtu(),
+                    dev.negotiated().strategy.name()
+                );
+                let devid = d.devid;
+                closers.push(Box::new(move || {
+                    relay.stop();
+                    Arc::try_unwrap(dev)
+                        .map_err(|_| anyhow!("net device {devid} is still in use"))?
+                        .close()
+                        .map_err(Into::into)
                 }));
             }
             None => eprintln!(

@@ -295,6 +295,7 @@ fn frontend_setup(input: &HandshakeInput, store: &dyn XenStore, fdir: &str) -> b
         read_only: false,
         force_share: false,
         console: ConsoleTarget::Pty,
+        net: None,
         queues: 1 + u32::from(input.max_queues % 16),
     };
     let trust = DirectTrust {
@@ -409,6 +410,15 @@ fn toolstack(store: &dyn XenStore, bdir: &str) -> bool {
         DeviceKind::Block => assert!(config.image.is_some(), "blk without an image"),
         DeviceKind::Console => assert_eq!(config.queues, 2),
         DeviceKind::Rng => assert_eq!(config.queues, 1),
+        DeviceKind::Net => {
+            assert_eq!(config.queues, 2);
+            let net = config.net.as_ref().expect("a net device has its target");
+            assert!(
+                !net.mac.is_multicast() && !net.mac.is_zero(),
+                "a NIC's MAC is unicast"
+            );
+            assert!((68..=9000).contains(&net.mtu));
+        }
     }
     if let ConsoleTarget::Socket(p) = &config.console {
         assert!(!p.as_os_str().is_empty());

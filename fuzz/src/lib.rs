@@ -21,13 +21,14 @@ pub mod driver_queue;
 pub mod handshake;
 pub mod input;
 pub mod nbd_server;
+pub mod net_device;
 pub mod wire_codecs;
 pub mod xenstore_client;
 
 use input::Structured;
 
 /// The targets, as `fuzz_targets/<name>.rs` names them.
-pub const TARGETS: [&str; 9] = [
+pub const TARGETS: [&str; 10] = [
     "device_queue",
     "blk_request",
     "dma_map",
@@ -37,6 +38,7 @@ pub const TARGETS: [&str; 9] = [
     "nbd_server",
     "handshake",
     "daemon_blk",
+    "net_device",
 ];
 
 /// A temp dir for a harness's image: tmpfs when there is one, so FLUSH costs nothing.
@@ -67,6 +69,7 @@ pub fn run_bytes(name: &str, data: &[u8]) {
         "nbd_server" => nbd_server::run(&Structured::from_bytes(data)),
         "handshake" => handshake::run(&Structured::from_bytes(data)),
         "daemon_blk" => daemon_blk::run(&Structured::from_bytes(data)),
+        "net_device" => net_device::run(&Structured::from_bytes(data)),
         other => panic!("no fuzz target named {other:?}"),
     }
 }
@@ -83,6 +86,7 @@ pub fn describe(name: &str, data: &[u8]) -> String {
         "nbd_server" => format!("{:?}", nbd_server::NbdInput::from_bytes(data)),
         "handshake" => format!("{:?}", handshake::HandshakeInput::from_bytes(data)),
         "daemon_blk" => format!("{:?}", daemon_blk::DaemonInput::from_bytes(data)),
+        "net_device" => format!("{:?}", net_device::NetInput::from_bytes(data)),
         other => panic!("no fuzz target named {other:?}"),
     }
 }
@@ -117,6 +121,7 @@ pub fn seeds(name: &str) -> Vec<(&'static str, Vec<u8>)> {
         "nbd_server" => encode(nbd_server::seeds()),
         "handshake" => encode(handshake::seeds()),
         "daemon_blk" => encode(daemon_blk::seeds()),
+        "net_device" => encode(net_device::seeds()),
         other => panic!("no fuzz target named {other:?}"),
     }
 }

@@ -71,3 +71,8 @@ fn handshake() {
 fn daemon_blk() {
     replay("daemon_blk");
 }
+
+#[test]
+fn net_device() {
+    replay("net_device");
+}

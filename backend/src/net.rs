@@ -8,14 +8,19 @@
 //! counted, never a fatal error:
 //! - a transmit chain longer than the header plus [`net::max_frame`] (`too_long`); nothing of
 //!   it is mapped;
-//! - a header that asks for a checksum or segmentation offload the device did not offer
-//!   (`offload`);
+//! - a header that asks for what was not negotiated (`offload`): a segmentation offload (none is
+//!   offered), `DATA_VALID` (a driver never sets it), or a partial checksum (`NEEDS_CSUM`)
+//!   without `CSUM` or whose place lies outside the frame;
 //! - a chain with no frame behind its header, or shorter than an Ethernet header (`no_data`);
 //! - a transmit chain with device-writable buffers (`malformed`).
 //!
 //! And in the other direction: a receive buffer too small for the waiting frame is returned
 //! empty (`rx_small_buffer`; the frame is dropped, the driver counts a length error), and a
-//! frame from the host side longer than the guest's MTU allows is dropped (`rx_too_long`).
+//! frame from the host side longer than the guest's MTU allows is dropped (`rx_too_long`). A
+//! frame from the host side with a partial checksum (Linux hands a TAP reader such frames, with
+//! `NEEDS_CSUM` in its header) keeps it for a guest that negotiated `GUEST_CSUM`, and has it
+//! completed here for one that did not: a guest never gets a frame with a checksum it cannot
+//! check.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -25,7 +30,10 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use xenvirtio_tap::Tap;
 use xenvirtio_virtio::features::{self, net as nf};
-use xenvirtio_virtio::net::{self, ETH_HLEN, HDR_SIZE, MacAddr, NetConfig, NetHeader};
+use xenvirtio_virtio::net::{
+    self, ETH_HLEN, GSO_NONE, HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, HDR_SIZE, MacAddr, NetConfig,
+    NetHeader,
+};
 use xenvirtio_xen::mem::SharedMem;
 
 use crate::chain_io::{ChainReader, ChainWriter};
@@ -99,6 +107,9 @@ pub enum NetDrop {
     RxSmallBuffer,
     /// A frame from the host side longer than the guest's MTU allows.
     RxTooLong,
+    /// A frame from the host side the guest cannot be given as it is: a segmentation offload,
+    /// or a partial checksum whose place lies outside it.
+    RxOffload,
     /// The host side refused the frame (its queue is full, or it is gone).
     HostRefused,
 }
@@ -126,6 +137,8 @@ pub struct NetCounters {
     pub rx_small_buffer: u64,
     /// Dropped: [`NetDrop::RxTooLong`].
     pub rx_too_long: u64,
+    /// Dropped: [`NetDrop::RxOffload`].
+    pub rx_offload: u64,
     /// Dropped: [`NetDrop::HostRefused`].
     pub host_refused: u64,
 }
@@ -139,10 +152,15 @@ impl NetCounters {
             + self.malformed
             + self.rx_small_buffer
             + self.rx_too_long
+            + self.rx_offload
             + self.host_refused
     }
 
     fn count(&mut self, why: NetDrop) {
+        // The first few drops of a device are logged with their reason, then only counted.
+        if self.dropped() < 8 {
+            tracing::info!(reason = ?why, "net frame dropped");
+        }
         let c = match why {
             NetDrop::TooLong => &mut self.too_long,
             NetDrop::Offload => &mut self.offload,
@@ -150,6 +168,7 @@ impl NetCounters {
             NetDrop::Malformed => &mut self.malformed,
             NetDrop::RxSmallBuffer => &mut self.rx_small_buffer,
             NetDrop::RxTooLong => &mut self.rx_too_long,
+            NetDrop::RxOffload => &mut self.rx_offload,
             NetDrop::HostRefused => &mut self.host_refused,
         };
         *c += 1;
@@ -259,6 +278,8 @@ pub struct NetDevice {
     buf: Vec<u8>,
     /// A frame from the host side read into `buf` and not yet delivered: its packet length.
     pending: Option<usize>,
+    /// The features the driver accepted (0 before a connection).
+    negotiated: u64,
 }
 
 impl NetDevice {
@@ -321,6 +342,7 @@ impl NetDevice {
             counters: NetCounters::default(),
             buf: vec![0; HDR_SIZE + net::max_frame(mtu) + 1],
             pending: None,
+            negotiated: 0,
         }
     }
 
@@ -332,9 +354,18 @@ impl NetDevice {
         }
     }
 
-    /// The features offered: the MAC, the MTU and the link status.
+    /// The features offered: checksum offload both ways, the MAC, the MTU and the link status.
     pub fn features(&self) -> u64 {
-        features::bit(nf::MAC) | features::bit(nf::MTU) | features::bit(nf::STATUS)
+        features::bit(nf::CSUM)
+            | features::bit(nf::GUEST_CSUM)
+            | features::bit(nf::MAC)
+            | features::bit(nf::MTU)
+            | features::bit(nf::STATUS)
+    }
+
+    /// The features the driver of a new connection accepted: what its headers may ask for.
+    pub fn set_negotiated(&mut self, negotiated: u64) {
+        self.negotiated = negotiated;
     }
 
     /// The configuration space: the MAC, link up, one queue pair, the MTU.
@@ -413,11 +444,28 @@ impl NetDevice {
         reader.read_exact(packet).map_err(|_| NetDrop::NoData)?;
         let mut hdr = [0u8; HDR_SIZE];
         hdr.copy_from_slice(&packet[..HDR_SIZE]);
-        if NetHeader::from_bytes(&hdr).asks_offload() {
+        let h = NetHeader::from_bytes(&hdr);
+        let partial = h.flags & HDR_F_NEEDS_CSUM != 0;
+        if h.flags & !HDR_F_NEEDS_CSUM != 0
+            || h.gso_type != GSO_NONE
+            || (partial
+                && !(features::has(self.negotiated, nf::CSUM) && h.csum_fits(len - HDR_SIZE)))
+        {
             return Err(NetDrop::Offload);
         }
-        // The host side gets a clean header: nothing of the guest's reaches it but the frame.
-        packet[..HDR_SIZE].copy_from_slice(&NetHeader::default().to_bytes());
+        // The host side gets a header rebuilt from the checked fields alone: a partial checksum's
+        // place, or nothing.
+        let clean = if partial {
+            NetHeader {
+                flags: HDR_F_NEEDS_CSUM,
+                csum_start: h.csum_start,
+                csum_offset: h.csum_offset,
+                ..NetHeader::default()
+            }
+        } else {
+            NetHeader::default()
+        };
+        packet[..HDR_SIZE].copy_from_slice(&clean.to_bytes());
         send_packet(self.endpoint.fd(), packet).map_err(|e| {
             tracing::debug!(error = %e, "the host side refused a frame");
             NetDrop::HostRefused
@@ -440,6 +488,17 @@ impl NetDevice {
                 return Ok(None);
             };
             if n > limit {
+                if self.counters.rx_too_long < 4 {
+                    let h = NetHeader::from_bytes(
+                        self.buf[..HDR_SIZE].try_into().expect("a header's bytes"),
+                    );
+                    tracing::info!(
+                        len = n,
+                        gso_type = h.gso_type,
+                        flags = h.flags,
+                        "frame from the host side over the MTU"
+                    );
+                }
                 self.counters.count(NetDrop::RxTooLong);
                 continue;
             }
@@ -448,9 +507,49 @@ impl NetDevice {
                 self.counters.count(NetDrop::NoData);
                 continue;
             }
+            if !self.settle_received_header(n) {
+                self.counters.count(NetDrop::RxOffload);
+                continue;
+            }
             self.pending = Some(n);
             return Ok(Some(n));
         }
+    }
+
+    /// Rewrites the header of the packet of `n` bytes in `buf` into the one the guest gets: a
+    /// partial checksum passed on (`GUEST_CSUM`) or completed here, `DATA_VALID` passed on or
+    /// cleared, one buffer. False for a frame the guest cannot be given (a segmentation offload,
+    /// a checksum place outside the frame).
+    fn settle_received_header(&mut self, n: usize) -> bool {
+        let mut hdr = [0u8; HDR_SIZE];
+        hdr.copy_from_slice(&self.buf[..HDR_SIZE]);
+        let h = NetHeader::from_bytes(&hdr);
+        if h.gso_type != GSO_NONE {
+            return false;
+        }
+        let guest_csum = features::has(self.negotiated, nf::GUEST_CSUM);
+        let mut out = NetHeader::received();
+        if h.flags & HDR_F_NEEDS_CSUM != 0 {
+            if guest_csum {
+                if !h.csum_fits(n - HDR_SIZE) {
+                    return false;
+                }
+                out.flags = HDR_F_NEEDS_CSUM;
+                out.csum_start = h.csum_start;
+                out.csum_offset = h.csum_offset;
+            } else if !net::complete_checksum(
+                &mut self.buf[HDR_SIZE..n],
+                h.csum_start,
+                h.csum_offset,
+            ) {
+                return false;
+            }
+        }
+        if guest_csum && h.flags & HDR_F_DATA_VALID != 0 {
+            out.flags |= HDR_F_DATA_VALID;
+        }
+        self.buf[..HDR_SIZE].copy_from_slice(&out.to_bytes());
+        true
     }
 
     /// Drops the pending frame because the receive buffer offered for it is too small.
@@ -466,8 +565,8 @@ impl NetDevice {
         let Some(n) = self.pending else {
             return Ok(0);
         };
-        let packet = &mut self.buf[..n];
-        packet[..HDR_SIZE].copy_from_slice(&NetHeader::received().to_bytes());
+        // The header was settled when the frame was read (`settle_received_header`).
+        let packet = &self.buf[..n];
         ChainWriter::new(writable)
             .write_all(packet)
             .map_err(|e| io::Error::other(e.to_string()))?;
@@ -529,7 +628,15 @@ mod tests {
         assert_eq!(&got[HDR_SIZE..n], &f[..]);
 
         assert_eq!(dev.next_frame().unwrap(), None);
-        let mut packet = vec![0x77u8; HDR_SIZE];
+        // The host side's header: DATA_VALID and a num_buffers of its own, neither of which a
+        // guest without GUEST_CSUM gets.
+        let mut packet = NetHeader {
+            flags: net::HDR_F_DATA_VALID,
+            num_buffers: 0x7777,
+            ..NetHeader::default()
+        }
+        .to_bytes()
+        .to_vec();
         packet.extend(frame(100));
         send_packet(host.as_raw_fd(), &packet).unwrap();
         assert_eq!(dev.next_frame().unwrap(), Some(HDR_SIZE + 100));
@@ -597,6 +704,65 @@ mod tests {
         );
         assert_eq!(c.dropped(), 8);
         assert_eq!(c.tx_frames + c.rx_frames, 0);
+    }
+
+    #[test]
+    fn a_partial_checksum_from_the_host_side_is_passed_on_or_completed() {
+        let (mut dev, host) = pair(1500);
+        let partial = NetHeader {
+            flags: HDR_F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 6,
+            ..NetHeader::default()
+        };
+        let mut packet = partial.to_bytes().to_vec();
+        packet.extend(frame(60));
+        let out = PageBuf::new(1);
+        let w = out.mem();
+        // Without GUEST_CSUM: completed here, the header clean.
+        send_packet(host.as_raw_fd(), &packet).unwrap();
+        assert_eq!(dev.next_frame().unwrap(), Some(72));
+        dev.deliver(&[w.slice(0, 4096).unwrap()]).unwrap();
+        let mut got = vec![0u8; 72];
+        w.read(0, &mut got).unwrap();
+        let mut want = packet[HDR_SIZE..].to_vec();
+        assert!(net::complete_checksum(&mut want, 34, 6));
+        assert_eq!(&got[HDR_SIZE..], &want[..]);
+        assert_eq!(
+            NetHeader::from_bytes(&got[..HDR_SIZE].try_into().unwrap()),
+            NetHeader::received()
+        );
+        // With GUEST_CSUM: the place is passed on, the bytes untouched.
+        dev.set_negotiated(features::bit(nf::GUEST_CSUM));
+        send_packet(host.as_raw_fd(), &packet).unwrap();
+        assert_eq!(dev.next_frame().unwrap(), Some(72));
+        dev.deliver(&[w.slice(0, 4096).unwrap()]).unwrap();
+        w.read(0, &mut got).unwrap();
+        assert_eq!(&got[HDR_SIZE..], &packet[HDR_SIZE..]);
+        let h = NetHeader::from_bytes(&got[..HDR_SIZE].try_into().unwrap());
+        assert_eq!(
+            (h.flags, h.csum_start, h.csum_offset, h.num_buffers),
+            (HDR_F_NEEDS_CSUM, 34, 6, 1)
+        );
+        // A place outside the frame, or a segmentation offload: dropped.
+        let mut bad = NetHeader {
+            csum_start: 60,
+            ..partial
+        }
+        .to_bytes()
+        .to_vec();
+        bad.extend(frame(60));
+        send_packet(host.as_raw_fd(), &bad).unwrap();
+        let mut gso = NetHeader {
+            gso_type: 1,
+            ..partial
+        }
+        .to_bytes()
+        .to_vec();
+        gso.extend(frame(60));
+        send_packet(host.as_raw_fd(), &gso).unwrap();
+        assert_eq!(dev.next_frame().unwrap(), None);
+        assert_eq!(dev.counters().rx_offload, 2);
     }
 
     #[test]

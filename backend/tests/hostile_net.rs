@@ -12,7 +12,7 @@ use common::*;
 use xenvirtio_backend::daemon::{DaemonConfig, DomainSelector};
 use xenvirtio_backend::test_utils::{FramePeer, TestDevice, TestFrontend, TestStrategy};
 use xenvirtio_virtio::net::{
-    HDR_F_NEEDS_CSUM, HDR_SIZE, NetConfig, NetHeader, RECEIVEQ, TRANSMITQ,
+    HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, HDR_SIZE, NetConfig, NetHeader, RECEIVEQ, TRANSMITQ,
 };
 use xenvirtio_xen::DomId;
 use xenvirtio_xen::loopback::LoopbackDomain;
@@ -145,26 +145,57 @@ fn hostile_net_frame_longer_than_the_mtu() {
 #[test]
 fn hostile_net_offload_flags_not_offered() {
     let (w, peer, mut fe) = setup(TestStrategy::GrantPersistent, None);
-    let h = NetHeader {
+    // CSUM is negotiated, but a partial checksum whose place lies past the frame is not one.
+    let outside = NetHeader {
         flags: HDR_F_NEEDS_CSUM,
+        csum_start: 190,
+        csum_offset: 16,
+        ..NetHeader::default()
+    };
+    assert_eq!(send(&mut fe, &[&outside.to_bytes(), &frame(200, 6)]), 0);
+    // A segmentation offload (none is offered), and DATA_VALID, which a driver never sets.
+    let gso = NetHeader {
+        flags: HDR_F_NEEDS_CSUM,
+        gso_type: 1, // TCPv4
+        gso_size: 1448,
         csum_start: 34,
         csum_offset: 16,
         ..NetHeader::default()
     };
-    assert_eq!(send(&mut fe, &[&h.to_bytes(), &frame(200, 6)]), 0);
-    let h = NetHeader {
-        gso_type: 1, // TCPv4
-        gso_size: 1448,
+    assert_eq!(send(&mut fe, &[&gso.to_bytes(), &frame(200, 7)]), 0);
+    let valid = NetHeader {
+        flags: HDR_F_DATA_VALID,
         ..NetHeader::default()
     };
-    assert_eq!(send(&mut fe, &[&h.to_bytes(), &frame(200, 7)]), 0);
+    assert_eq!(send(&mut fe, &[&valid.to_bytes(), &frame(200, 7)]), 0);
     assert_eq!(
         peer.recv(Duration::from_millis(300)).unwrap(),
         None,
         "nothing went out"
     );
-    let s = w.stats_when(F, 0, |s| s.dropped >= 2);
-    assert_eq!((s.dropped, s.bytes_written), (2, 0), "{s:?}");
+    let s = w.stats_when(F, 0, |s| s.dropped >= 3);
+    assert_eq!((s.dropped, s.bytes_written), (3, 0), "{s:?}");
+    // A partial checksum inside the frame goes out with its place, and nothing else of the
+    // guest's header.
+    let partial = NetHeader {
+        flags: HDR_F_NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: 16,
+        num_buffers: 0x5555,
+        ..NetHeader::default()
+    };
+    assert_eq!(send(&mut fe, &[&partial.to_bytes(), &frame(200, 8)]), 0);
+    let got = peer.recv(WAIT).unwrap().expect("the frame went out");
+    let h: [u8; HDR_SIZE] = got[..HDR_SIZE].try_into().unwrap();
+    assert_eq!(
+        NetHeader::from_bytes(&h),
+        NetHeader {
+            flags: HDR_F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 16,
+            ..NetHeader::default()
+        }
+    );
     fe.close().unwrap();
 }
 

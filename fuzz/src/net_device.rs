@@ -11,13 +11,14 @@
 //!   length is a header plus 14 to `mtu + 18` bytes, and its header asks for no offload; then
 //!   the host side gets a zeroed header and exactly the frame's bytes;
 //! - a frame from the host side reaches a receive chain exactly when it is 14 to `mtu + 18`
-//!   bytes and the chain holds it; then the chain holds the device's header and the frame, the
-//!   used length is the packet's, and nothing past it, or outside the windows, is written;
+//!   bytes, asks for no segmentation offload, names a partial checksum (if any) inside itself,
+//!   and the chain holds it; then the chain holds the device's header and the frame (its partial
+//!   checksum completed: the harness negotiates no offload), the used length is the packet's,
+//!   and nothing past it, or outside the windows, is written;
 //! - every dropped frame is counted once (`dropped`), and the sent and delivered ones too.
 
 use std::collections::VecDeque;
 use std::os::unix::net::UnixDatagram;
-use std::time::Duration;
 
 use xenvirtio_backend::net::NetDevice;
 use xenvirtio_virtio::net::{self, ETH_HLEN, HDR_SIZE, MacAddr, NetHeader};
@@ -50,7 +51,8 @@ pub enum Step {
         /// Bytes of device-writable descriptors in the chain.
         writable: u16,
     },
-    /// The host side sends a packet of `len` bytes (header included).
+    /// The host side sends a packet of `len` bytes (header included): a pattern, under a zeroed
+    /// header when `seed` is even.
     Host {
         /// Its length.
         len: u16,
@@ -149,13 +151,30 @@ fn cut<'a>(mem: &SharedMem<'a>, windows: &[Window]) -> Vec<(usize, SharedMem<'a>
         .collect()
 }
 
+fn header_of(packet: &[u8]) -> NetHeader {
+    let mut h = [0u8; HDR_SIZE];
+    h.copy_from_slice(&packet[..HDR_SIZE]);
+    NetHeader::from_bytes(&h)
+}
+
+/// Whether a packet from the host side can reach a guest that negotiated no offload.
+fn deliverable(p: &[u8], max: usize) -> bool {
+    if p.len() > HDR_SIZE + max || p.len() < HDR_SIZE + ETH_HLEN {
+        return false;
+    }
+    let h = header_of(p);
+    h.gso_type == net::GSO_NONE
+        && (h.flags & net::HDR_F_NEEDS_CSUM == 0 || h.csum_fits(p.len() - HDR_SIZE))
+}
+
 /// Runs one input and checks it.
 pub fn run(input: &NetInput) {
     let mtu = 68 + input.mtu % 8933;
     let max = net::max_frame(mtu);
     let (ours, host) = UnixDatagram::pair().expect("a socket pair");
-    host.set_read_timeout(Some(Duration::from_millis(1)))
-        .expect("a timeout");
+    // Non-blocking both ways: the device's queue holds few datagrams (`max_dgram_qlen`), and a
+    // send to a full one must not block the harness; what the device sent is there at once.
+    host.set_nonblocking(true).expect("non-blocking");
     let mut dev = NetDevice::over_socket(ours.into(), MacAddr::xen([1, 2, 3]), mtu)
         .expect("a device over the pair");
     let mut dropped = 0u64;
@@ -221,7 +240,11 @@ pub fn run(input: &NetInput) {
                 );
             }
             Step::Host { len, seed } => {
-                let p: Vec<u8> = (0..usize::from(*len)).map(|i| pattern(*seed, i)).collect();
+                let mut p: Vec<u8> = (0..usize::from(*len)).map(|i| pattern(*seed, i)).collect();
+                // An even seed sends a clean header (the pattern's would ask for offloads).
+                if seed % 2 == 0 {
+                    p.iter_mut().take(HDR_SIZE).for_each(|b| *b = 0);
+                }
                 if host.send(&p).is_ok() {
                     queued.push_back(p);
                 }
@@ -233,11 +256,9 @@ pub fn run(input: &NetInput) {
                 mem.write(0, &init).expect("the buffer");
                 let wins = cut(&mem, windows);
                 let room: usize = wins.iter().map(|(_, m)| m.len()).sum();
-                // The device skips what it cannot deliver to anyone: too long, or a runt.
-                while queued
-                    .front()
-                    .is_some_and(|p| p.len() > HDR_SIZE + max || p.len() < HDR_SIZE + ETH_HLEN)
-                {
+                // The device skips what it cannot deliver to anyone: too long, a runt, a
+                // segmentation offload, a partial checksum whose place is outside the frame.
+                while queued.front().is_some_and(|p| !deliverable(p, max)) {
                     queued.pop_front();
                     dropped += 1;
                 }
@@ -289,6 +310,15 @@ pub fn run(input: &NetInput) {
                 let mut expect = init.clone();
                 let mut stream = NetHeader::received().to_bytes().to_vec();
                 stream.extend(&packet[HDR_SIZE..]);
+                // No GUEST_CSUM was negotiated: a partial checksum is completed for the guest.
+                let h = header_of(&packet);
+                if h.flags & net::HDR_F_NEEDS_CSUM != 0 {
+                    assert!(net::complete_checksum(
+                        &mut stream[HDR_SIZE..],
+                        h.csum_start,
+                        h.csum_offset
+                    ));
+                }
                 let mut at = 0;
                 for &(off, take) in &spans {
                     expect[off..off + take].copy_from_slice(&stream[at..at + take]);

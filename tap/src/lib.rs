@@ -5,10 +5,11 @@
 //! a TAP that it bridges to the virtqueues.
 //!
 //! Every TAP here is `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` with a 12-byte header
-//! (`struct virtio_net_hdr_v1`): a read gives one frame behind its header, a write takes one. No
-//! offload is enabled (`TUNSETOFFLOAD` is never called), so the kernel hands over only
-//! complete, checksummed frames, and a header from the other side that asks for an offload is
-//! refused before it reaches the TAP (by the device model, not here).
+//! (`struct virtio_net_hdr_v1`): a read gives one frame behind its header, a write takes one. A
+//! new TAP has no offload enabled; [`Tap::set_offload`] enables checksum offload
+//! ([`OFFLOAD_CSUM`]), after which the kernel may hand over frames with a partial checksum
+//! (`NEEDS_CSUM` in the header). What a header from the other side may ask for is checked by the
+//! device model and the driver, not here.
 //!
 //! The interface is not persistent: closing the descriptor removes it, and with it its bridge
 //! port. Every ioctl and the one `read`/`write` live behind the small wrappers below.
@@ -24,6 +25,9 @@ use std::path::Path;
 pub const VNET_HDR_SIZE: usize = 12;
 /// The longest interface name, without its NUL (`IFNAMSIZ - 1`).
 pub const MAX_NAME: usize = libc::IFNAMSIZ - 1;
+
+/// `TUN_F_CSUM` for [`Tap::set_offload`]: frames may come with a partial checksum.
+pub const OFFLOAD_CSUM: u32 = libc::TUN_F_CSUM;
 
 /// `SIOCBRADDIF` (`include/uapi/linux/sockios.h`): make an interface a port of a bridge.
 const SIOCBRADDIF: u32 = 0x89a2;
@@ -130,30 +134,38 @@ impl Tap {
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
-        // No offload: the kernel hands over only complete, checksummed frames.
-        // SAFETY: TUNSETOFFLOAD takes its argument (the offload flags, none) by value.
-        let rc = unsafe {
-            libc::ioctl(
-                file.as_raw_fd(),
-                libc::TUNSETOFFLOAD as libc::Ioctl,
-                0 as libc::c_ulong,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
         // The kernel may have changed the name (a `%d` template): take the one it chose.
         // SAFETY: the kernel NUL-terminates `ifr_name` within IFNAMSIZ.
         let chosen = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) };
-        Ok(Tap {
+        let tap = Tap {
             file,
             name: chosen.to_string_lossy().into_owned(),
-        })
+        };
+        // No offload until asked: the kernel hands over only complete, checksummed frames.
+        tap.set_offload(0)?;
+        Ok(tap)
     }
 
     /// The interface's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Sets the offloads the reader takes (`TUNSETOFFLOAD`, `TUN_F_*`: [`OFFLOAD_CSUM`] or 0).
+    pub fn set_offload(&self, flags: u32) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument (the offload flags) by value.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETOFFLOAD as libc::Ioctl,
+                libc::c_ulong::from(flags),
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// Reads one frame, behind its header, into `buf`. A frame longer than `buf` is cut.
@@ -329,6 +341,8 @@ mod tests {
             "fe:ff:ff:ff:ff:ff"
         );
         assert!(index(&name).unwrap() > 0);
+        tap.set_offload(OFFLOAD_CSUM).unwrap();
+        tap.set_offload(0).unwrap();
         // Nothing was sent: a non-blocking read has no frame.
         let mut buf = [0u8; 64];
         let e = tap.read_frame(&mut buf).unwrap_err();

@@ -59,6 +59,10 @@ pub mod console {
 
 /// virtio-net feature bits (5.1.3). Only the ones xenvirtio offers are named.
 pub mod net {
+    /// The device takes frames with a partial checksum (`NEEDS_CSUM`) from the driver.
+    pub const CSUM: u32 = 0;
+    /// The driver takes frames with a partial checksum (`NEEDS_CSUM`, `DATA_VALID`).
+    pub const GUEST_CSUM: u32 = 1;
     /// `mtu` is valid.
     pub const MTU: u32 = 3;
     /// `mac` is valid.
@@ -107,6 +111,8 @@ pub fn describe(device_id: u32, features: u64) -> String {
             (console::SIZE, 3) => "SIZE",
             (console::MULTIPORT, 3) => "MULTIPORT",
             (console::EMERG_WRITE, 3) => "EMERG_WRITE",
+            (net::CSUM, 1) => "CSUM",
+            (net::GUEST_CSUM, 1) => "GUEST_CSUM",
             (net::MTU, 1) => "MTU",
             (net::MAC, 1) => "MAC",
             (net::STATUS, 1) => "STATUS",
@@ -153,6 +159,8 @@ mod tests {
         assert_eq!(blk::WRITE_ZEROES, vb::VIRTIO_BLK_F_WRITE_ZEROES);
         assert_eq!(blk::SECURE_ERASE, vb::VIRTIO_BLK_F_SECURE_ERASE);
         use virtio_bindings::virtio_net as vn;
+        assert_eq!(net::CSUM, vn::VIRTIO_NET_F_CSUM);
+        assert_eq!(net::GUEST_CSUM, vn::VIRTIO_NET_F_GUEST_CSUM);
         assert_eq!(net::MTU, vn::VIRTIO_NET_F_MTU);
         assert_eq!(net::MAC, vn::VIRTIO_NET_F_MAC);
         assert_eq!(net::STATUS, vn::VIRTIO_NET_F_STATUS);

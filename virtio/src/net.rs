@@ -2,9 +2,10 @@
 //! precedes every frame (`struct virtio_net_hdr_v1`), and the MAC address.
 //!
 //! xenvirtio serves one queue pair and no control queue: queue 0 is receiveq1 (device to driver),
-//! queue 1 is transmitq1 (driver to device). No checksum or segmentation offload is offered, so
-//! a header in either direction carries no flags and `GSO_NONE`, and a frame is at most the MTU
-//! plus its Ethernet (and one VLAN) header.
+//! queue 1 is transmitq1 (driver to device). Checksum offload may be negotiated (`CSUM`,
+//! `GUEST_CSUM`: a frame may carry a partial checksum that the other side completes, named by
+//! `csum_start` and `csum_offset`); no segmentation offload is offered, so a header carries
+//! `GSO_NONE`, and a frame is at most the MTU plus its Ethernet (and one VLAN) header.
 
 use std::fmt;
 use std::str::FromStr;
@@ -107,6 +108,41 @@ impl NetHeader {
     pub fn asks_offload(&self) -> bool {
         self.flags & (HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 || self.gso_type != GSO_NONE
     }
+
+    /// Whether a partial checksum's place lies inside a frame of `frame_len` bytes: the
+    /// 16-bit field at `csum_start + csum_offset` and the bytes summed from `csum_start`.
+    pub fn csum_fits(&self, frame_len: usize) -> bool {
+        usize::from(self.csum_start) + usize::from(self.csum_offset) + 2 <= frame_len
+    }
+}
+
+/// Completes a partial checksum in `frame` (what a `NEEDS_CSUM` header names, as Linux's
+/// `skb_checksum_help`): the ones' complement sum of the bytes from `csum_start` to the end,
+/// the field already holding the pseudo-header's sum, folded, complemented and stored big-endian
+/// at `csum_start + csum_offset` (0 stored as `0xffff`, which reads the same). Returns false,
+/// and changes nothing, when the place is outside the frame.
+pub fn complete_checksum(frame: &mut [u8], csum_start: u16, csum_offset: u16) -> bool {
+    let start = usize::from(csum_start);
+    let at = start + usize::from(csum_offset);
+    if at + 2 > frame.len() {
+        return false;
+    }
+    let mut sum: u64 = 0;
+    let mut words = frame[start..].chunks_exact(2);
+    for w in &mut words {
+        sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [last] = words.remainder() {
+        sum += u64::from(u16::from_be_bytes([*last, 0]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    // `sum` fits 16 bits after folding.
+    let folded = !(sum as u16);
+    let value = if folded == 0 { 0xffff } else { folded };
+    frame[at..at + 2].copy_from_slice(&value.to_be_bytes());
+    true
 }
 
 /// `VIRTIO_NET_S_LINK_UP` in `status`.
@@ -282,6 +318,57 @@ mod tests {
             0,
             "short reads are zero"
         );
+    }
+
+    /// A UDP datagram's checksum, completed from the pseudo-header's sum as Linux leaves it in a
+    /// `CHECKSUM_PARTIAL` frame, equals the full checksum computed independently.
+    #[test]
+    fn a_partial_checksum_is_completed_as_the_full_one() {
+        // IPv4 192.168.0.1 -> 192.168.0.2, UDP 1000 -> 2000, payload "hello".
+        let payload = b"hello";
+        let udp_len = 8 + payload.len() as u16;
+        let mut f = vec![0u8; 14 + 20];
+        f.extend(1000u16.to_be_bytes());
+        f.extend(2000u16.to_be_bytes());
+        f.extend(udp_len.to_be_bytes());
+        f.extend([0, 0]);
+        f.extend(payload);
+        let (src, dst) = ([192u8, 168, 0, 1], [192u8, 168, 0, 2]);
+        f[26..30].copy_from_slice(&src);
+        f[30..34].copy_from_slice(&dst);
+        // The pseudo-header's sum, unfolded-then-folded, uncomplemented, in the field.
+        let words = [
+            u16::from_be_bytes([src[0], src[1]]),
+            u16::from_be_bytes([src[2], src[3]]),
+            u16::from_be_bytes([dst[0], dst[1]]),
+            u16::from_be_bytes([dst[2], dst[3]]),
+            17,
+            udp_len,
+        ];
+        let mut p: u32 = words.iter().map(|&w| u32::from(w)).sum();
+        while p > 0xffff {
+            p = (p & 0xffff) + (p >> 16);
+        }
+        f[40..42].copy_from_slice(&(p as u16).to_be_bytes());
+        assert!(complete_checksum(&mut f, 34, 6));
+        // The full checksum over pseudo-header and datagram, computed from scratch, verifies.
+        let mut all: u32 = words.iter().map(|&w| u32::from(w)).sum();
+        for w in f[34..].chunks(2) {
+            all += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+        }
+        while all > 0xffff {
+            all = (all & 0xffff) + (all >> 16);
+        }
+        assert_eq!(all, 0xffff, "the completed datagram sums to all ones");
+        let mut short = vec![0u8; 10];
+        assert!(!complete_checksum(&mut short, 4, 5));
+        assert_eq!(short, vec![0u8; 10]);
+        let h = NetHeader {
+            csum_start: 34,
+            csum_offset: 6,
+            ..NetHeader::default()
+        };
+        assert!(h.csum_fits(42) && !h.csum_fits(41));
     }
 
     #[test]

@@ -462,6 +462,9 @@ impl<P: Platform> Machine<'_, P> {
         match result {
             Ok((setup, conn)) => {
                 let strategy = setup.strategy;
+                if let Some(Model::Net(n)) = &mut self.model {
+                    n.set_negotiated(setup.features);
+                }
                 self.phase = Phase::Connected(Box::new(conn));
                 self.switch(XenbusState::Connected);
                 tracing::info!(

@@ -1,11 +1,13 @@
-//! The virtio-net driver (virtio 1.2 section 5.1): one queue pair, no control queue, no offload.
+//! The virtio-net driver (virtio 1.2 section 5.1): one queue pair, no control queue, checksum
+//! offload both ways when the device offers it (`CSUM`, `GUEST_CSUM`), no segmentation offload.
 //!
 //! Queue 0 (receiveq1) always has [`RX_BUFFERS`] device-writable buffers posted, each a header
 //! and the largest frame the MTU allows; queue 1 (transmitq1) carries one frame per chain, behind
-//! a header that asks for nothing. The halves are separate objects ([`NetRx`], [`NetTx`]) with
-//! their own queues and event channels, so one thread receives while another sends. What the
-//! backend hands back is checked: a used length shorter than a header and an Ethernet header,
-//! or longer than the buffer, is dropped and counted, never read beyond the buffer.
+//! a header that asks for at most a partial checksum. The halves are separate objects
+//! ([`NetRx`], [`NetTx`]) with their own queues and event channels, so one thread receives while
+//! another sends. What the backend hands back is checked: a used length shorter than a header and
+//! an Ethernet header, or longer than the buffer, and a header that asks for what was not
+//! negotiated, are dropped and counted, never read beyond the buffer.
 //!
 //! [`tap_relay`] joins the two halves to a TAP interface in this domain: the guest's kernel then
 //! has a network interface (the Debian 12 path, where VDUSE is missing).
@@ -18,7 +20,10 @@ use std::time::Duration;
 
 use xenvirtio_virtio::features::{self, net as nf};
 use xenvirtio_virtio::ids::DeviceKind;
-use xenvirtio_virtio::net::{self, ETH_HLEN, HDR_SIZE, MacAddr, NetConfig, NetHeader};
+use xenvirtio_virtio::net::{
+    self, ETH_HLEN, GSO_NONE, HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, HDR_SIZE, MacAddr, NetConfig,
+    NetHeader,
+};
 use xenvirtio_xen::platform::Platform;
 
 use crate::dma::{Arena, DmaBuf};
@@ -29,6 +34,9 @@ use crate::transport::{
 
 /// Receive buffers kept posted.
 pub const RX_BUFFERS: usize = 64;
+/// Transmit chains in flight at most: with [`RX_BUFFERS`], a bound on the DMA memory the device
+/// holds (each buffer of a 1500-byte MTU is one page; the default arena has 256).
+pub const TX_IN_FLIGHT: usize = 64;
 
 /// What the driver counted.
 #[derive(Debug, Default)]
@@ -48,6 +56,10 @@ pub struct NetRx<P: Platform> {
     arena: Arc<Arena>,
     link: Arc<Link>,
     buf_len: usize,
+    /// Buffers to post: fewer are posted while DMA memory is short.
+    want_posted: usize,
+    /// `GUEST_CSUM` was negotiated: a frame may come with a partial checksum.
+    guest_csum: bool,
     counters: Arc<NetDriverCounters>,
 }
 
@@ -57,6 +69,8 @@ pub struct NetTx<P: Platform> {
     arena: Arc<Arena>,
     link: Arc<Link>,
     max_frame: usize,
+    /// `CSUM` was negotiated: a frame may go with a partial checksum.
+    csum: bool,
     counters: Arc<NetDriverCounters>,
 }
 
@@ -103,7 +117,11 @@ impl<P: Platform + Clone> Frontend<P> {
         devid: u32,
         options: &ConnectOptions,
     ) -> Result<NetDevice<P>, ConnectError> {
-        let bits = features::bit(nf::MAC) | features::bit(nf::MTU) | features::bit(nf::STATUS);
+        let bits = features::bit(nf::CSUM)
+            | features::bit(nf::GUEST_CSUM)
+            | features::bit(nf::MAC)
+            | features::bit(nf::MTU)
+            | features::bit(nf::STATUS);
         let (transport, parts) = self.connect_transport(
             devid,
             DeviceKind::Net,
@@ -134,11 +152,12 @@ impl<P: Platform + Clone> Frontend<P> {
             arena: Arc::clone(&arena),
             link: Arc::clone(&transport.link),
             buf_len: HDR_SIZE + net::max_frame(mtu),
+            want_posted: 0,
+            guest_csum: features::has(features_, nf::GUEST_CSUM),
             counters: Arc::clone(&counters),
         };
-        let posted = (0..RX_BUFFERS.min(usize::from(rx.queue.size())))
-            .take_while(|_| rx.post().is_ok())
-            .count();
+        rx.want_posted = RX_BUFFERS.min(usize::from(rx.queue.size()));
+        let posted = rx.refill();
         if posted == 0 {
             tracing::warn!(devid, "no receive buffer could be posted");
         }
@@ -151,6 +170,7 @@ impl<P: Platform + Clone> Frontend<P> {
             arena,
             link: Arc::clone(&transport.link),
             max_frame: net::max_frame(mtu),
+            csum: features::has(features_, nf::CSUM),
             counters: Arc::clone(&counters),
         };
         Ok(NetDevice {
@@ -173,6 +193,18 @@ impl<P: Platform> NetRx<P> {
         Ok(())
     }
 
+    /// Posts buffers until [`RX_BUFFERS`] are out, or DMA memory runs short for now (the rest
+    /// are posted after the next frame). Returns how many are posted.
+    fn refill(&mut self) -> usize {
+        while self.queue.in_flight() < self.want_posted {
+            if let Err(e) = self.post() {
+                tracing::debug!(error = %e, "a receive buffer cannot be posted now");
+                break;
+            }
+        }
+        self.queue.in_flight()
+    }
+
     /// Receives one frame (without its header) into `out`, which must hold the largest frame,
     /// waiting up to `timeout`. `Ok(None)` on timeout. A completion that cannot be a frame is
     /// dropped and counted, and its buffer posted again.
@@ -181,6 +213,16 @@ impl<P: Platform> NetRx<P> {
         out: &mut [u8],
         timeout: Option<Duration>,
     ) -> Result<Option<usize>, DriverError> {
+        Ok(self.recv_frame(out, timeout)?.map(|(n, _)| n))
+    }
+
+    /// [`Self::recv`], with the frame's header: at most a partial checksum's place
+    /// (`NEEDS_CSUM`, under `GUEST_CSUM`) or `DATA_VALID`, checked to lie inside the frame.
+    pub fn recv_frame(
+        &mut self,
+        out: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<Option<(usize, NetHeader)>, DriverError> {
         loop {
             let Some((buf, len)) = self.queue.wait_pop(&self.link, timeout)? else {
                 return Ok(None);
@@ -191,22 +233,50 @@ impl<P: Platform> NetRx<P> {
                 .filter(|&f| len <= buf.len() && f >= ETH_HLEN && f <= out.len());
             let got = match frame {
                 Some(n) => {
-                    buf.bounce_out(HDR_SIZE, &mut out[..n])?;
-                    Some(n)
+                    let mut h = [0u8; HDR_SIZE];
+                    buf.bounce_out(0, &mut h)?;
+                    let h = NetHeader::from_bytes(&h);
+                    let allowed = if self.guest_csum {
+                        HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID
+                    } else {
+                        0
+                    };
+                    let ok = h.flags & !allowed == 0
+                        && h.gso_type == GSO_NONE
+                        && (h.flags & HDR_F_NEEDS_CSUM == 0 || h.csum_fits(n));
+                    if ok {
+                        buf.bounce_out(HDR_SIZE, &mut out[..n])?;
+                        Some((
+                            n,
+                            NetHeader {
+                                flags: h.flags,
+                                csum_start: h.csum_start,
+                                csum_offset: h.csum_offset,
+                                ..NetHeader::default()
+                            },
+                        ))
+                    } else {
+                        None
+                    }
                 }
                 None => None,
             };
             drop(buf);
-            self.post()?;
+            if self.refill() == 0 {
+                return Err(DriverError::Stopped {
+                    reason: "no receive buffer can be posted: DMA memory is exhausted".into(),
+                });
+            }
             self.queue.kick()?;
             match got {
-                Some(n) => {
+                Some(frame) => {
                     self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Some(n));
+                    return Ok(Some(frame));
                 }
                 None => {
-                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(len, "dropped a receive completion that is no frame");
+                    if self.counters.dropped.fetch_add(1, Ordering::Relaxed) < 8 {
+                        tracing::info!(len, "dropped a receive completion that is no frame");
+                    }
                 }
             }
         }
@@ -218,14 +288,68 @@ impl<P: Platform> NetTx<P> {
     /// frame was dropped: too long for the MTU or shorter than an Ethernet header. Completed
     /// sends are reaped on the way; when the ring is full this waits up to `timeout` for one.
     pub fn send(&mut self, frame: &[u8], timeout: Option<Duration>) -> Result<bool, DriverError> {
-        if frame.len() < ETH_HLEN || frame.len() > self.max_frame {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        self.send_frame(&NetHeader::default(), frame, timeout)
+    }
+
+    /// [`Self::send`] behind `header`, which may ask for a partial checksum to be completed
+    /// (`NEEDS_CSUM` at `csum_start`, `csum_offset`, inside the frame: passed to a device that
+    /// negotiated `CSUM`, completed here for one that did not) and nothing else; a frame whose
+    /// header asks for more is dropped (false).
+    pub fn send_frame(
+        &mut self,
+        header: &NetHeader,
+        frame: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<bool, DriverError> {
+        let mut partial = header.flags & HDR_F_NEEDS_CSUM != 0;
+        let header_ok = header.flags & !HDR_F_NEEDS_CSUM == 0
+            && header.gso_type == GSO_NONE
+            && (!partial || header.csum_fits(frame.len()));
+        if frame.len() < ETH_HLEN || frame.len() > self.max_frame || !header_ok {
+            if self.counters.dropped.fetch_add(1, Ordering::Relaxed) < 8 {
+                tracing::info!(
+                    len = frame.len(),
+                    flags = header.flags,
+                    gso_type = header.gso_type,
+                    "a frame to send was dropped"
+                );
+            }
             return Ok(false);
         }
+        // A device that takes no partial checksum gets the checksum completed here.
+        let completed;
+        let frame = if partial && !self.csum {
+            let mut f = frame.to_vec();
+            net::complete_checksum(&mut f, header.csum_start, header.csum_offset);
+            partial = false;
+            completed = f;
+            &completed[..]
+        } else {
+            frame
+        };
+        let header = if partial {
+            NetHeader {
+                flags: HDR_F_NEEDS_CSUM,
+                csum_start: header.csum_start,
+                csum_offset: header.csum_offset,
+                ..NetHeader::default()
+            }
+        } else {
+            NetHeader::default()
+        };
         while self.queue.pop()?.is_some() {}
+        // A bound on what is in flight, and so on the DMA memory sends hold.
+        while self.queue.in_flight() >= TX_IN_FLIGHT {
+            self.queue.kick()?;
+            if self.queue.wait_pop(&self.link, timeout)?.is_none() {
+                return Err(DriverError::Stopped {
+                    reason: "the backend took no frame in time".into(),
+                });
+            }
+        }
         let len = HDR_SIZE + frame.len();
         let buf = self.arena.alloc(len)?;
-        buf.bounce_in(0, &NetHeader::default().to_bytes())?;
+        buf.bounce_in(0, &header.to_bytes())?;
         buf.bounce_in(HDR_SIZE, frame)?;
         let mut segs = Vec::new();
         buf.encode(0, len, usize::MAX, &mut segs);
@@ -270,6 +394,11 @@ impl<P: Platform> NetDevice<P> {
     /// The largest frame, without its header.
     pub fn max_frame(&self) -> usize {
         net::max_frame(self.mtu)
+    }
+
+    /// Whether frames may go to the device with a partial checksum (`CSUM` negotiated).
+    pub fn csum_offload(&self) -> bool {
+        features::has(self.transport.negotiated.driver_features, nf::CSUM)
     }
 
     /// The counters.

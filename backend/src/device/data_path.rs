@@ -18,14 +18,15 @@ use mio::Registry;
 use xenvirtio_virtio::blk::{REQ_HEADER_SIZE, S_IOERR};
 use xenvirtio_virtio::console::{RECEIVEQ, TRANSMITQ};
 use xenvirtio_virtio::dma::{DmaAddr, DmaStrategy};
-use xenvirtio_xen::platform::Platform;
+use xenvirtio_xen::mem::SharedMem;
+use xenvirtio_xen::platform::{BoundPort, EventChannels, Platform};
 
 use super::model::{Connection, DeviceError, Model, Totals};
 use crate::blk::BlkChainError;
 use crate::chain_io::ChainWriter;
 use crate::console::ConsoleDevice;
 use crate::dma::DmaMapError;
-use xenvirtio_virtio::device_queue::{Chain, ChainDescriptor};
+use xenvirtio_virtio::device_queue::{Chain, ChainDescriptor, DeviceQueue};
 
 /// Chains served from one queue before the thread looks at its messages again.
 pub const QUEUE_BUDGET: usize = 256;
@@ -317,13 +318,26 @@ pub(super) fn deliver_console_input<P: Platform>(
         totals.requests += 1;
         delivered = true;
     }
-    if delivered
-        && qr
-            .queue
-            .needs_notification(&ring)
-            .map_err(|source| DeviceError::Queue { queue: q, source })?
+    if delivered {
+        notify_if_asked(&mut qr.queue, &qr.port, &ring, q, totals)?;
+    }
+    Ok(())
+}
+
+/// After chains were returned outside a drain of their queue (held receive chains filled):
+/// notifies the frontend if its ring asks for it.
+pub(super) fn notify_if_asked<E: EventChannels>(
+    queue: &mut DeviceQueue,
+    port: &BoundPort<E>,
+    ring: &SharedMem<'_>,
+    q: usize,
+    totals: &mut Totals,
+) -> Result<(), DeviceError> {
+    if queue
+        .needs_notification(ring)
+        .map_err(|source| DeviceError::Queue { queue: q, source })?
     {
-        qr.port.notify().map_err(DeviceError::Event)?;
+        port.notify().map_err(DeviceError::Event)?;
         totals.notifications_sent += 1;
     }
     Ok(())

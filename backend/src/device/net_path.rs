@@ -8,7 +8,7 @@ use xenvirtio_virtio::device_queue::Chain;
 use xenvirtio_virtio::net::RECEIVEQ;
 use xenvirtio_xen::platform::Platform;
 
-use super::data_path::clipped;
+use super::data_path::{clipped, notify_if_asked};
 use super::model::{Connection, DeviceError, Totals};
 use crate::budget::Budgeted;
 use crate::dma::{AddressSpace, DmaMapError, MapCounters};
@@ -87,9 +87,8 @@ pub(super) fn deliver_net_input<P: Platform>(
         totals.requests += 1;
         delivered = true;
     }
-    if delivered && qr.queue.needs_notification(&ring).map_err(qerr)? {
-        qr.port.notify().map_err(DeviceError::Event)?;
-        totals.notifications_sent += 1;
+    if delivered {
+        notify_if_asked(&mut qr.queue, &qr.port, &ring, q, totals)?;
     }
     Ok(())
 }

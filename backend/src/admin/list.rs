@@ -66,7 +66,7 @@ pub struct DeviceEntry {
     pub frontend_name: Option<String>,
     /// The devid.
     pub devid: u32,
-    /// `blk`, `console` or `rng`; otherwise the raw `type` value (`-` if none).
+    /// `blk`, `console`, `rng` or `net`; otherwise the raw `type` value (`-` if none).
     #[serde(rename = "type")]
     pub device_type: String,
     /// The backend state.
@@ -87,6 +87,12 @@ pub struct DeviceEntry {
     pub console: Option<String>,
     /// console: the pty the backend opened.
     pub tty: Option<String>,
+    /// net: the guest's MAC address.
+    pub mac: Option<String>,
+    /// net: the TAP the backend made.
+    pub tap: Option<String>,
+    /// net: the bridge it joins.
+    pub bridge: Option<String>,
     /// The backend's `error` node.
     pub backend_error: Option<String>,
     /// The frontend's `error` node.
@@ -168,6 +174,9 @@ fn read_entry(
         mode: text(format!("{be}/{}", bk::MODE))?,
         console: text(format!("{be}/{}", bk::CONSOLE))?,
         tty: text(format!("{be}/{}", bk::TTY))?,
+        mac: text(format!("{be}/{}", bk::MAC))?,
+        tap: text(format!("{be}/{}", bk::TAP))?,
+        bridge: text(format!("{be}/{}", bk::BRIDGE))?,
         backend_error: text(format!("{be}/{}", bk::ERROR))?,
         frontend_error: text(format!("{fe}/{}", fk::ERROR))?,
         backend_dir: be,
@@ -239,7 +248,18 @@ pub fn render_table(entries: &[DeviceEntry]) -> String {
                     Some(tty) => format!("{} {}", shorten(console), shorten(tty)),
                     None => shorten(console),
                 },
-                (None, None) => "-".to_owned(),
+                (None, None) => match (&e.mac, &e.tap, &e.bridge) {
+                    (Some(mac), tap, bridge) => {
+                        let on = match (tap, bridge) {
+                            (Some(t), Some(b)) => format!(" {} on {}", shorten(t), shorten(b)),
+                            (Some(t), None) => format!(" {}", shorten(t)),
+                            (None, Some(b)) => format!(" on {}", shorten(b)),
+                            (None, None) => String::new(),
+                        };
+                        format!("{}{on}", shorten(mac))
+                    }
+                    _ => "-".to_owned(),
+                },
             };
             let error = [
                 ("backend", &e.backend_error),
@@ -428,6 +448,34 @@ mod tests {
             .collect();
         assert_eq!(only, [0]);
         assert!(list(&dom0, 0, Some(99)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_net_device_shows_its_mac_tap_and_bridge() {
+        let daemon = MemStore::new();
+        let dom0 = daemon.connect(0).unwrap();
+        dom0.write(N, "/local/domain/0/domid", b"0").unwrap();
+        daemon.start_guest(5).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("sw.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let mut net = AttachRequest::new(5, DeviceKind::Net);
+        net.net.mac = Some("00:16:3e:00:05:01".parse().unwrap());
+        net.net.socket = Some(sock);
+        let out = attach(&dom0, &net).unwrap();
+        // What a TAP-backed device shows once the daemon made its TAP.
+        dom0.write(N, &format!("{}/bridge", out.backend_dir), b"xenbr0")
+            .unwrap();
+        dom0.write(N, &format!("{}/tap", out.backend_dir), b"xvn5.0")
+            .unwrap();
+        let entries = list(&dom0, 0, None).unwrap();
+        assert_eq!(entries[0].device_type, "net");
+        assert_eq!(entries[0].mac.as_deref(), Some("00:16:3e:00:05:01"));
+        let table = render_table(&entries);
+        assert!(
+            table.contains("00:16:3e:00:05:01 xvn5.0 on xenbr0"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -170,6 +170,11 @@ done
 # Linux's own PV block frontend, for the disk `xl block-attach` gives (scripts/bench.sh puts it
 # beside ours).
 add_module "$U" drivers/block/xen-blkfront
+# The net device's interface in the guest is a TAP (tests/net-lib.sh); netfront, for the vif
+# beside it.
+for m in drivers/net/tun drivers/net/xen-netfront; do
+  add_module "$U" "$m"
+done
 # The guest tools of scripts/bench.sh: Debian's fio, with its libraries.
 [ -z "$TOOLS" ] || add_elf "$U" usr/bin/fio
 # Debian's e2fsprogs: the cells make ext4 with mkfs.ext4 and check it with e2fsck -fn, as an
@@ -218,6 +223,11 @@ cp -a "$MODS/kernel/drivers/xen" "$R/$M/kernel/drivers/"
 # blkback and the RAM disk it and the daemon serve in scripts/bench.sh
 mkdir -p "$R/$M/kernel/drivers/block"
 cp -a "$MODS/kernel/drivers/block/xen-blkback" "$MODS"/kernel/drivers/block/brd.ko* "$R/$M/kernel/drivers/block/"
+# The net devices' side in Dom0: a TAP per device on a bridge (with stp and llc, which the bridge
+# needs), and netback for the vif beside them.
+for m in drivers/net/tun net/bridge/bridge net/802/stp net/llc/llc drivers/net/xen-netback/xen-netback; do
+  add_module "$R" "$m"
+done
 # the tools of scripts/bench.sh: fio, and bash and flock (util-linux's: busybox has none) for
 # Xen's hotplug script /etc/xen/scripts/block, which `xl block-attach` runs
 if [ -n "$TOOLS" ]; then

@@ -132,9 +132,9 @@ mx_save_emitted() {
 # the command channel), with this library and knbd-lib.sh loaded. Prints its output; returns its status.
 mx_in() {
   if [ "$1" = dom0 ]; then
-    timeout -k 5 "$2" sh -c ". /xv/lib/xv-lib.sh; . /xv/tests/matrix-lib.sh; . /xv/tests/knbd-lib.sh; XV_RUN=$MX_RUN; $3" </dev/null 2>&1
+    timeout -k 5 "$2" sh -c ". /xv/lib/xv-lib.sh; . /xv/tests/matrix-lib.sh; . /xv/tests/knbd-lib.sh; . /xv/tests/net-lib.sh; XV_RUN=$MX_RUN; $3" </dev/null 2>&1
   else
-    xv_domu_run "$1" "$2" ". /xv/lib/xv-lib.sh; . /xv/tests/matrix-lib.sh; . /xv/tests/knbd-lib.sh; $3"
+    xv_domu_run "$1" "$2" ". /xv/lib/xv-lib.sh; . /xv/tests/matrix-lib.sh; . /xv/tests/knbd-lib.sh; . /xv/tests/net-lib.sh; $3"
   fi
 }
 
@@ -190,6 +190,48 @@ mx_backend_start() {
       return 1
     fi
     sleep 0.3
+  done
+}
+
+# mx_backend_start_cell: start the daemon trusting every DomU but the PV one with `direct`
+# (check backend-start).
+mx_backend_start_cell() {
+  local _t
+  MX_ALLOW_DIRECT=
+  for _t in $XV_DOMUS; do
+    [ "$_t" = pv ] || MX_ALLOW_DIRECT="$MX_ALLOW_DIRECT --allow-direct domU-$_t"
+  done
+  if mx_backend_start; then
+    xv_check backend-start PASS "xenvirtio-backend serve$MX_ALLOW_DIRECT (pid $MX_BACKEND_PID); log $MX_BACKEND_LOG"
+  else
+    xv_check backend-start FAIL "the daemon did not answer on its control socket: $(tail -n 5 "$MX_BACKEND_LOG" | xv_oneline)"
+  fi
+}
+
+# mx_domus_up: create every DomU of $XV_DOMUS, wait for each to boot and its agent to answer
+# (checks boot, channel-ready). Sets `created` (the domains xl created) and `ready` (those whose
+# agent answers); waits at most $BOOT_TIMEOUT and $AGENT_TIMEOUT per domain.
+mx_domus_up() {
+  local _t _n _out
+  xv_forward_start
+  created=
+  for _t in $XV_DOMUS; do
+    _n=domU-$_t
+    if _out=$(xv_domu_create "$_n"); then
+      created="$created $_n"
+    else
+      xv_check_for "$_n" boot FAIL "$_out"
+    fi
+  done
+  ready=
+  for _n in $created; do
+    xv_domu_wait_boot "$_n" "$BOOT_TIMEOUT" || continue
+    if xv_agent_wait "$_n" "$AGENT_TIMEOUT"; then
+      xv_check_for "$_n" channel-ready PASS "agent ready in domid $(xv_domid "$_n")"
+      ready="$ready $_n"
+    else
+      xv_check_for "$_n" channel-ready FAIL "agent did not publish ready=1 within ${AGENT_TIMEOUT}s"
+    fi
   done
 }
 

@@ -184,6 +184,7 @@ pub(crate) fn serve(global: &Global, args: &ServeArgs) -> Result<i32> {
                 );
                 let devid = d.devid;
                 closers.push(Box::new(move || {
+                    relay.log_counters(&dev);
                     relay.stop();
                     Arc::try_unwrap(dev)
                         .map_err(|_| anyhow!("net device {devid} is still in use"))?

@@ -38,9 +38,17 @@ pub const RX_BUFFERS: usize = 64;
 /// holds (each buffer of a 1500-byte MTU is one page; the default arena has 256).
 pub const TX_IN_FLIGHT: usize = 64;
 
+/// How long a half waits for the device before notifying it again regardless of the ring's
+/// notification suppression (the receiving half: only while frames are coming).
+pub const WATCHDOG: Duration = Duration::from_millis(20);
+/// How long after a frame the receiving half counts as in a burst.
+const BURST: Duration = Duration::from_secs(1);
+
 /// What the driver counted.
 #[derive(Debug, Default)]
 pub struct NetDriverCounters {
+    /// Notifications sent because the device seemed to have missed one ([`WATCHDOG`]).
+    pub watchdog_kicks: AtomicU64,
     /// Frames received and handed on.
     pub rx_frames: AtomicU64,
     /// Frames sent.
@@ -60,6 +68,8 @@ pub struct NetRx<P: Platform> {
     want_posted: usize,
     /// `GUEST_CSUM` was negotiated: a frame may come with a partial checksum.
     guest_csum: bool,
+    /// When the last frame came.
+    last_frame: Option<std::time::Instant>,
     counters: Arc<NetDriverCounters>,
 }
 
@@ -154,6 +164,7 @@ impl<P: Platform + Clone> Frontend<P> {
             buf_len: HDR_SIZE + net::max_frame(mtu),
             want_posted: 0,
             guest_csum: features::has(features_, nf::GUEST_CSUM),
+            last_frame: None,
             counters: Arc::clone(&counters),
         };
         rx.want_posted = RX_BUFFERS.min(usize::from(rx.queue.size()));
@@ -223,10 +234,21 @@ impl<P: Platform> NetRx<P> {
         out: &mut [u8],
         timeout: Option<Duration>,
     ) -> Result<Option<(usize, NetHeader)>, DriverError> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
-            let Some((buf, len)) = self.queue.wait_pop(&self.link, timeout)? else {
-                return Ok(None);
+            let Some((buf, len)) = self.queue.wait_pop(&self.link, Some(WATCHDOG))? else {
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    return Ok(None);
+                }
+                // Nothing came for a moment in the middle of a burst: the device is told again
+                // of the buffers it has, in case it missed their notification.
+                if self.last_frame.is_some_and(|t| t.elapsed() < BURST) {
+                    self.queue.events().notify()?;
+                    self.counters.watchdog_kicks.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
             };
+            self.last_frame = Some(std::time::Instant::now());
             let len = len as usize;
             let frame = len
                 .checked_sub(HDR_SIZE)
@@ -338,14 +360,22 @@ impl<P: Platform> NetTx<P> {
             NetHeader::default()
         };
         while self.queue.pop()?.is_some() {}
-        // A bound on what is in flight, and so on the DMA memory sends hold.
+        // A bound on what is in flight, and so on the DMA memory sends hold. While waiting for
+        // room the device is notified again every WATCHDOG, whatever the ring's suppression
+        // says: a notification it missed must cost a moment, not the stream.
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
         while self.queue.in_flight() >= TX_IN_FLIGHT {
             self.queue.kick()?;
-            if self.queue.wait_pop(&self.link, timeout)?.is_none() {
+            if self.queue.wait_pop(&self.link, Some(WATCHDOG))?.is_some() {
+                continue;
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                 return Err(DriverError::Stopped {
                     reason: "the backend took no frame in time".into(),
                 });
             }
+            self.queue.events().notify()?;
+            self.counters.watchdog_kicks.fetch_add(1, Ordering::Relaxed);
         }
         let len = HDR_SIZE + frame.len();
         let buf = self.arena.alloc(len)?;

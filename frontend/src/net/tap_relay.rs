@@ -115,6 +115,19 @@ impl TapRelay {
             let _ = t.join();
         }
     }
+
+    /// Logs what the driver counted, with the interface's name.
+    pub fn log_counters<P: Platform>(&self, dev: &NetDevice<P>) {
+        let c = dev.counters();
+        tracing::info!(
+            tap = self.name,
+            rx_frames = c.rx_frames.load(Ordering::Relaxed),
+            tx_frames = c.tx_frames.load(Ordering::Relaxed),
+            dropped = c.dropped.load(Ordering::Relaxed),
+            watchdog_kicks = c.watchdog_kicks.load(Ordering::Relaxed),
+            "net device counters"
+        );
+    }
 }
 
 /// Whether `fd` becomes readable within `timeout`.

@@ -270,12 +270,13 @@ net_detach_cell() {
   fi
 }
 
-# net_cells DOMAIN: every cell of one DomU: attach, each strategy the role allows and the role's
-# choice, the daemon's counters, detach.
+# net_cells DOMAIN: every cell of one DomU: attach, each strategy the role allows (the role's
+# default through its own choice, without --dma: `auto`), the daemon's counters, detach.
 net_cells() {
   local _s
   net_attach_cell "$1" || return 1
   for _s in $(mx_strategies "$1") auto; do
+    [ "$_s" != "$(mx_default_dma "$1")" ] || continue
     net_strategy_cells "$1" "$_s"
   done
   net_stats_cell "$1"

@@ -29,7 +29,8 @@ in the middle of I/O). docs/E2E.md lists every check.
   --smoke    the smoke checks (issue 3) instead of the matrix
   --keep     keep the initramfs staging trees and archive this run's logs in WORK/runs/
   --mode M   run the test scripts of mode M (tests/M-dom0.sh, tests/M-domU.sh): for
-             developing a new mode (scripts/demo.sh runs --mode demo)
+             developing a new mode (scripts/demo.sh runs --mode demo; --mode net runs
+             the virtio-net cells alone, with their TCP streams)
   --domus L  boot only these DomUs: a '+'-separated list of pv, pvh (x86_64) or arm (arm64)
   --boot-loop N
              a measurement instead of the checks: boot the DomUs (all of them together, or

@@ -102,8 +102,14 @@ fn frames_cross_both_ways_at_once_under_every_strategy() {
         sender.join().unwrap();
         host_sender.join().unwrap();
         receiver.join().unwrap();
-        let s = w.pair.device_stats(F, devid).unwrap();
         gaps += FRAMES - next;
+        // The daemon publishes its counters after each batch: wait for the last one.
+        eventually("the daemon's counters cover every frame", || {
+            w.pair
+                .device_stats(F, devid)
+                .is_some_and(|s| s.dropped as usize >= gaps && s.requests as usize >= 2 * FRAMES)
+        });
+        let s = w.pair.device_stats(F, devid).unwrap();
         assert_eq!(
             s.dropped as usize, gaps,
             "{strategy:?}: every missing frame is a counted drop: {s:?}"

@@ -103,10 +103,11 @@ impl NetHeader {
         }
     }
 
-    /// Whether the header asks for an offload (checksum or segmentation) that a device without
-    /// offload features must refuse.
+    /// Whether the header asks for anything beyond a plain frame: any flag (a checksum offload,
+    /// or a bit this crate does not name) or a segmentation offload. A device that negotiated no
+    /// offload refuses such a header.
     pub fn asks_offload(&self) -> bool {
-        self.flags & (HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 || self.gso_type != GSO_NONE
+        self.flags != 0 || self.gso_type != GSO_NONE
     }
 
     /// Whether a partial checksum's place lies inside a frame of `frame_len` bytes: the
@@ -302,6 +303,14 @@ mod tests {
         assert_eq!(NetHeader::from_bytes(&b), h);
         assert!(h.asks_offload());
         assert!(!NetHeader::received().asks_offload());
+        // A flag bit this crate does not name (RSC_INFO, 4) asks for something too.
+        assert!(
+            NetHeader {
+                flags: 4,
+                ..NetHeader::default()
+            }
+            .asks_offload()
+        );
         assert_eq!(NetHeader::received().to_bytes()[10..], [1, 0]);
         let c = NetConfig {
             mac: [0, 0x16, 0x3e, 1, 2, 3],

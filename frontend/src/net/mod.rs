@@ -436,6 +436,11 @@ impl<P: Platform> NetDevice<P> {
         &self.counters
     }
 
+    /// The device's notifications, both queues together: sent, received, suppressed.
+    pub fn event_stats(&self) -> crate::queue::EventStats {
+        self.transport.event_stats()
+    }
+
     /// The receiving half (lock it from the receiving thread).
     pub fn rx(&self) -> &Mutex<NetRx<P>> {
         self.rx.as_ref().expect("the halves live until close")

@@ -119,12 +119,17 @@ impl TapRelay {
     /// Logs what the driver counted, with the interface's name.
     pub fn log_counters<P: Platform>(&self, dev: &NetDevice<P>) {
         let c = dev.counters();
+        let e = dev.event_stats();
         tracing::info!(
             tap = self.name,
             rx_frames = c.rx_frames.load(Ordering::Relaxed),
             tx_frames = c.tx_frames.load(Ordering::Relaxed),
             dropped = c.dropped.load(Ordering::Relaxed),
             watchdog_kicks = c.watchdog_kicks.load(Ordering::Relaxed),
+            notifications_sent = e.sent,
+            notifications_received = e.received,
+            suppressed = e.suppressed,
+            spurious = e.spurious,
             "net device counters"
         );
     }

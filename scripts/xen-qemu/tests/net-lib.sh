@@ -225,8 +225,9 @@ net_strategy_cells() {
   if [ $_rc = 0 ] && [ "$_got" = "$((_mib * 1024 * 1024)) $_sum" ] && [ $_in_ok = 1 ]; then
     mx_check "$_d" "net-stream-$_s" PASS "$_in_note; $_d -> Dom0: $_mib MiB in $(echo "$_secs" | tail -n 1)s, sha256 equal"
   else
+    mx_in "$_d" 40 net_probe_stop >/dev/null
     net_counters "$_d"
-    mx_check "$_d" "net-stream-$_s" FAIL "daemon: $(grep -a -m 3 'dropped\|over the MTU' "$MX_BACKEND_LOG" | cut -c1-120 | xv_oneline); frontend: $(mx_in "$_d" 30 "net_probe_stop; grep -a -m 3 'dropped\|refused\|counters' $MX_RUN/net-serve.log" | sed 's/^.*net device counters //' | cut -c1-160 | xv_oneline); $_in_note; $_d -> Dom0: send rc=$_rc ($(echo "$_secs" | tail -n 1 | xv_oneline)), received '$_got', sent $_sum; serve: $(mx_in "$_d" 30 "tail -n 4 $MX_RUN/net-serve.log" | xv_oneline); daemon: $(mx_device_json "$(mx_domid "$_d")" "$NET_DEVID" | xv_oneline)"
+    mx_check "$_d" "net-stream-$_s" FAIL "daemon: $(grep -a -m 3 'dropped\|over the MTU' "$MX_BACKEND_LOG" | cut -c1-120 | xv_oneline); frontend: $(mx_in "$_d" 30 "grep -a -m 3 'dropped\|refused' $MX_RUN/net-serve.log" | cut -c1-120 | xv_oneline); $_in_note; $_d -> Dom0: send rc=$_rc ($(echo "$_secs" | tail -n 1 | xv_oneline)), received '$_got', sent $_sum; serve: $(mx_in "$_d" 30 "tail -n 4 $MX_RUN/net-serve.log" | xv_oneline); daemon: $(mx_device_json "$(mx_domid "$_d")" "$NET_DEVID" | xv_oneline)"
   fi
   rm -f "$MX_RUN/net-out.bin"
   mx_in "$_d" 40 "net_probe_stop; rm -f $MX_RUN/net-in.bin" >/dev/null
@@ -238,6 +239,8 @@ net_counters() {
   grep -E "xvn|$NET_BRIDGE" /proc/net/dev | sed 's/^/net counters, Dom0: /'
   grep -E '^(Ip|Tcp):' /proc/net/snmp | sed 's/^/net counters, Dom0: /'
   mx_in "$1" 30 "grep -E '$NET_IF' /proc/net/dev; grep -E '^(Ip|Tcp):' /proc/net/snmp" | sed "s/^/net counters, $1: /"
+  echo "net counters, the daemon: $(mx_device_json "$(mx_domid "$1")" "$NET_DEVID")"
+  mx_in "$1" 30 "grep -a 'net device counters' $MX_RUN/net-serve.log" | sed "s/^/net counters, $1's frontend: /"
 }
 
 # net_stats_cell DOMAIN: the daemon's record of the device: frames both ways, nothing dropped.

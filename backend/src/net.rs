@@ -23,7 +23,7 @@
 //! check.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use mio::unix::SourceFd;
@@ -183,16 +183,16 @@ enum Endpoint {
 }
 
 impl Endpoint {
-    fn fd(&self) -> RawFd {
+    fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Endpoint::Tap(t) => t.as_raw_fd(),
-            Endpoint::Socket(s) => s.as_raw_fd(),
+            Endpoint::Tap(t) => t.as_fd(),
+            Endpoint::Socket(s) => s.as_fd(),
         }
     }
 }
 
-/// Connects a non-blocking `SOCK_SEQPACKET` socket to `path`.
-fn connect_seqpacket(path: &Path) -> io::Result<OwnedFd> {
+/// The address of the unix socket at `path` (std has no `SOCK_SEQPACKET` sockets to give one).
+pub(crate) fn unix_addr(path: &Path) -> io::Result<libc::sockaddr_un> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: all zeros is a valid `sockaddr_un`.
@@ -207,6 +207,12 @@ fn connect_seqpacket(path: &Path) -> io::Result<OwnedFd> {
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
     }
+    Ok(addr)
+}
+
+/// Connects a non-blocking `SOCK_SEQPACKET` socket to `path`.
+fn connect_seqpacket(path: &Path) -> io::Result<OwnedFd> {
+    let addr = unix_addr(path)?;
     // SAFETY: socket(2) with constant arguments; it returns a new descriptor or -1.
     let fd = unsafe {
         libc::socket(
@@ -236,34 +242,11 @@ fn connect_seqpacket(path: &Path) -> io::Result<OwnedFd> {
 
 /// One packet from `fd` into `buf`; `Ok(None)` when none is waiting. A packet longer than
 /// `buf` is cut (the caller sizes `buf` one byte over the longest packet it accepts).
-fn recv_packet(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    loop {
-        // SAFETY: read(2) writes at most `buf.len()` bytes into `buf`, valid and writable.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            return Ok(Some(n.unsigned_abs()));
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => return Ok(None),
-            _ => return Err(e),
-        }
-    }
-}
-
-/// One packet to `fd`.
-fn send_packet(fd: RawFd, packet: &[u8]) -> io::Result<()> {
-    loop {
-        // SAFETY: write(2) reads at most `packet.len()` bytes from `packet`, valid memory.
-        let n = unsafe { libc::write(fd, packet.as_ptr().cast(), packet.len()) };
-        if n >= 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
+fn recv_packet(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    match xenvirtio_tap::read_packet(fd, buf) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -389,7 +372,7 @@ impl NetDevice {
     /// reads until nothing is left or no receive buffer is).
     pub fn register(&self, registry: &Registry, token: Token) -> io::Result<()> {
         registry.register(
-            &mut SourceFd(&self.endpoint.fd()),
+            &mut SourceFd(&self.endpoint.fd().as_raw_fd()),
             token,
             Interest::READABLE,
         )
@@ -444,29 +427,18 @@ impl NetDevice {
         reader.read_exact(packet).map_err(|_| NetDrop::NoData)?;
         let mut hdr = [0u8; HDR_SIZE];
         hdr.copy_from_slice(&packet[..HDR_SIZE]);
-        let h = NetHeader::from_bytes(&hdr);
-        let partial = h.flags & HDR_F_NEEDS_CSUM != 0;
-        if h.flags & !HDR_F_NEEDS_CSUM != 0
-            || h.gso_type != GSO_NONE
-            || (partial
-                && !(features::has(self.negotiated, nf::CSUM) && h.csum_fits(len - HDR_SIZE)))
-        {
-            return Err(NetDrop::Offload);
-        }
-        // The host side gets a header rebuilt from the checked fields alone: a partial checksum's
-        // place, or nothing.
-        let clean = if partial {
-            NetHeader {
-                flags: HDR_F_NEEDS_CSUM,
-                csum_start: h.csum_start,
-                csum_offset: h.csum_offset,
-                ..NetHeader::default()
-            }
+        // The host side gets a header rebuilt from the checked fields alone: a partial
+        // checksum's place (under `CSUM`), or nothing.
+        let allowed = if features::has(self.negotiated, nf::CSUM) {
+            HDR_F_NEEDS_CSUM
         } else {
-            NetHeader::default()
+            0
         };
+        let clean = NetHeader::from_bytes(&hdr)
+            .checked(allowed, len - HDR_SIZE)
+            .ok_or(NetDrop::Offload)?;
         packet[..HDR_SIZE].copy_from_slice(&clean.to_bytes());
-        send_packet(self.endpoint.fd(), packet).map_err(|e| {
+        xenvirtio_tap::write_packet(self.endpoint.fd(), packet).map_err(|e| {
             tracing::debug!(error = %e, "the host side refused a frame");
             NetDrop::HostRefused
         })?;
@@ -623,7 +595,7 @@ mod tests {
         dev.transmit(&[m.slice(0, len as usize).unwrap().read_only()])
             .unwrap();
         let mut got = [0u8; 2048];
-        let n = recv_packet(host.as_raw_fd(), &mut got).unwrap().unwrap();
+        let n = recv_packet(host.as_fd(), &mut got).unwrap().unwrap();
         assert_eq!(&got[..HDR_SIZE], &[0u8; HDR_SIZE]);
         assert_eq!(&got[HDR_SIZE..n], &f[..]);
 
@@ -638,7 +610,7 @@ mod tests {
         .to_bytes()
         .to_vec();
         packet.extend(frame(100));
-        send_packet(host.as_raw_fd(), &packet).unwrap();
+        xenvirtio_tap::write_packet(host.as_fd(), &packet).unwrap();
         assert_eq!(dev.next_frame().unwrap(), Some(HDR_SIZE + 100));
         let out = PageBuf::new(1);
         let w = out.mem();
@@ -679,14 +651,14 @@ mod tests {
         assert_eq!(dev.transmit(&chain), Err(NetDrop::Offload));
         let mut got = [0u8; 64];
         assert_eq!(
-            recv_packet(host.as_raw_fd(), &mut got).unwrap(),
+            recv_packet(host.as_fd(), &mut got).unwrap(),
             None,
             "nothing went out"
         );
         // From the host side: a frame over the MTU, a runt, then a good one.
-        send_packet(host.as_raw_fd(), &vec![0u8; HDR_SIZE + 1519]).unwrap();
-        send_packet(host.as_raw_fd(), &[0u8; HDR_SIZE + 5]).unwrap();
-        send_packet(host.as_raw_fd(), &vec![0u8; HDR_SIZE + 1518]).unwrap();
+        xenvirtio_tap::write_packet(host.as_fd(), &vec![0u8; HDR_SIZE + 1519]).unwrap();
+        xenvirtio_tap::write_packet(host.as_fd(), &[0u8; HDR_SIZE + 5]).unwrap();
+        xenvirtio_tap::write_packet(host.as_fd(), &vec![0u8; HDR_SIZE + 1518]).unwrap();
         assert_eq!(dev.next_frame().unwrap(), Some(HDR_SIZE + 1518));
         dev.drop_pending();
         assert_eq!(dev.next_frame().unwrap(), None);
@@ -720,7 +692,7 @@ mod tests {
         let out = PageBuf::new(1);
         let w = out.mem();
         // Without GUEST_CSUM: completed here, the header clean.
-        send_packet(host.as_raw_fd(), &packet).unwrap();
+        xenvirtio_tap::write_packet(host.as_fd(), &packet).unwrap();
         assert_eq!(dev.next_frame().unwrap(), Some(72));
         dev.deliver(&[w.slice(0, 4096).unwrap()]).unwrap();
         let mut got = vec![0u8; 72];
@@ -734,7 +706,7 @@ mod tests {
         );
         // With GUEST_CSUM: the place is passed on, the bytes untouched.
         dev.set_negotiated(features::bit(nf::GUEST_CSUM));
-        send_packet(host.as_raw_fd(), &packet).unwrap();
+        xenvirtio_tap::write_packet(host.as_fd(), &packet).unwrap();
         assert_eq!(dev.next_frame().unwrap(), Some(72));
         dev.deliver(&[w.slice(0, 4096).unwrap()]).unwrap();
         w.read(0, &mut got).unwrap();
@@ -752,7 +724,7 @@ mod tests {
         .to_bytes()
         .to_vec();
         bad.extend(frame(60));
-        send_packet(host.as_raw_fd(), &bad).unwrap();
+        xenvirtio_tap::write_packet(host.as_fd(), &bad).unwrap();
         let mut gso = NetHeader {
             gso_type: 1,
             ..partial
@@ -760,7 +732,7 @@ mod tests {
         .to_bytes()
         .to_vec();
         gso.extend(frame(60));
-        send_packet(host.as_raw_fd(), &gso).unwrap();
+        xenvirtio_tap::write_packet(host.as_fd(), &gso).unwrap();
         assert_eq!(dev.next_frame().unwrap(), None);
         assert_eq!(dev.counters().rx_offload, 2);
     }

@@ -170,23 +170,42 @@ impl Tap {
 
     /// Reads one frame, behind its header, into `buf`. A frame longer than `buf` is cut.
     pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: read(2) writes at most `buf.len()` bytes into `buf`, valid and writable.
-        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n.unsigned_abs())
-        }
+        read_packet(self.file.as_fd(), buf)
     }
 
     /// Writes one frame, behind its header.
     pub fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
-        // SAFETY: write(2) reads at most `frame.len()` bytes from `frame`, valid memory.
-        let n = unsafe { libc::write(self.file.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n.unsigned_abs())
+        write_packet(self.file.as_fd(), frame)
+    }
+}
+
+/// One `read(2)` of a descriptor that keeps packet boundaries (a TAP, a `SOCK_SEQPACKET` or
+/// `SOCK_DGRAM` socket): one packet into `buf`, cut at its length. Retried on `EINTR`.
+pub fn read_packet(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: read(2) writes at most `buf.len()` bytes into `buf`, valid and writable.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n.unsigned_abs());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// One `write(2)` of a whole packet to such a descriptor. Retried on `EINTR`.
+pub fn write_packet(fd: BorrowedFd<'_>, packet: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: write(2) reads at most `packet.len()` bytes from `packet`, valid memory.
+        let n = unsafe { libc::write(fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+        if n >= 0 {
+            return Ok(n.unsigned_abs());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

@@ -110,6 +110,30 @@ impl NetHeader {
         self.flags != 0 || self.gso_type != GSO_NONE
     }
 
+    /// The header reduced to what it may ask for: `None` unless every flag is among `allowed`
+    /// (`HDR_F_NEEDS_CSUM`, `HDR_F_DATA_VALID`), it asks for no segmentation offload, and a
+    /// partial checksum's place (if `NEEDS_CSUM`) lies inside a frame of `frame_len` bytes.
+    /// Otherwise the flags and, with `NEEDS_CSUM`, the checksum's place; every other field is
+    /// zero, so nothing else of a peer's header is passed on.
+    pub fn checked(&self, allowed: u8, frame_len: usize) -> Option<NetHeader> {
+        let partial = self.flags & HDR_F_NEEDS_CSUM != 0;
+        if self.flags & !allowed != 0
+            || self.gso_type != GSO_NONE
+            || (partial && !self.csum_fits(frame_len))
+        {
+            return None;
+        }
+        let mut out = NetHeader {
+            flags: self.flags,
+            ..NetHeader::default()
+        };
+        if partial {
+            out.csum_start = self.csum_start;
+            out.csum_offset = self.csum_offset;
+        }
+        Some(out)
+    }
+
     /// Whether a partial checksum's place lies inside a frame of `frame_len` bytes: the
     /// 16-bit field at `csum_start + csum_offset` and the bytes summed from `csum_start`.
     pub fn csum_fits(&self, frame_len: usize) -> bool {
@@ -378,6 +402,44 @@ mod tests {
             ..NetHeader::default()
         };
         assert!(h.csum_fits(42) && !h.csum_fits(41));
+        // `checked`: the allowed flags and the checksum's place pass, nothing else.
+        let partial = NetHeader {
+            flags: HDR_F_NEEDS_CSUM,
+            num_buffers: 7,
+            hdr_len: 9,
+            ..h
+        };
+        assert_eq!(
+            partial.checked(HDR_F_NEEDS_CSUM, 42),
+            Some(NetHeader {
+                flags: HDR_F_NEEDS_CSUM,
+                csum_start: 34,
+                csum_offset: 6,
+                ..NetHeader::default()
+            })
+        );
+        assert_eq!(
+            partial.checked(HDR_F_NEEDS_CSUM, 41),
+            None,
+            "outside the frame"
+        );
+        assert_eq!(partial.checked(0, 42), None, "not allowed");
+        let valid = NetHeader {
+            flags: HDR_F_DATA_VALID,
+            csum_start: 5,
+            ..NetHeader::default()
+        };
+        assert_eq!(
+            valid
+                .checked(HDR_F_DATA_VALID, 10)
+                .map(|c| (c.flags, c.csum_start)),
+            Some((HDR_F_DATA_VALID, 0))
+        );
+        let gso = NetHeader {
+            gso_type: 1,
+            ..NetHeader::default()
+        };
+        assert_eq!(gso.checked(u8::MAX, 100), None, "no segmentation offload");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! 12-byte virtio-net header) per packet with the one backend that connects.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -38,23 +38,13 @@ fn wait(fd: &OwnedFd, events: libc::c_short, timeout: Duration) -> io::Result<bo
 impl FramePeer {
     /// Listens at `path`.
     pub fn listen(path: &Path) -> io::Result<FramePeer> {
-        use std::os::unix::ffi::OsStrExt;
+        let addr = crate::net::unix_addr(path)?;
         // SAFETY: socket(2) with constant arguments.
         let fd = check(unsafe {
             libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0)
         })?;
         // SAFETY: `fd` is new and owned by nothing else.
         let listener = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: all zeros is a valid `sockaddr_un`.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        let bytes = path.as_os_str().as_bytes();
-        if bytes.len() >= addr.sun_path.len() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "path too long"));
-        }
-        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-            *d = *s as libc::c_char;
-        }
         // SAFETY: `addr` is a valid `sockaddr_un` of the size passed.
         check(unsafe {
             libc::bind(
@@ -110,10 +100,7 @@ impl FramePeer {
 
     /// Sends one packet (a header and a frame) to the backend.
     pub fn send(&self, packet: &[u8]) -> io::Result<()> {
-        let c = self.conn()?;
-        // SAFETY: write(2) reads `packet.len()` bytes of `packet`.
-        let n = unsafe { libc::write(c.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
-        check(n as libc::c_int).map(|_| ())
+        xenvirtio_tap::write_packet(self.conn()?.as_fd(), packet).map(|_| ())
     }
 
     /// The next packet from the backend, waiting up to `timeout`; `None` if none came.
@@ -123,9 +110,7 @@ impl FramePeer {
             return Ok(None);
         }
         let mut buf = vec![0u8; 70_000];
-        // SAFETY: read(2) writes at most `buf.len()` bytes into `buf`.
-        let n = unsafe { libc::read(c.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        let n = check(n as libc::c_int)? as usize;
+        let n = xenvirtio_tap::read_packet(c.as_fd(), &mut buf)?;
         buf.truncate(n);
         Ok(Some(buf))
     }

@@ -21,8 +21,7 @@ use std::time::Duration;
 use xenvirtio_virtio::features::{self, net as nf};
 use xenvirtio_virtio::ids::DeviceKind;
 use xenvirtio_virtio::net::{
-    self, ETH_HLEN, GSO_NONE, HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, HDR_SIZE, MacAddr, NetConfig,
-    NetHeader,
+    self, ETH_HLEN, HDR_F_DATA_VALID, HDR_F_NEEDS_CSUM, HDR_SIZE, MacAddr, NetConfig, NetHeader,
 };
 use xenvirtio_xen::platform::Platform;
 
@@ -157,17 +156,17 @@ impl<P: Platform + Clone> Frontend<P> {
             unreachable!("the transport set up exactly two queues");
         };
         let counters = Arc::new(NetDriverCounters::default());
+        let want_posted = RX_BUFFERS.min(usize::from(rxq.size()));
         let mut rx = NetRx {
             queue: rxq,
             arena: Arc::clone(&arena),
             link: Arc::clone(&transport.link),
             buf_len: HDR_SIZE + net::max_frame(mtu),
-            want_posted: 0,
+            want_posted,
             guest_csum: features::has(features_, nf::GUEST_CSUM),
             last_frame: None,
             counters: Arc::clone(&counters),
         };
-        rx.want_posted = RX_BUFFERS.min(usize::from(rx.queue.size()));
         let posted = rx.refill();
         if posted == 0 {
             tracing::warn!(devid, "no receive buffer could be posted");
@@ -263,22 +262,12 @@ impl<P: Platform> NetRx<P> {
                     } else {
                         0
                     };
-                    let ok = h.flags & !allowed == 0
-                        && h.gso_type == GSO_NONE
-                        && (h.flags & HDR_F_NEEDS_CSUM == 0 || h.csum_fits(n));
-                    if ok {
-                        buf.bounce_out(HDR_SIZE, &mut out[..n])?;
-                        Some((
-                            n,
-                            NetHeader {
-                                flags: h.flags,
-                                csum_start: h.csum_start,
-                                csum_offset: h.csum_offset,
-                                ..NetHeader::default()
-                            },
-                        ))
-                    } else {
-                        None
+                    match h.checked(allowed, n) {
+                        Some(header) => {
+                            buf.bounce_out(HDR_SIZE, &mut out[..n])?;
+                            Some((n, header))
+                        }
+                        None => None,
                     }
                 }
                 None => None,
@@ -323,11 +312,10 @@ impl<P: Platform> NetTx<P> {
         frame: &[u8],
         timeout: Option<Duration>,
     ) -> Result<bool, DriverError> {
-        let mut partial = header.flags & HDR_F_NEEDS_CSUM != 0;
-        let header_ok = header.flags & !HDR_F_NEEDS_CSUM == 0
-            && header.gso_type == GSO_NONE
-            && (!partial || header.csum_fits(frame.len()));
-        if frame.len() < ETH_HLEN || frame.len() > self.max_frame || !header_ok {
+        let checked = header
+            .checked(HDR_F_NEEDS_CSUM, frame.len())
+            .filter(|_| (ETH_HLEN..=self.max_frame).contains(&frame.len()));
+        let Some(mut clean) = checked else {
             if self.counters.dropped.fetch_add(1, Ordering::Relaxed) < 8 {
                 tracing::info!(
                     len = frame.len(),
@@ -337,27 +325,17 @@ impl<P: Platform> NetTx<P> {
                 );
             }
             return Ok(false);
-        }
+        };
         // A device that takes no partial checksum gets the checksum completed here.
         let completed;
-        let frame = if partial && !self.csum {
+        let frame = if clean.flags & HDR_F_NEEDS_CSUM != 0 && !self.csum {
             let mut f = frame.to_vec();
-            net::complete_checksum(&mut f, header.csum_start, header.csum_offset);
-            partial = false;
+            net::complete_checksum(&mut f, clean.csum_start, clean.csum_offset);
+            clean = NetHeader::default();
             completed = f;
             &completed[..]
         } else {
             frame
-        };
-        let header = if partial {
-            NetHeader {
-                flags: HDR_F_NEEDS_CSUM,
-                csum_start: header.csum_start,
-                csum_offset: header.csum_offset,
-                ..NetHeader::default()
-            }
-        } else {
-            NetHeader::default()
         };
         while self.queue.pop()?.is_some() {}
         // A bound on what is in flight, and so on the DMA memory sends hold. While waiting for
@@ -379,7 +357,7 @@ impl<P: Platform> NetTx<P> {
         }
         let len = HDR_SIZE + frame.len();
         let buf = self.arena.alloc(len)?;
-        buf.bounce_in(0, &header.to_bytes())?;
+        buf.bounce_in(0, &clean.to_bytes())?;
         buf.bounce_in(HDR_SIZE, frame)?;
         let mut segs = Vec::new();
         buf.encode(0, len, usize::MAX, &mut segs);

@@ -174,7 +174,6 @@ fn tap_to_device<P: Platform>(dev: &NetDevice<P>, tap: &Tap, stop: &AtomicBool) 
         }
         let n = match tap.read_frame(&mut buf) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::warn!(tap = tap.name(), error = %e, "reading the TAP failed");
                 break;
